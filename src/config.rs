@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::uri::Authority;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
@@ -40,6 +41,15 @@ pub enum ConfigError {
 pub enum Mode {
     Enforce,
     Report,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
 }
 
 /// What to do with a request the registry cannot decide (IP literal, TLS without SNI).
@@ -130,30 +140,35 @@ pub struct RouteConfig {
 /// An origin address as written (`10.0.0.5:80` or `origin.internal:80`). Names are resolved at
 /// connect time, as nginx does with a variable `proxy_pass`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Origin(String);
+pub struct Origin(Authority);
 
 impl Origin {
     /// Accepts `ip:port`, `[v6]:port` or `name:port`.
     pub fn parse(text: &str) -> Option<Origin> {
+        let authority: Authority = text.parse().ok()?;
+        authority.port_u16()?;
         if text.parse::<SocketAddr>().is_ok() {
-            return Some(Origin(text.to_string()));
+            return Some(Origin(authority));
         }
-        let (name, port) = text.rsplit_once(':')?;
-        port.parse::<u16>().ok()?;
-        match host::parse_host(name.as_bytes()) {
-            Ok(Host::Name(_)) => Some(Origin(text.to_string())),
+        match host::parse_host(authority.host().as_bytes()) {
+            Ok(Host::Name(_)) => Some(Origin(authority)),
             _ => None,
         }
     }
 
     pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The origin as a URI authority (cheap to clone), for building upstream request URIs.
+    pub fn authority(&self) -> &Authority {
         &self.0
     }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -573,10 +588,7 @@ impl Validator<'_> {
                 ));
             }
             if !seen.insert(dst) {
-                return Err(self.err(
-                    format!("route[{i}].dst"),
-                    format!("{dst} is listed twice"),
-                ));
+                return Err(self.err(format!("route[{i}].dst"), format!("{dst} is listed twice")));
             }
             let http_origin = self.origin(&format!("route[{i}].http_origin"), r.http_origin)?;
             let tls_origin = self.origin(&format!("route[{i}].tls_origin"), r.tls_origin)?;
@@ -655,10 +667,7 @@ impl Validator<'_> {
         if !(512..=1 << 20).contains(&raw.max_client_hello) {
             return Err(self.err(
                 "tls.max_client_hello",
-                format!(
-                    "{} is outside 512..=1048576 bytes",
-                    raw.max_client_hello
-                ),
+                format!("{} is outside 512..=1048576 bytes", raw.max_client_hello),
             ));
         }
         if raw.client_hello_timeout.0.is_zero() {
@@ -670,8 +679,12 @@ impl Validator<'_> {
                 Some(self.readable_file("tls.block_key", k)?),
             ),
             (None, None) => (None, None),
-            (Some(_), None) => return Err(self.err("tls.block_key", "required with tls.block_cert")),
-            (None, Some(_)) => return Err(self.err("tls.block_cert", "required with tls.block_key")),
+            (Some(_), None) => {
+                return Err(self.err("tls.block_key", "required with tls.block_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("tls.block_cert", "required with tls.block_key"));
+            }
         };
         Ok(TlsConfig {
             block: raw.block,
@@ -697,7 +710,10 @@ impl Validator<'_> {
             ("limits.header_read_timeout", raw.header_read_timeout),
             ("limits.idle_timeout", raw.idle_timeout),
             ("limits.origin_connect_timeout", raw.origin_connect_timeout),
-            ("limits.origin_response_timeout", raw.origin_response_timeout),
+            (
+                "limits.origin_response_timeout",
+                raw.origin_response_timeout,
+            ),
         ] {
             if d.0.is_zero() {
                 return Err(self.err(key, "must be more than 0"));
@@ -747,13 +763,18 @@ http_origin = "127.0.0.1:9080"
     }
 
     fn error(text: &str) -> String {
-        parse(text).expect_err("config must be rejected").to_string()
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
     fn minimal_config_gets_the_spec_defaults() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.registry.state_dir, Path::new("/etc/icp-gate/var/registry"));
+        assert_eq!(
+            c.registry.state_dir,
+            Path::new("/etc/icp-gate/var/registry")
+        );
         assert_eq!(c.policy.mode, Mode::Enforce);
         assert_eq!(c.policy.ip_literal, Action::Allow);
         assert_eq!(c.policy.no_sni, Action::Block);
@@ -784,24 +805,63 @@ http_origin = "127.0.0.1:9080"
     #[test]
     fn bad_values_name_the_key() {
         let cases = [
-            (MINIMAL.replace("127.0.0.0/8", "127.0.0.0/33"), "route[0].dst"),
-            (MINIMAL.replace("127.0.0.0/8", "127.0.0.1/8"), "route[0].dst"),
-            (MINIMAL.replace("\"127.0.0.1:9080\"", "\"nope\""), "route[0].http_origin"),
-            (MINIMAL.replace("name = \"http\"", "name = \"h t\""), "listener[0].name"),
-            (format!("{MINIMAL}[limits]\nmax_header_bytes = 100\n"), "limits.max_header_bytes"),
-            (format!("{MINIMAL}[limits]\nmax_connections = 0\n"), "limits.max_connections"),
-            (format!("{MINIMAL}[block_page]\nstatus = 302\n"), "block_page.status"),
-            (format!("{MINIMAL}[block_page]\nredirect = \"ftp://x\"\n"), "block_page.redirect"),
-            (format!("{MINIMAL}[policy]\nexempt = [\"a..b\"]\n"), "policy.exempt[0]"),
-            (format!("{MINIMAL}[tls]\nblock_cert = \"x.pem\"\n"), "tls.block_key"),
-            (format!("{MINIMAL}[block_page]\ntemplate = \"missing.html\"\n"), "block_page.template"),
+            (
+                MINIMAL.replace("127.0.0.0/8", "127.0.0.0/33"),
+                "route[0].dst",
+            ),
+            (
+                MINIMAL.replace("127.0.0.0/8", "127.0.0.1/8"),
+                "route[0].dst",
+            ),
+            (
+                MINIMAL.replace("\"127.0.0.1:9080\"", "\"nope\""),
+                "route[0].http_origin",
+            ),
+            (
+                MINIMAL.replace("name = \"http\"", "name = \"h t\""),
+                "listener[0].name",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_header_bytes = 100\n"),
+                "limits.max_header_bytes",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_connections = 0\n"),
+                "limits.max_connections",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\nstatus = 302\n"),
+                "block_page.status",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\nredirect = \"ftp://x\"\n"),
+                "block_page.redirect",
+            ),
+            (
+                format!("{MINIMAL}[policy]\nexempt = [\"a..b\"]\n"),
+                "policy.exempt[0]",
+            ),
+            (
+                format!("{MINIMAL}[tls]\nblock_cert = \"x.pem\"\n"),
+                "tls.block_key",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\ntemplate = \"missing.html\"\n"),
+                "block_page.template",
+            ),
         ];
         for (text, key) in cases {
             let e = error(&text);
-            assert!(e.contains(&format!(": {key}: ")), "expected key {key} in {e}");
+            assert!(
+                e.contains(&format!(": {key}: ")),
+                "expected key {key} in {e}"
+            );
         }
         let e = error(&format!("{MINIMAL}[limits]\nidle_timeout = \"soon\"\n"));
-        assert!(e.contains("idle_timeout") && e.contains("bad duration"), "{e}");
+        assert!(
+            e.contains("idle_timeout") && e.contains("bad duration"),
+            "{e}"
+        );
         let e = error(&MINIMAL.replace("kind = \"http\"", "kind = \"udp\""));
         assert!(e.contains("udp"), "{e}");
     }
@@ -836,8 +896,14 @@ http_origin = "127.0.0.1:9080"
         let text = MINIMAL.replace("\"127.0.0.1:9080\"", "\"origin.internal:80\"")
             + "[policy]\nexempt = [\"Console.例子.中国.\"]\nmode = \"report\"\n";
         let c = parse(&text).unwrap();
-        assert_eq!(c.policy.exempt, vec!["console.xn--fsqu00a.xn--fiqs8s".to_string()]);
+        assert_eq!(
+            c.policy.exempt,
+            vec!["console.xn--fsqu00a.xn--fiqs8s".to_string()]
+        );
         assert_eq!(c.policy.mode, Mode::Report);
-        assert_eq!(c.routes[0].http_origin.as_ref().unwrap().as_str(), "origin.internal:80");
+        assert_eq!(
+            c.routes[0].http_origin.as_ref().unwrap().as_str(),
+            "origin.internal:80"
+        );
     }
 }

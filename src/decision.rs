@@ -127,7 +127,9 @@ pub enum HostInput<'a> {
     Ip(IpAddr),
     /// No host. `required`: HTTP/1.1 must carry one (RFC 9112 §3.2), so its absence is a protocol
     /// error; HTTP/1.0 may omit it and gets the block page.
-    Missing { required: bool },
+    Missing {
+        required: bool,
+    },
     /// A host that does not parse, or several that disagree.
     Invalid,
     /// A TLS ClientHello without server_name.
@@ -167,11 +169,11 @@ impl Policy {
 
 /// The outcome, with what led to it (for logs, `explain` and `/v1/decision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict<'a> {
+pub struct Verdict<'p, 'a> {
     pub decision: Decision,
     pub reason: Reason,
     /// The route the destination matched (for the origin to forward to).
-    pub route: Option<&'a Route>,
+    pub route: Option<&'p Route>,
     /// The registry entry that decided, if any.
     pub matched: Option<EntryRef<'a>>,
     /// The host's registrable domain, when a lookup was made.
@@ -181,12 +183,12 @@ pub struct Verdict<'a> {
 }
 
 /// Decides one request or connection. Pure: same inputs, same verdict.
-pub fn decide<'a>(
+pub fn decide<'p, 'a>(
     dst: IpAddr,
     host: HostInput<'a>,
     snapshot: &'a Snapshot,
-    policy: &'a Policy,
-) -> Verdict<'a> {
+    policy: &'p Policy,
+) -> Verdict<'p, 'a> {
     let Some(route) = policy.routes.lookup(dst) else {
         return verdict(Decision::Refuse, Reason::NoRoute, None);
     };
@@ -205,9 +207,15 @@ pub fn decide<'a>(
         HostInput::Ip(_) => return reported(by_action(policy.ip_literal, Reason::IpLiteral), mode),
         HostInput::Missing { required } => {
             let v = verdict(Decision::Block, Reason::MissingHost, route);
-            return if required { protocol(v) } else { reported(v, mode) };
+            return if required {
+                protocol(v)
+            } else {
+                reported(v, mode)
+            };
         }
-        HostInput::Invalid => return protocol(verdict(Decision::Block, Reason::InvalidHost, route)),
+        HostInput::Invalid => {
+            return protocol(verdict(Decision::Block, Reason::InvalidHost, route));
+        }
         HostInput::NoSni => return reported(by_action(policy.no_sni, Reason::NoSni), mode),
         HostInput::InvalidSni => {
             return protocol(verdict(Decision::Block, Reason::InvalidSni, route));
@@ -242,7 +250,11 @@ pub fn decide<'a>(
     reported(v, mode)
 }
 
-fn verdict(decision: Decision, reason: Reason, route: Option<&Route>) -> Verdict<'_> {
+fn verdict<'p, 'a>(
+    decision: Decision,
+    reason: Reason,
+    route: Option<&'p Route>,
+) -> Verdict<'p, 'a> {
     Verdict {
         decision,
         reason,
@@ -253,7 +265,7 @@ fn verdict(decision: Decision, reason: Reason, route: Option<&Route>) -> Verdict
     }
 }
 
-fn protocol(v: Verdict<'_>) -> Verdict<'_> {
+fn protocol<'p, 'a>(v: Verdict<'p, 'a>) -> Verdict<'p, 'a> {
     Verdict {
         protocol_error: true,
         ..v
@@ -261,7 +273,7 @@ fn protocol(v: Verdict<'_>) -> Verdict<'_> {
 }
 
 /// Report mode turns a block into a report; everything else is unchanged.
-fn reported(v: Verdict<'_>, mode: Mode) -> Verdict<'_> {
+fn reported<'p, 'a>(v: Verdict<'p, 'a>, mode: Mode) -> Verdict<'p, 'a> {
     if v.decision == Decision::Block && mode == Mode::Report {
         Verdict {
             decision: Decision::Report,
@@ -342,7 +354,12 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        policy_with(Mode::Enforce, Action::Allow, Action::Block, &["console.example"])
+        policy_with(
+            Mode::Enforce,
+            Action::Allow,
+            Action::Block,
+            &["console.example"],
+        )
     }
 
     fn check(dst: &str, host: HostInput<'_>, policy: &Policy) -> (Decision, Reason) {
@@ -357,7 +374,10 @@ mod tests {
 
     #[test]
     fn rule1_no_route_refuses() {
-        assert_eq!(name(UNROUTED, "filed.cn"), (Decision::Refuse, Reason::NoRoute));
+        assert_eq!(
+            name(UNROUTED, "filed.cn"),
+            (Decision::Refuse, Reason::NoRoute)
+        );
         assert_eq!(
             check(UNROUTED, HostInput::NotTls, &policy()),
             (Decision::Refuse, Reason::NoRoute)
@@ -366,14 +386,22 @@ mod tests {
 
     #[test]
     fn rule2_non_mainland_allows_without_lookup() {
-        assert_eq!(name(ABROAD, "unfiled.cn"), (Decision::Allow, Reason::NonMainland));
+        assert_eq!(
+            name(ABROAD, "unfiled.cn"),
+            (Decision::Allow, Reason::NonMainland)
+        );
         assert_eq!(
             check(ABROAD, HostInput::Invalid, &policy()),
             (Decision::Allow, Reason::NonMainland)
         );
         let snap = registry();
         let p = policy();
-        let v = decide(ABROAD.parse().unwrap(), HostInput::Name("filed.cn"), &snap, &p);
+        let v = decide(
+            ABROAD.parse().unwrap(),
+            HostInput::Name("filed.cn"),
+            &snap,
+            &p,
+        );
         assert_eq!((v.matched, v.registrable), (None, None));
     }
 
@@ -388,101 +416,229 @@ mod tests {
             check(MAINLAND, HostInput::Missing { required: true }, &p),
             (Decision::Block, Reason::MissingHost)
         );
-        assert_eq!(check(MAINLAND, HostInput::Invalid, &p), (Decision::Block, Reason::InvalidHost));
-        assert_eq!(check(MAINLAND, HostInput::InvalidSni, &p), (Decision::Block, Reason::InvalidSni));
-        assert_eq!(check(MAINLAND, HostInput::NotTls, &p), (Decision::Block, Reason::NotTls));
+        assert_eq!(
+            check(MAINLAND, HostInput::Invalid, &p),
+            (Decision::Block, Reason::InvalidHost)
+        );
+        assert_eq!(
+            check(MAINLAND, HostInput::InvalidSni, &p),
+            (Decision::Block, Reason::InvalidSni)
+        );
+        assert_eq!(
+            check(MAINLAND, HostInput::NotTls, &p),
+            (Decision::Block, Reason::NotTls)
+        );
     }
 
     #[test]
     fn rule3_no_sni_follows_policy() {
-        assert_eq!(check(MAINLAND, HostInput::NoSni, &policy()), (Decision::Block, Reason::NoSni));
+        assert_eq!(
+            check(MAINLAND, HostInput::NoSni, &policy()),
+            (Decision::Block, Reason::NoSni)
+        );
         let allow = policy_with(Mode::Enforce, Action::Allow, Action::Allow, &[]);
-        assert_eq!(check(MAINLAND, HostInput::NoSni, &allow), (Decision::Allow, Reason::NoSni));
+        assert_eq!(
+            check(MAINLAND, HostInput::NoSni, &allow),
+            (Decision::Allow, Reason::NoSni)
+        );
     }
 
     #[test]
     fn rule4_ip_literal_follows_policy() {
         let ip = HostInput::Ip("10.0.0.1".parse().unwrap());
-        assert_eq!(check(MAINLAND, ip, &policy()), (Decision::Allow, Reason::IpLiteral));
+        assert_eq!(
+            check(MAINLAND, ip, &policy()),
+            (Decision::Allow, Reason::IpLiteral)
+        );
         let block = policy_with(Mode::Enforce, Action::Block, Action::Block, &[]);
-        assert_eq!(check(MAINLAND, ip, &block), (Decision::Block, Reason::IpLiteral));
+        assert_eq!(
+            check(MAINLAND, ip, &block),
+            (Decision::Block, Reason::IpLiteral)
+        );
     }
 
     #[test]
     fn rule5_exempt_covers_sub_domains_only() {
-        assert_eq!(name(MAINLAND, "console.example"), (Decision::Allow, Reason::Exempt));
-        assert_eq!(name(MAINLAND, "a.b.console.example"), (Decision::Allow, Reason::Exempt));
-        assert_eq!(name(MAINLAND, "xconsole.example"), (Decision::Block, Reason::Unfiled));
-        assert_eq!(name(MAINLAND, "example"), (Decision::Block, Reason::InvalidHost));
+        assert_eq!(
+            name(MAINLAND, "console.example"),
+            (Decision::Allow, Reason::Exempt)
+        );
+        assert_eq!(
+            name(MAINLAND, "a.b.console.example"),
+            (Decision::Allow, Reason::Exempt)
+        );
+        assert_eq!(
+            name(MAINLAND, "xconsole.example"),
+            (Decision::Block, Reason::Unfiled)
+        );
+        assert_eq!(
+            name(MAINLAND, "example"),
+            (Decision::Block, Reason::InvalidHost)
+        );
     }
 
     #[test]
     fn rule6_every_registry_reason() {
         assert_eq!(name(MAINLAND, "filed.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "unfiled.cn"), (Decision::Block, Reason::Unfiled));
-        assert_eq!(name(MAINLAND, "elsewhere.cn"), (Decision::Block, Reason::NotAccessed));
-        assert_eq!(name(MAINLAND, "gone.cn"), (Decision::Block, Reason::Revoked));
+        assert_eq!(
+            name(MAINLAND, "unfiled.cn"),
+            (Decision::Block, Reason::Unfiled)
+        );
+        assert_eq!(
+            name(MAINLAND, "elsewhere.cn"),
+            (Decision::Block, Reason::NotAccessed)
+        );
+        assert_eq!(
+            name(MAINLAND, "gone.cn"),
+            (Decision::Block, Reason::Revoked)
+        );
     }
 
     #[test]
     fn rule6_parent_entry_covers_sub_domains() {
-        assert_eq!(name(MAINLAND, "www.filed.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "a.b.c.filed.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "www.gone.cn"), (Decision::Block, Reason::Revoked));
-        assert_eq!(name(MAINLAND, "www.xn--fsqu00a.xn--fiqs8s"), (Decision::Allow, Reason::Filed));
+        assert_eq!(
+            name(MAINLAND, "www.filed.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
+        assert_eq!(
+            name(MAINLAND, "a.b.c.filed.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
+        assert_eq!(
+            name(MAINLAND, "www.gone.cn"),
+            (Decision::Block, Reason::Revoked)
+        );
+        assert_eq!(
+            name(MAINLAND, "www.xn--fsqu00a.xn--fiqs8s"),
+            (Decision::Allow, Reason::Filed)
+        );
         // A name that merely ends with a filed name is a different domain.
-        assert_eq!(name(MAINLAND, "notfiled.cn"), (Decision::Block, Reason::Unfiled));
+        assert_eq!(
+            name(MAINLAND, "notfiled.cn"),
+            (Decision::Block, Reason::Unfiled)
+        );
     }
 
     #[test]
     fn rule6_longest_match_wins_both_ways() {
         // gov.cn sub-domains filed by different subjects.
-        assert_eq!(name(MAINLAND, "www.x.gov.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "edu.x.gov.cn"), (Decision::Block, Reason::Revoked));
-        assert_eq!(name(MAINLAND, "a.edu.x.gov.cn"), (Decision::Block, Reason::Revoked));
+        assert_eq!(
+            name(MAINLAND, "www.x.gov.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
+        assert_eq!(
+            name(MAINLAND, "edu.x.gov.cn"),
+            (Decision::Block, Reason::Revoked)
+        );
+        assert_eq!(
+            name(MAINLAND, "a.edu.x.gov.cn"),
+            (Decision::Block, Reason::Revoked)
+        );
         // A filed sub-domain of a revoked parent stays open, and only it.
-        assert_eq!(name(MAINLAND, "open.gone.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "www.open.gone.cn"), (Decision::Allow, Reason::Filed));
-        assert_eq!(name(MAINLAND, "shut.gone.cn"), (Decision::Block, Reason::Revoked));
+        assert_eq!(
+            name(MAINLAND, "open.gone.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
+        assert_eq!(
+            name(MAINLAND, "www.open.gone.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
+        assert_eq!(
+            name(MAINLAND, "shut.gone.cn"),
+            (Decision::Block, Reason::Revoked)
+        );
         let snap = registry();
         let p = policy();
-        let v = decide(MAINLAND.parse().unwrap(), HostInput::Name("a.edu.x.gov.cn"), &snap, &p);
+        let v = decide(
+            MAINLAND.parse().unwrap(),
+            HostInput::Name("a.edu.x.gov.cn"),
+            &snap,
+            &p,
+        );
         assert_eq!(v.matched.map(|e| e.domain), Some("edu.x.gov.cn"));
         assert_eq!(v.registrable, Some("x.gov.cn"));
     }
 
     #[test]
     fn rule6_public_suffixes_and_bare_names_are_invalid() {
-        assert_eq!(name(MAINLAND, "com.cn"), (Decision::Block, Reason::InvalidHost));
-        assert_eq!(name(MAINLAND, "gov.cn"), (Decision::Block, Reason::InvalidHost));
+        assert_eq!(
+            name(MAINLAND, "com.cn"),
+            (Decision::Block, Reason::InvalidHost)
+        );
+        assert_eq!(
+            name(MAINLAND, "gov.cn"),
+            (Decision::Block, Reason::InvalidHost)
+        );
         assert_eq!(name(MAINLAND, "cn"), (Decision::Block, Reason::InvalidHost));
-        assert_eq!(name(MAINLAND, "localhost"), (Decision::Block, Reason::InvalidHost));
+        assert_eq!(
+            name(MAINLAND, "localhost"),
+            (Decision::Block, Reason::InvalidHost)
+        );
         let snap = registry();
         let p = policy();
-        let v = decide(MAINLAND.parse().unwrap(), HostInput::Name("com.cn"), &snap, &p);
-        assert!(!v.protocol_error, "a public suffix gets the block page, not a 400");
+        let v = decide(
+            MAINLAND.parse().unwrap(),
+            HostInput::Name("com.cn"),
+            &snap,
+            &p,
+        );
+        assert!(
+            !v.protocol_error,
+            "a public suffix gets the block page, not a 400"
+        );
     }
 
     #[test]
     fn rule6_lookup_stops_at_the_registrable_domain() {
         // github.io is in the ICANN section's view a registrable domain, so its entry covers
         // user.github.io; but a private-section suffix never widens a match upwards.
-        assert_eq!(name(MAINLAND, "user.github.io"), (Decision::Allow, Reason::Filed));
+        assert_eq!(
+            name(MAINLAND, "user.github.io"),
+            (Decision::Allow, Reason::Filed)
+        );
     }
 
     #[test]
     fn report_mode_turns_blocks_into_reports_except_protocol_errors() {
         let p = policy_with(Mode::Report, Action::Block, Action::Block, &[]);
         let cases = [
-            (HostInput::Name("unfiled.cn"), Decision::Report, Reason::Unfiled),
-            (HostInput::Name("gone.cn"), Decision::Report, Reason::Revoked),
-            (HostInput::Name("elsewhere.cn"), Decision::Report, Reason::NotAccessed),
-            (HostInput::Name("com.cn"), Decision::Report, Reason::InvalidHost),
+            (
+                HostInput::Name("unfiled.cn"),
+                Decision::Report,
+                Reason::Unfiled,
+            ),
+            (
+                HostInput::Name("gone.cn"),
+                Decision::Report,
+                Reason::Revoked,
+            ),
+            (
+                HostInput::Name("elsewhere.cn"),
+                Decision::Report,
+                Reason::NotAccessed,
+            ),
+            (
+                HostInput::Name("com.cn"),
+                Decision::Report,
+                Reason::InvalidHost,
+            ),
             (HostInput::Name("filed.cn"), Decision::Allow, Reason::Filed),
-            (HostInput::Ip("10.0.0.1".parse().unwrap()), Decision::Report, Reason::IpLiteral),
+            (
+                HostInput::Ip("10.0.0.1".parse().unwrap()),
+                Decision::Report,
+                Reason::IpLiteral,
+            ),
             (HostInput::NoSni, Decision::Report, Reason::NoSni),
-            (HostInput::Missing { required: false }, Decision::Report, Reason::MissingHost),
-            (HostInput::Missing { required: true }, Decision::Block, Reason::MissingHost),
+            (
+                HostInput::Missing { required: false },
+                Decision::Report,
+                Reason::MissingHost,
+            ),
+            (
+                HostInput::Missing { required: true },
+                Decision::Block,
+                Reason::MissingHost,
+            ),
             (HostInput::Invalid, Decision::Block, Reason::InvalidHost),
             (HostInput::InvalidSni, Decision::Block, Reason::InvalidSni),
             (HostInput::NotTls, Decision::Block, Reason::NotTls),
@@ -490,20 +646,32 @@ mod tests {
         for (host, decision, reason) in cases {
             assert_eq!(check(MAINLAND, host, &p), (decision, reason), "{host:?}");
         }
-        assert_eq!(check(UNROUTED, HostInput::Name("x.cn"), &p), (Decision::Refuse, Reason::NoRoute));
+        assert_eq!(
+            check(UNROUTED, HostInput::Name("x.cn"), &p),
+            (Decision::Refuse, Reason::NoRoute)
+        );
     }
 
     #[test]
     fn report_mode_per_route_overrides_global() {
         let p = policy();
-        assert_eq!(name("10.9.1.1", "unfiled.cn"), (Decision::Report, Reason::Unfiled));
-        assert_eq!(name("10.9.1.1", "filed.cn"), (Decision::Allow, Reason::Filed));
+        assert_eq!(
+            name("10.9.1.1", "unfiled.cn"),
+            (Decision::Report, Reason::Unfiled)
+        );
+        assert_eq!(
+            name("10.9.1.1", "filed.cn"),
+            (Decision::Allow, Reason::Filed)
+        );
         let global_report = policy_with(Mode::Report, Action::Allow, Action::Block, &[]);
         assert_eq!(
             check("10.8.1.1", HostInput::Name("unfiled.cn"), &global_report),
             (Decision::Block, Reason::Unfiled)
         );
-        assert_eq!(check("10.1.1.1", HostInput::Name("unfiled.cn"), &p), (Decision::Block, Reason::Unfiled));
+        assert_eq!(
+            check("10.1.1.1", HostInput::Name("unfiled.cn"), &p),
+            (Decision::Block, Reason::Unfiled)
+        );
     }
 
     #[test]
@@ -511,10 +679,19 @@ mod tests {
         let snap = registry();
         let p = policy();
         let dst = MAINLAND.parse().unwrap();
-        for host in [HostInput::Invalid, HostInput::InvalidSni, HostInput::NotTls, HostInput::Missing { required: true }] {
+        for host in [
+            HostInput::Invalid,
+            HostInput::InvalidSni,
+            HostInput::NotTls,
+            HostInput::Missing { required: true },
+        ] {
             assert!(decide(dst, host, &snap, &p).protocol_error, "{host:?}");
         }
-        for host in [HostInput::Name("unfiled.cn"), HostInput::NoSni, HostInput::Missing { required: false }] {
+        for host in [
+            HostInput::Name("unfiled.cn"),
+            HostInput::NoSni,
+            HostInput::Missing { required: false },
+        ] {
             assert!(!decide(dst, host, &snap, &p).protocol_error, "{host:?}");
         }
     }

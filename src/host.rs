@@ -122,8 +122,25 @@ pub fn normalize_name(raw: &[u8]) -> Result<Cow<'_, str>, HostError> {
     if input.first() == Some(&b'.') || input.windows(2).any(|w| w == b"..") {
         return Err(HostError::EmptyLabel);
     }
+    // Fast path for the common case, plain LDH ASCII: UTS #46 maps it to itself lower-cased, so
+    // the full mapping (~200 ns) is only needed for non-ASCII input and `xn--` labels to verify.
+    if is_plain_ldh(input) {
+        check_lengths_bytes(input)?;
+        // `is_plain_ldh` admitted ASCII only, so this cannot fail.
+        let text = std::str::from_utf8(input).map_err(|_| HostError::BadCharacter)?;
+        return Ok(if input.iter().any(u8::is_ascii_uppercase) {
+            Cow::Owned(text.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(text)
+        });
+    }
     let mut ascii = Uts46::new()
-        .to_ascii(input, AsciiDenyList::STD3, Hyphens::Allow, DnsLength::Ignore)
+        .to_ascii(
+            input,
+            AsciiDenyList::STD3,
+            Hyphens::Allow,
+            DnsLength::Ignore,
+        )
         .map_err(|_| HostError::BadCharacter)?;
     // A Unicode full stop (U+3002 etc.) maps to '.', so the root dot can also appear only now.
     if !stripped_dot && ascii.ends_with('.') {
@@ -139,13 +156,17 @@ pub fn normalize_name(raw: &[u8]) -> Result<Cow<'_, str>, HostError> {
 }
 
 fn check_lengths(name: &str) -> Result<(), HostError> {
+    check_lengths_bytes(name.as_bytes())
+}
+
+fn check_lengths_bytes(name: &[u8]) -> Result<(), HostError> {
     if name.is_empty() {
         return Err(HostError::Empty);
     }
     if name.len() > MAX_NAME_BYTES {
         return Err(HostError::NameTooLong);
     }
-    for label in name.split('.') {
+    for label in name.split(|&b| b == b'.') {
         if label.is_empty() {
             return Err(HostError::EmptyLabel);
         }
@@ -154,6 +175,15 @@ fn check_lengths(name: &str) -> Result<(), HostError> {
         }
     }
     Ok(())
+}
+
+/// Letters, digits, hyphens and dots only, and no `xn--` label (whose punycode needs checking).
+fn is_plain_ldh(name: &[u8]) -> bool {
+    name.iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !name
+            .split(|&b| b == b'.')
+            .any(|label| label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--"))
 }
 
 /// `""` or `":"` followed by up to five digits forming a number ≤ 65535 (RFC 3986 allows an
@@ -278,8 +308,14 @@ mod tests {
     #[test]
     fn unicode_and_punycode_are_the_same_name() {
         assert_eq!(name("例子.中国"), Ok("xn--fsqu00a.xn--fiqs8s".into()));
-        assert_eq!(name("xn--fsqu00a.xn--fiqs8s"), Ok("xn--fsqu00a.xn--fiqs8s".into()));
-        assert_eq!(name("XN--FSQU00A.XN--FIQS8S"), Ok("xn--fsqu00a.xn--fiqs8s".into()));
+        assert_eq!(
+            name("xn--fsqu00a.xn--fiqs8s"),
+            Ok("xn--fsqu00a.xn--fiqs8s".into())
+        );
+        assert_eq!(
+            name("XN--FSQU00A.XN--FIQS8S"),
+            Ok("xn--fsqu00a.xn--fiqs8s".into())
+        );
         // Ideographic full stop is a label separator under UTS #46.
         assert_eq!(name("例子。中国"), Ok("xn--fsqu00a.xn--fiqs8s".into()));
         assert_eq!(name("例子.中国。"), Ok("xn--fsqu00a.xn--fiqs8s".into()));
@@ -292,7 +328,10 @@ mod tests {
     #[test]
     fn rejects_userinfo_and_bad_characters() {
         assert_eq!(authority("user@example.com"), Err(HostError::Userinfo));
-        assert_eq!(authority("filed.example@unfiled.example"), Err(HostError::Userinfo));
+        assert_eq!(
+            authority("filed.example@unfiled.example"),
+            Err(HostError::Userinfo)
+        );
         for bad in [
             "exa mple.com",
             "exa_mple.com",
@@ -329,28 +368,49 @@ mod tests {
 
     #[test]
     fn ip_literals() {
-        assert_eq!(authority("10.1.2.3"), Ok(Host::Ip("10.1.2.3".parse().unwrap())));
-        assert_eq!(authority("10.1.2.3:80"), Ok(Host::Ip("10.1.2.3".parse().unwrap())));
-        assert_eq!(authority("[::1]:8080"), Ok(Host::Ip("::1".parse().unwrap())));
+        assert_eq!(
+            authority("10.1.2.3"),
+            Ok(Host::Ip("10.1.2.3".parse().unwrap()))
+        );
+        assert_eq!(
+            authority("10.1.2.3:80"),
+            Ok(Host::Ip("10.1.2.3".parse().unwrap()))
+        );
+        assert_eq!(
+            authority("[::1]:8080"),
+            Ok(Host::Ip("::1".parse().unwrap()))
+        );
         assert_eq!(authority("[::1]"), Ok(Host::Ip("::1".parse().unwrap())));
         assert_eq!(authority("[::1"), Err(HostError::BadIpLiteral));
         assert_eq!(authority("[example.com]"), Err(HostError::BadIpLiteral));
         assert_eq!(authority("::1"), Err(HostError::BadPort));
         // Non-canonical numeric forms are names, not addresses.
         assert_eq!(authority("127.1"), Ok(named("127.1")));
-        assert_eq!(parse_host(b"10.1.2.3."), Ok(Host::Ip("10.1.2.3".parse().unwrap())));
+        assert_eq!(
+            parse_host(b"10.1.2.3."),
+            Ok(Host::Ip("10.1.2.3".parse().unwrap()))
+        );
     }
 
     #[test]
     fn registrable_domains_on_icann_section() {
-        assert_eq!(registrable_domain("a.b.example.com.cn"), Some("example.com.cn"));
-        assert_eq!(registrable_domain("x.beijing.gov.cn"), Some("beijing.gov.cn"));
+        assert_eq!(
+            registrable_domain("a.b.example.com.cn"),
+            Some("example.com.cn")
+        );
+        assert_eq!(
+            registrable_domain("x.beijing.gov.cn"),
+            Some("beijing.gov.cn")
+        );
         assert_eq!(registrable_domain("www.x.gov.cn"), Some("x.gov.cn"));
         assert_eq!(registrable_domain("com.cn"), None);
         assert_eq!(registrable_domain("cn"), None);
         assert_eq!(registrable_domain("localhost"), None);
         assert_eq!(registrable_domain("user.github.io"), Some("github.io"));
-        assert_eq!(registrable_domain_full_list("user.github.io"), Some("user.github.io"));
+        assert_eq!(
+            registrable_domain_full_list("user.github.io"),
+            Some("user.github.io")
+        );
         assert_eq!(
             registrable_domain("www.xn--fsqu00a.xn--fiqs8s"),
             Some("xn--fsqu00a.xn--fiqs8s")

@@ -5,8 +5,21 @@
 //! "not filed" block page. The rules live in [`decision`]; everything else extracts inputs for it
 //! or acts on its verdict.
 
+pub mod admin;
+pub mod block_page;
+pub mod clienthello;
 pub mod config;
 pub mod decision;
+pub mod demo_origin;
+pub mod forward;
 pub mod host;
+pub mod http_listener;
+pub mod io;
+pub mod logging;
+pub mod metrics;
+pub mod proxy_protocol;
 pub mod registry;
+pub mod relay;
 pub mod routes;
+pub mod server;
+pub mod tls_listener;

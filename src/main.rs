@@ -1,1 +1,194 @@
-fn main() {}
+//! The `icp-gate` command: `run`, `check`, `explain` (SPEC §9).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use icp_gate::config::Config;
+use icp_gate::decision::{HostInput, Policy, decide};
+use icp_gate::host::{self, Host};
+use icp_gate::logging::{self, LogFormat};
+use icp_gate::registry::{self, Snapshot};
+use icp_gate::routes::RouteTable;
+use icp_gate::server::{Listeners, Runtime, ServerHandle};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Edge proxy enforcing China's ICP filing rules by HTTP Host and TLS SNI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// Worker threads (default: one per CPU).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Validate a config (and the files it names) and exit: 0 if good, 1 with the error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the decision the proxy would take for HOST.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A host as a client would send it (`Host` header or SNI).
+        host: String,
+        /// Destination address (default: the first mainland route's network address).
+        #[arg(long)]
+        dst: Option<IpAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            config,
+            log_format,
+            threads,
+        } => run(&config, log_format, threads),
+        Command::Check { config } => check(&config),
+        Command::Explain { config, host, dst } => explain(&config, &host, dst),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("icp-gate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Error = Box<dyn std::error::Error>;
+
+fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Error> {
+    logging::init(format);
+    let config = Config::load(path)?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = rt.build()?;
+    rt.block_on(async move {
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let listeners = Listeners::bind(&config)?;
+        let server = ServerHandle::start(config, listeners).await?;
+        info!("ready");
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match Config::load(path) {
+                    Ok(new) => {
+                        if let Err(e) = server.reload(new).await {
+                            error!(error = %e, "reload rejected; the old config keeps serving");
+                        }
+                    }
+                    Err(e) => error!(error = %e, "reload rejected; the old config keeps serving"),
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        server.shutdown().await;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+fn check(path: &Path) -> Result<(), Error> {
+    let config = Config::load(path)?;
+    Runtime::new(config.clone())?;
+    let entries = match &config.registry.seed {
+        Some(seed) => format!(
+            ", seed {} with {} entries",
+            seed.display(),
+            registry::load_seed(seed)?.len()
+        ),
+        None => String::new(),
+    };
+    println!(
+        "{}: ok ({} listeners, {} routes{entries})",
+        path.display(),
+        config.listeners.len(),
+        config.routes.len()
+    );
+    Ok(())
+}
+
+fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<(), Error> {
+    let config = Config::load(path)?;
+    let snapshot = match &config.registry.seed {
+        Some(seed) => registry::load_seed(seed)?,
+        None => Snapshot::empty(),
+    };
+    let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
+    let dst = match dst {
+        Some(ip) => ip,
+        None => config
+            .routes
+            .iter()
+            .find(|r| r.mainland)
+            .or(config.routes.first())
+            .map(|r| r.dst.network())
+            .ok_or("no route to take a destination from; pass --dst")?,
+    };
+    let parsed = host::parse_authority(raw_host.as_bytes());
+    let input = match &parsed {
+        Ok(Host::Name(n)) => HostInput::Name(n),
+        Ok(Host::Ip(ip)) => HostInput::Ip(*ip),
+        Err(_) if raw_host.is_empty() => HostInput::Missing { required: false },
+        Err(_) => HostInput::Invalid,
+    };
+    let v = decide(dst, input, &snapshot, &policy);
+    let host_line = match &parsed {
+        Ok(h) => h.to_text().into_owned(),
+        Err(e) => format!("{raw_host:?} ({e})"),
+    };
+    let route = v.route.map_or("none".to_string(), |r| {
+        let mode = r.mode.unwrap_or(policy.mode);
+        format!(
+            "{} ({}, {})",
+            r.dst,
+            if r.mainland {
+                "mainland"
+            } else {
+                "not mainland"
+            },
+            mode.as_str()
+        )
+    });
+    let matched = v.matched.map_or("-".to_string(), |e| {
+        format!(
+            "{} ({}, {}, access_here={})",
+            e.domain,
+            e.icp,
+            e.status.as_str(),
+            e.access_here
+        )
+    });
+    println!("host:        {host_line}");
+    println!("destination: {dst}");
+    println!("route:       {route}");
+    println!("decision:    {}", v.decision.as_str());
+    println!("reason:      {}", v.reason.as_str());
+    println!("matched:     {matched}");
+    println!("registrable: {}", v.registrable.unwrap_or("-"));
+    Ok(())
+}

@@ -29,8 +29,8 @@ impl RouteTable {
                 IpAddr::V6(net) => level(&mut v6, len).insert(u128::from(net), i),
             };
         }
-        v4.sort_by(|a, b| b.0.cmp(&a.0));
-        v6.sort_by(|a, b| b.0.cmp(&a.0));
+        v4.sort_by_key(|level| std::cmp::Reverse(level.0));
+        v6.sort_by_key(|level| std::cmp::Reverse(level.0));
         RouteTable { routes, v4, v6 }
     }
 

@@ -197,13 +197,34 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let cases = [
-            (r#"{"domain":"a.com","icp":"x","status":"filed","access_here":true,"extra":1}"#, "unknown field `extra`"),
-            (r#"{"domain":"a.com","icp":"x","status":"pending","access_here":true}"#, "unknown variant `pending`"),
-            (r#"{"domain":"a.com","icp":"x","status":"filed"}"#, "missing field `access_here`"),
-            (r#"{"domain":"com.cn","icp":"x","status":"filed","access_here":true}"#, "public suffix"),
-            (r#"{"domain":"1.2.3.4","icp":"x","status":"filed","access_here":true}"#, "IP address"),
-            (r#"{"domain":"a_b.com","icp":"x","status":"filed","access_here":true}"#, "character"),
-            (r#"{"domain":"a.com","icp":" ","status":"filed","access_here":true}"#, "icp"),
+            (
+                r#"{"domain":"a.com","icp":"x","status":"filed","access_here":true,"extra":1}"#,
+                "unknown field `extra`",
+            ),
+            (
+                r#"{"domain":"a.com","icp":"x","status":"pending","access_here":true}"#,
+                "unknown variant `pending`",
+            ),
+            (
+                r#"{"domain":"a.com","icp":"x","status":"filed"}"#,
+                "missing field `access_here`",
+            ),
+            (
+                r#"{"domain":"com.cn","icp":"x","status":"filed","access_here":true}"#,
+                "public suffix",
+            ),
+            (
+                r#"{"domain":"1.2.3.4","icp":"x","status":"filed","access_here":true}"#,
+                "IP address",
+            ),
+            (
+                r#"{"domain":"a_b.com","icp":"x","status":"filed","access_here":true}"#,
+                "character",
+            ),
+            (
+                r#"{"domain":"a.com","icp":" ","status":"filed","access_here":true}"#,
+                "icp",
+            ),
             ("not json", "expected"),
         ];
         for (line, want) in cases {
@@ -221,7 +242,9 @@ mod tests {
             "{\"domain\":\"a.com\",\"icp\":\"x\",\"status\":\"filed\",\"access_here\":true}\n\n{\"domain\":\"b.com\"}\n",
         )
         .unwrap();
-        let err = read_ndjson_file(&path, |_, _| Ok(())).unwrap_err().to_string();
+        let err = read_ndjson_file(&path, |_, _| Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("seed.ndjson: line 3: missing field"), "{err}");
     }
 }

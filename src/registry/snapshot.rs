@@ -162,8 +162,7 @@ struct FrozenBuilder(Frozen);
 impl FrozenBuilder {
     fn push(&mut self, hash: u64, e: EntryRef<'_>) -> Result<(), BuildError> {
         let f = &mut self.0;
-        if f
-            .table
+        if f.table
             .find(hash, |&i| f.domain_at(i) == e.domain.as_bytes())
             .is_some()
         {
@@ -171,7 +170,8 @@ impl FrozenBuilder {
         }
         let offset = u32::try_from(f.arena.len()).map_err(|_| BuildError::TooLarge)?;
         // Lengths were bounded when the entry was validated (253-byte names, 255-byte numbers).
-        let (Ok(domain_len), Ok(icp_len)) = (u8::try_from(e.domain.len()), u8::try_from(e.icp.len()))
+        let (Ok(domain_len), Ok(icp_len)) =
+            (u8::try_from(e.domain.len()), u8::try_from(e.icp.len()))
         else {
             return Err(BuildError::TooLarge);
         };
@@ -335,7 +335,11 @@ impl Snapshot {
         self.shards.iter().flat_map(|shard| {
             let delta = shard.delta.as_deref();
             let base = shard.base.iter().filter(move |e| {
-                delta.is_none_or(|d| d.table.find(hash(e.domain), |(n, _)| **n == *e.domain).is_none())
+                delta.is_none_or(|d| {
+                    d.table
+                        .find(hash(e.domain), |(n, _)| **n == *e.domain)
+                        .is_none()
+                })
             });
             let changed = delta.into_iter().flat_map(|d| {
                 d.table.iter().filter_map(|(name, value)| {
@@ -488,7 +492,9 @@ mod tests {
     }
 
     fn model_of(s: &Snapshot) -> BTreeMap<String, Entry> {
-        s.iter().map(|e| (e.domain.to_string(), e.to_entry())).collect()
+        s.iter()
+            .map(|e| (e.domain.to_string(), e.to_entry()))
+            .collect()
     }
 
     #[test]
@@ -525,7 +531,9 @@ mod tests {
         for round in 0..200u64 {
             let mut ops = Vec::new();
             for _ in 0..50 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let d = format!("d{}.cn", (x >> 33) % 4000);
                 if (x >> 20) % 3 == 0 {
                     ops.push(Op::Delete(d));

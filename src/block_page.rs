@@ -1,0 +1,432 @@
+//! The answer a blocked HTTP request gets (SPEC §4): the bilingual block page, its JSON form, or
+//! a redirect to a page the provider hosts.
+//!
+//! The template is split into literal pieces and placeholders once, when the config is loaded;
+//! rendering a page is then a handful of buffer appends.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+use crate::config::BlockPageConfig;
+use crate::decision::Reason;
+
+/// The page used when `block_page.template` is not set.
+const BUILT_IN_TEMPLATE: &str = include_str!("../config/block.html");
+
+/// Header carrying the reason code on every answer icp-gate makes itself.
+pub const REASON_HEADER: &str = "icp-gate-reason";
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockPageError {
+    #[error("block_page.template: cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a block answer says.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockContext<'a> {
+    /// The normalised host (empty when the request had none).
+    pub host: &'a str,
+    pub reason: Reason,
+    pub request_id: &'a str,
+}
+
+/// Short reason texts, in the filing system's own words.
+pub fn reason_texts(reason: Reason) -> (&'static str, &'static str) {
+    match reason {
+        Reason::Unfiled => ("未备案", "this domain has no ICP filing"),
+        Reason::NotAccessed => (
+            "已备案但未接入本服务商",
+            "filed, but its access (接入) is not registered with this provider",
+        ),
+        Reason::Revoked => (
+            "备案已注销",
+            "the ICP filing of this domain has been revoked",
+        ),
+        Reason::MissingHost => ("请求未携带域名", "the request names no host"),
+        Reason::IpLiteral => (
+            "不允许通过IP地址直接访问",
+            "access by IP address is not allowed",
+        ),
+        Reason::NoSni => ("请求未携带域名", "the connection names no host (no SNI)"),
+        _ => ("域名无效", "the host name is not valid"),
+    }
+}
+
+/// What the site owner should do about it.
+fn advice_texts(reason: Reason) -> (&'static str, &'static str) {
+    match reason {
+        Reason::Unfiled => (
+            "网站所有者：请为该域名办理ICP备案，并通过本服务商完成接入后再访问。",
+            "Site owner: obtain an ICP filing for this domain and add its access (接入) through this provider.",
+        ),
+        Reason::NotAccessed => (
+            "网站所有者：该域名已有备案，但尚未在本服务商接入。请在本服务商的备案系统中提交接入（新增接入）申请。",
+            "Site owner: this domain is filed, but not with this provider. Submit an access (接入) application in this provider's filing system.",
+        ),
+        Reason::Revoked => (
+            "网站所有者：该域名的备案已被注销。请重新办理ICP备案并在本服务商接入。",
+            "Site owner: the filing for this domain was revoked. File again and add access through this provider.",
+        ),
+        _ => (
+            "访客：请使用网站的正式域名访问。",
+            "Visitor: please use the site's domain name.",
+        ),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Host,
+    Reason,
+    ReasonZh,
+    ReasonEn,
+    AdviceZh,
+    AdviceEn,
+    RequestId,
+    Time,
+}
+
+const SLOTS: [(&str, Slot); 8] = [
+    ("{host}", Slot::Host),
+    ("{reason}", Slot::Reason),
+    ("{reason_zh}", Slot::ReasonZh),
+    ("{reason_en}", Slot::ReasonEn),
+    ("{advice_zh}", Slot::AdviceZh),
+    ("{advice_en}", Slot::AdviceEn),
+    ("{request_id}", Slot::RequestId),
+    ("{time}", Slot::Time),
+];
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(Bytes),
+    Slot(Slot),
+}
+
+/// A template compiled into pieces. Only the exact placeholder names are special, so the CSS
+/// braces of an operator's page pass through untouched.
+#[derive(Debug, Clone)]
+struct Template {
+    pieces: Vec<Piece>,
+    literal_len: usize,
+}
+
+impl Template {
+    fn compile(text: &str) -> Template {
+        let mut pieces = Vec::new();
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            literal.push_str(&rest[..open]);
+            rest = &rest[open..];
+            match SLOTS.iter().find(|(name, _)| rest.starts_with(name)) {
+                Some((name, slot)) => {
+                    if !literal.is_empty() {
+                        pieces.push(Piece::Text(Bytes::from(std::mem::take(&mut literal))));
+                    }
+                    pieces.push(Piece::Slot(*slot));
+                    rest = &rest[name.len()..];
+                }
+                None => {
+                    literal.push('{');
+                    rest = &rest[1..];
+                }
+            }
+        }
+        literal.push_str(rest);
+        if !literal.is_empty() {
+            pieces.push(Piece::Text(Bytes::from(literal)));
+        }
+        let literal_len = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Text(t) => t.len(),
+                Piece::Slot(_) => 0,
+            })
+            .sum();
+        Template {
+            pieces,
+            literal_len,
+        }
+    }
+
+    fn render(&self, ctx: &BlockContext<'_>, escape: fn(&mut BytesMut, &str)) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.literal_len + 512);
+        let (reason_zh, reason_en) = reason_texts(ctx.reason);
+        let (advice_zh, advice_en) = advice_texts(ctx.reason);
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.put_slice(t),
+                Piece::Slot(Slot::Host) => escape(&mut out, ctx.host),
+                Piece::Slot(Slot::Reason) => escape(&mut out, ctx.reason.as_str()),
+                Piece::Slot(Slot::ReasonZh) => escape(&mut out, reason_zh),
+                Piece::Slot(Slot::ReasonEn) => escape(&mut out, reason_en),
+                Piece::Slot(Slot::AdviceZh) => escape(&mut out, advice_zh),
+                Piece::Slot(Slot::AdviceEn) => escape(&mut out, advice_en),
+                Piece::Slot(Slot::RequestId) => escape(&mut out, ctx.request_id),
+                Piece::Slot(Slot::Time) => escape(
+                    &mut out,
+                    &humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                ),
+            }
+        }
+        out.freeze()
+    }
+}
+
+/// The compiled block answer for the current config.
+#[derive(Debug, Clone)]
+pub struct BlockPage {
+    status: StatusCode,
+    page: Template,
+    redirect: Option<Template>,
+}
+
+impl BlockPage {
+    pub fn load(cfg: &BlockPageConfig) -> Result<BlockPage, BlockPageError> {
+        let text = match &cfg.template {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| BlockPageError::Read {
+                path: path.clone(),
+                source,
+            })?,
+            None => BUILT_IN_TEMPLATE.to_string(),
+        };
+        Ok(BlockPage {
+            // The config validated the range, so this cannot fail; 403 is the safe fallback.
+            status: StatusCode::from_u16(cfg.status).unwrap_or(StatusCode::FORBIDDEN),
+            page: Template::compile(&text),
+            redirect: cfg.redirect.as_deref().map(Template::compile),
+        })
+    }
+
+    /// The answer to a blocked request. `json`: the client asked for `application/json`.
+    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Full<Bytes>> {
+        let (status, content_type, body, location) = if let Some(redirect) = &self.redirect {
+            let url = redirect.render(ctx, escape_url);
+            (
+                StatusCode::FOUND,
+                "text/plain; charset=utf-8",
+                Bytes::from_static(b"blocked: see Location\n"),
+                Some(url),
+            )
+        } else if json {
+            (self.status, "application/json", json_body(ctx), None)
+        } else {
+            (
+                self.status,
+                "text/html; charset=utf-8",
+                self.page.render(ctx, escape_html),
+                None,
+            )
+        };
+        let mut resp = Response::new(Full::new(body));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some(url) = location {
+            // Rendered from a validated URL with escaped values, so it is a valid header value.
+            if let Ok(v) = HeaderValue::from_maybe_shared(url) {
+                h.insert(LOCATION, v);
+            }
+        }
+        common_headers(&mut resp, ctx.reason, ctx.request_id);
+        resp
+    }
+}
+
+/// A plain-text error answer made by icp-gate itself (400 for protocol errors, 502/504 for origin
+/// trouble), carrying the same identifying headers as the block page.
+pub fn error_response(
+    status: StatusCode,
+    reason: Option<Reason>,
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let text = format!(
+        "{} {}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    match reason {
+        Some(reason) => common_headers(&mut resp, reason, request_id),
+        None => set_request_id(&mut resp, request_id),
+    }
+    resp
+}
+
+fn common_headers<B>(resp: &mut Response<B>, reason: Reason, request_id: &str) {
+    let h = resp.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
+    set_request_id(resp, request_id);
+}
+
+fn set_request_id<B>(resp: &mut Response<B>, request_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+}
+
+fn json_body(ctx: &BlockContext<'_>) -> Bytes {
+    let body = serde_json::json!({
+        "host": ctx.host,
+        "reason": ctx.reason.as_str(),
+        "request_id": ctx.request_id,
+    });
+    Bytes::from(body.to_string())
+}
+
+fn escape_html(out: &mut BytesMut, s: &str) {
+    for b in s.bytes() {
+        match b {
+            b'&' => out.put_slice(b"&amp;"),
+            b'<' => out.put_slice(b"&lt;"),
+            b'>' => out.put_slice(b"&gt;"),
+            b'"' => out.put_slice(b"&quot;"),
+            b'\'' => out.put_slice(b"&#39;"),
+            _ => out.put_u8(b),
+        }
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn escape_url(out: &mut BytesMut, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.put_u8(b);
+        } else {
+            out.put_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn page(template: Option<&str>, redirect: Option<&str>) -> BlockPage {
+        let dir = tempfile::tempdir().unwrap();
+        let template = template.map(|t| {
+            let p = dir.path().join("t.html");
+            std::fs::write(&p, t).unwrap();
+            p
+        });
+        BlockPage::load(&BlockPageConfig {
+            status: 451,
+            template,
+            redirect: redirect.map(str::to_string),
+        })
+        .unwrap()
+    }
+
+    fn body(resp: Response<Full<Bytes>>) -> String {
+        use futures_util::FutureExt;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .now_or_never()
+            .expect("a full body is ready at once")
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const CTX: BlockContext<'static> = BlockContext {
+        host: "unfiled.example.cn",
+        reason: Reason::NotAccessed,
+        request_id: "abc123",
+    };
+
+    #[test]
+    fn built_in_page_names_host_reason_advice_and_request_id() {
+        let resp = page(None, None).response(&CTX, false);
+        assert_eq!(resp.status(), 451);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
+        assert_eq!(resp.headers()[CACHE_CONTROL], "no-store");
+        assert_eq!(resp.headers()[REASON_HEADER], "not_accessed");
+        assert_eq!(resp.headers()[REQUEST_ID_HEADER], "abc123");
+        let html = body(resp);
+        for want in [
+            "unfiled.example.cn",
+            "已备案但未接入本服务商",
+            "接入",
+            "abc123",
+            "not_accessed",
+        ] {
+            assert!(html.contains(want), "missing {want}");
+        }
+        assert!(!html.contains("{host}") && !html.contains("{time}"));
+    }
+
+    #[test]
+    fn each_reason_has_its_chinese_wording() {
+        for (reason, zh) in [
+            (Reason::Unfiled, "未备案"),
+            (Reason::NotAccessed, "已备案但未接入本服务商"),
+            (Reason::Revoked, "备案已注销"),
+        ] {
+            let ctx = BlockContext { reason, ..CTX };
+            assert!(body(page(None, None).response(&ctx, false)).contains(zh));
+        }
+    }
+
+    #[test]
+    fn operator_template_keeps_css_braces_and_escapes_values() {
+        let p = page(
+            Some("<style>a { b: c }</style>{host}|{reason}|{unknown}|{request_id}"),
+            None,
+        );
+        let ctx = BlockContext {
+            host: "<x>&\"",
+            ..CTX
+        };
+        assert_eq!(
+            body(p.response(&ctx, false)),
+            "<style>a { b: c }</style>&lt;x&gt;&amp;&quot;|not_accessed|{unknown}|abc123"
+        );
+    }
+
+    #[test]
+    fn json_answer() {
+        let resp = page(None, None).response(&CTX, true);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body(resp)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"host":"unfiled.example.cn","reason":"not_accessed","request_id":"abc123"})
+        );
+    }
+
+    #[test]
+    fn redirect_answer() {
+        let resp = page(
+            None,
+            Some("https://beian.example/blocked?d={host}&r={reason}"),
+        )
+        .response(&BlockContext { host: "a b", ..CTX }, false);
+        assert_eq!(resp.status(), StatusCode::FOUND);
+        assert_eq!(
+            resp.headers()[LOCATION],
+            "https://beian.example/blocked?d=a%20b&r=not_accessed"
+        );
+        assert_eq!(resp.headers()[REASON_HEADER], "not_accessed");
+        assert_eq!(resp.headers()[CACHE_CONTROL], "no-store");
+    }
+}

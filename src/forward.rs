@@ -1,0 +1,293 @@
+//! Forwarding allowed HTTP requests to the route's origin (SPEC §4 "HTTP allow").
+//!
+//! One keep-alive pool (hyper-util's client) serves all routes; bodies stream both ways without
+//! buffering. A route that sends a PROXY header gets a pool per client connection instead, since
+//! the header names one client and a pooled origin connection must never carry another's.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::config::{Limits, Origin, ProxyProtocolVersion};
+use crate::metrics::UpstreamError;
+use crate::proxy_protocol;
+
+pub type OriginClient = Client<OriginConnector, Incoming>;
+
+/// Opens origin connections: resolve, connect within `origin_connect_timeout`, optionally
+/// prepend a PROXY header.
+#[derive(Clone)]
+pub struct OriginConnector {
+    connect_timeout: Duration,
+    proxy_header: Option<std::sync::Arc<[u8]>>,
+}
+
+impl tower_service::Service<Uri> for OriginConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let timeout = self.connect_timeout;
+        let header = self.proxy_header.clone();
+        Box::pin(async move {
+            let authority = uri
+                .authority()
+                .ok_or_else(|| std::io::Error::other("origin URI without authority"))?
+                .as_str()
+                .to_string();
+            let mut stream = connect(&authority, timeout).await?;
+            if let Some(header) = header {
+                stream.write_all(&header).await?;
+            }
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Connects to `host:port` within `timeout`, trying each resolved address in turn.
+pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        let mut last = None;
+        for addr in tokio::net::lookup_host(authority).await? {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    s.set_nodelay(true)?;
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{authority}: no address"),
+            )
+        }))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {authority} timed out after {timeout:?}"),
+            ))
+        })
+}
+
+/// Builds an origin client. `proxy_header`: the PROXY header every new connection starts with.
+pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(limits.idle_timeout)
+        .set_host(false)
+        .build(OriginConnector {
+            connect_timeout: limits.origin_connect_timeout,
+            proxy_header: proxy_header.map(Into::into),
+        })
+}
+
+/// A client whose connections each start with a PROXY header for this client connection.
+pub fn proxied_origin_client(
+    limits: &Limits,
+    version: ProxyProtocolVersion,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> OriginClient {
+    origin_client(limits, Some(proxy_protocol::encode(version, client, dst)))
+}
+
+/// How the forwarded request should be adjusted.
+pub struct ForwardOptions<'a> {
+    pub origin: &'a Origin,
+    /// Appended to `X-Forwarded-For`, or `None` when the route turns it off.
+    pub forwarded_for: Option<SocketAddr>,
+}
+
+/// Sends `req` to the origin and returns its response head (the body streams). `timeout` bounds
+/// the wait for the response head.
+pub async fn forward(
+    client: &OriginClient,
+    mut req: Request<Incoming>,
+    opts: ForwardOptions<'_>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let upgrade = is_upgrade(req.headers());
+    prepare_request(&mut req, &opts, upgrade);
+    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => return Err(UpstreamError::Timeout),
+        Ok(Err(e)) if e.is_connect() => return Err(UpstreamError::Connect),
+        Ok(Err(_)) => return Err(UpstreamError::Reset),
+        Ok(Ok(resp)) => resp,
+    };
+    let mut resp = resp;
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    remove_hop_by_hop(resp.headers_mut(), upgrade && switching);
+    Ok(resp)
+}
+
+/// Rewrites the request for the origin: origin-form target on the origin's address, `Host` from
+/// the target when the client used absolute-form or HTTP/2, hop-by-hop headers dropped,
+/// `X-Forwarded-For` appended. Everything else reaches the origin untouched.
+fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>, upgrade: bool) {
+    if let Some(authority) = req.uri().authority() {
+        // Absolute-form (HTTP/1.1) or :authority (HTTP/2): the target names the host.
+        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(opts.origin.authority().clone());
+    parts.path_and_query = Some(path);
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_11;
+    remove_hop_by_hop(req.headers_mut(), upgrade);
+    if let Some(client) = opts.forwarded_for {
+        append_forwarded_for(req.headers_mut(), client);
+    }
+}
+
+/// `Connection: upgrade` with an `Upgrade` header (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Headers that describe one hop (RFC 9110 §7.6.1), never forwarded. With `keep_upgrade` the
+/// `Upgrade` handshake headers stay so the origin can switch protocols.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(keep_upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, client: SocketAddr) {
+    let ip = client.ip().to_canonical().to_string();
+    let mut value = String::new();
+    for v in headers.get_all("x-forwarded-for") {
+        if let Ok(s) = v.to_str() {
+            value.push_str(s);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&ip);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert("x-forwarded-for", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_including_listed_ones() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic x"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_headers_survive_an_upgrade() {
+        let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = headers(&[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-for", "10.0.0.1"),
+        ]);
+        append_forwarded_for(&mut h, "[::ffff:198.51.100.2]:1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 10.0.0.1, 198.51.100.2");
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "[2001:db8::1]:1".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+    }
+}

@@ -1,0 +1,415 @@
+//! The HTTP listener (`kind = "http"`): HTTP/1.1 with keep-alive and pipelining, and HTTP/2 with
+//! prior knowledge (h2c), on hyper. Every request is decided on its own — a kept-alive or
+//! multiplexed connection earns no trust from its first request.
+//!
+//! Per request: find the host (SPEC §3), [`decide`], then answer with the block page, a 400 for a
+//! malformed request, or forward to the route's origin.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, HOST};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use crate::block_page::{BlockContext, error_response};
+use crate::config::Limits;
+use crate::decision::{Decision, HostInput, decide};
+use crate::forward::{self, ForwardOptions, OriginClient};
+use crate::host::{self, Host};
+use crate::io::{Activity, Watched, watchdog};
+use crate::logging::{Access, RequestId};
+use crate::metrics::UpstreamError;
+use crate::relay;
+use crate::server::{Endpoints, ListenerSpec, Shared};
+
+/// Response bodies: icp-gate's own answers, or the origin's streamed body.
+pub type Body = Either<Full<Bytes>, Incoming>;
+
+/// The HTTP/1 and HTTP/2 server settings for the given limits.
+pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // The read buffer bounds the request head (bodies stream past it): hyper answers 431.
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(250);
+    b
+}
+
+/// What every request on one connection shares.
+struct ConnCtx {
+    ends: Endpoints,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    /// Origin pool private to this connection, for routes that send a PROXY header.
+    proxied: OnceLock<OriginClient>,
+}
+
+/// Serves one client connection until it closes, idles out or the process drains.
+pub async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let runtime = shared.runtime.load_full();
+    let limits = runtime.config.limits.clone();
+    let activity = Arc::new(Activity::default());
+    let drain = shared.drain.clone();
+    let ctx = Arc::new(ConnCtx {
+        ends,
+        spec,
+        shared,
+        activity: activity.clone(),
+        proxied: OnceLock::new(),
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { handle(req, &ctx).await }
+    });
+    // A copy, so a long-lived connection does not pin the config it started under.
+    let http = runtime.http.clone();
+    drop(runtime);
+    let conn =
+        http.serve_connection_with_upgrades(TokioIo::new(Watched::new(io, activity.clone())), svc);
+    tokio::pin!(conn);
+    let dog = watchdog(activity, limits.header_read_timeout, limits.idle_timeout);
+    tokio::pin!(dog);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(client = %ends.client, error = %e, "http connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.cancelled(), if !draining => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = &mut dog, if !draining => {
+                debug!(client = %ends.client, "closing idle http connection");
+                return;
+            }
+        }
+    }
+}
+
+/// Returned to hyper to close the connection without an answer (no route).
+#[derive(Debug, thiserror::Error)]
+#[error("no route for the destination")]
+struct Refused;
+
+async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>, Refused> {
+    let started = Instant::now();
+    let _in_flight = ctx.activity.request();
+    let id = RequestId::next();
+    let runtime = ctx.shared.runtime.load_full();
+    let json = wants_json(&req);
+
+    let target = target(&req);
+    let (decision, reason, protocol_error, route, host_text) = {
+        let input = match &target {
+            Target::Host(Host::Name(name)) => HostInput::Name(name),
+            Target::Host(Host::Ip(ip)) => HostInput::Ip(*ip),
+            Target::Missing { required } => HostInput::Missing {
+                required: *required,
+            },
+            Target::Invalid(_) => HostInput::Invalid,
+        };
+        let snapshot = ctx.shared.registry.load();
+        let v = decide(ctx.ends.dst.ip(), input, &snapshot, &runtime.policy);
+        (
+            v.decision,
+            v.reason,
+            v.protocol_error,
+            v.route,
+            target.text(),
+        )
+    };
+    drop(target);
+    ctx.spec.metrics.request(decision, reason);
+
+    let resp: Response<Body> = match decision {
+        Decision::Refuse => {
+            log(ctx, &host_text, decision, reason, None, &id, started);
+            return Err(Refused);
+        }
+        Decision::Block if protocol_error => {
+            error_response(StatusCode::BAD_REQUEST, Some(reason), id.as_str()).map(Either::Left)
+        }
+        Decision::Block => {
+            let page = BlockContext {
+                host: &host_text,
+                reason,
+                request_id: id.as_str(),
+            };
+            runtime.block_page.response(&page, json).map(Either::Left)
+        }
+        Decision::Allow | Decision::Report => match route
+            .and_then(|r| r.http_origin.as_ref().map(|o| (r, o)))
+        {
+            _ if req.method() == Method::CONNECT => {
+                error_response(StatusCode::METHOD_NOT_ALLOWED, None, id.as_str()).map(Either::Left)
+            }
+            // The config requires an http_origin on every route when an http listener exists.
+            None => error_response(StatusCode::BAD_GATEWAY, None, id.as_str()).map(Either::Left),
+            Some((route, origin)) => {
+                let client = match route.send_proxy_protocol {
+                    Some(version) => ctx.proxied.get_or_init(|| {
+                        forward::proxied_origin_client(
+                            &runtime.config.limits,
+                            version,
+                            ctx.ends.client,
+                            ctx.ends.dst,
+                        )
+                    }),
+                    None => &runtime.origins,
+                };
+                let opts = ForwardOptions {
+                    origin,
+                    forwarded_for: route.x_forwarded_for.then_some(ctx.ends.client),
+                };
+                forward_request(req, client, opts, ctx, &runtime.config.limits, &id).await
+            }
+        },
+    };
+    let status = resp.status().as_u16();
+    ctx.spec
+        .metrics
+        .observe_duration(decision, started.elapsed().as_secs_f64());
+    log(
+        ctx,
+        &host_text,
+        decision,
+        reason,
+        Some(status),
+        &id,
+        started,
+    );
+    Ok(resp)
+}
+
+async fn forward_request(
+    mut req: Request<Incoming>,
+    client: &OriginClient,
+    opts: ForwardOptions<'_>,
+    ctx: &ConnCtx,
+    limits: &Limits,
+    id: &RequestId,
+) -> Response<Body> {
+    let client_upgrade = forward::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let origin = opts.origin;
+    match forward::forward(client, req, opts, limits.origin_response_timeout).await {
+        Ok(mut resp) => {
+            if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) =
+                (client_upgrade, resp.status())
+            {
+                let origin_side = hyper::upgrade::on(&mut resp);
+                let idle = limits.idle_timeout;
+                let drain = ctx.shared.drain.clone();
+                ctx.shared.tasks.spawn(async move {
+                    match tokio::try_join!(client_side, origin_side) {
+                        Ok((c, o)) => {
+                            relay::relay(TokioIo::new(c), TokioIo::new(o), idle, drain).await;
+                        }
+                        Err(e) => debug!(error = %e, "upgrade failed"),
+                    }
+                });
+            }
+            resp.map(Either::Right)
+        }
+        Err(kind) => {
+            ctx.spec.metrics.upstream_error(kind);
+            let status = match kind {
+                UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
+            };
+            debug!(%origin, kind = kind.as_str(), "origin error");
+            error_response(status, None, id.as_str()).map(Either::Left)
+        }
+    }
+}
+
+fn log(
+    ctx: &ConnCtx,
+    host: &str,
+    decision: Decision,
+    reason: crate::decision::Reason,
+    status: Option<u16>,
+    id: &RequestId,
+    started: Instant,
+) {
+    Access {
+        listener: ctx.spec.metrics.name(),
+        client: ctx.ends.client,
+        dst: ctx.ends.dst,
+        host,
+        decision,
+        reason,
+        status,
+        request_id: id.as_str(),
+        duration: started.elapsed(),
+    }
+    .log();
+}
+
+/// The client asked for JSON (`Accept: application/json`).
+pub(crate) fn wants_json<B>(req: &Request<B>) -> bool {
+    req.headers().get_all(ACCEPT).iter().any(|v| {
+        v.as_bytes()
+            .windows(16)
+            .any(|w| w.eq_ignore_ascii_case(b"application/json"))
+    })
+}
+
+/// The host a request is for.
+enum Target<'a> {
+    Host(Host<'a>),
+    Missing {
+        required: bool,
+    },
+    /// Unparseable, several `Host` headers, or `:authority` and `Host` that disagree.
+    Invalid(&'a [u8]),
+}
+
+impl Target<'_> {
+    /// The host as logged and shown on the block page.
+    fn text(&self) -> String {
+        match self {
+            Target::Host(h) => h.to_text().into_owned(),
+            Target::Missing { .. } => String::new(),
+            Target::Invalid(raw) => String::from_utf8_lossy(raw).into_owned(),
+        }
+    }
+}
+
+/// SPEC §3: the absolute-form target's authority wins over `Host` in HTTP/1.x (RFC 9112 §3.2.2);
+/// in HTTP/2 `:authority` wins, and a `Host` that names something else is an error. More than
+/// one `Host` header is always an error.
+fn target<B>(req: &Request<B>) -> Target<'_> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Target::Invalid(host.map_or(&[][..], |h| h.as_bytes()));
+    }
+    let authority = req.uri().authority().map(|a| a.as_str().as_bytes());
+    match (req.version(), authority, host) {
+        (Version::HTTP_2 | Version::HTTP_3, Some(auth), host) => {
+            let Ok(from_authority) = parse(auth) else {
+                return Target::Invalid(auth);
+            };
+            if let Some(h) = host {
+                if parse(h.as_bytes()).ok().as_ref() != Some(&from_authority) {
+                    return Target::Invalid(h.as_bytes());
+                }
+            }
+            Target::Host(from_authority)
+        }
+        (_, Some(auth), _) => match parse(auth) {
+            Ok(h) => Target::Host(h),
+            Err(()) => Target::Invalid(auth),
+        },
+        (_, None, Some(h)) if h.is_empty() => Target::Missing { required: false },
+        (_, None, Some(h)) => match parse(h.as_bytes()) {
+            Ok(host) => Target::Host(host),
+            Err(()) => Target::Invalid(h.as_bytes()),
+        },
+        (version, None, None) => Target::Missing {
+            // HTTP/1.0 may omit Host; HTTP/1.1 and HTTP/2 requests must name one.
+            required: version != Version::HTTP_10 && version != Version::HTTP_09,
+        },
+    }
+}
+
+fn parse(raw: &[u8]) -> Result<Host<'_>, ()> {
+    host::parse_authority(raw).map_err(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(version: Version, uri: &str, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn name(t: Target<'_>) -> Option<String> {
+        match t {
+            Target::Host(h) => Some(h.to_text().into_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn host_header_is_normalised() {
+        assert_eq!(
+            name(target(&req(Version::HTTP_11, "/", &["WWW.Filed.CN.:8080"]))).as_deref(),
+            Some("www.filed.cn")
+        );
+    }
+
+    #[test]
+    fn absolute_form_wins_over_host() {
+        let r = req(Version::HTTP_11, "http://unfiled.cn/x", &["filed.cn"]);
+        assert_eq!(name(target(&r)).as_deref(), Some("unfiled.cn"));
+        let r = req(
+            Version::HTTP_11,
+            "http://filed.cn@unfiled.cn/x",
+            &["filed.cn"],
+        );
+        assert!(matches!(target(&r), Target::Invalid(_)));
+    }
+
+    #[test]
+    fn duplicate_host_is_invalid() {
+        assert!(matches!(
+            target(&req(Version::HTTP_11, "/", &["a.cn", "a.cn"])),
+            Target::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn http2_authority_must_agree_with_host() {
+        let ok = req(Version::HTTP_2, "https://Filed.cn/", &["filed.cn:443"]);
+        assert_eq!(name(target(&ok)).as_deref(), Some("filed.cn"));
+        let bad = req(Version::HTTP_2, "https://filed.cn/", &["unfiled.cn"]);
+        assert!(matches!(target(&bad), Target::Invalid(_)));
+        let host_only = req(Version::HTTP_2, "/", &["filed.cn"]);
+        assert_eq!(name(target(&host_only)).as_deref(), Some("filed.cn"));
+    }
+
+    #[test]
+    fn missing_host() {
+        assert!(matches!(
+            target(&req(Version::HTTP_10, "/", &[])),
+            Target::Missing { required: false }
+        ));
+        assert!(matches!(
+            target(&req(Version::HTTP_11, "/", &[])),
+            Target::Missing { required: true }
+        ));
+        assert!(matches!(
+            target(&req(Version::HTTP_11, "/", &[""])),
+            Target::Missing { required: false }
+        ));
+    }
+}

@@ -1,0 +1,260 @@
+//! Prometheus metrics (SPEC §8). Label values come only from the config (listener names) and
+//! from fixed code sets (decisions, reasons, error kinds): never from a client.
+//!
+//! The data path does not look labels up per request: each listener resolves its counters once
+//! into [`ListenerMetrics`], and an increment is a single atomic add.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::decision::{Decision, Reason};
+
+/// Request latency buckets, from a cached block page (~10 µs) to a slow origin.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Why talking to an origin failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamError {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl UpstreamError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Reset => "reset",
+        }
+    }
+}
+
+/// All metric families, registered in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    tls_connections: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    connections_active: IntGaugeVec,
+    connections_rejected: IntCounterVec,
+    relayed_bytes: IntCounterVec,
+    pub registry_entries: IntGauge,
+    pub registry_revision: IntGauge,
+    pub registry_last_update: Gauge,
+    pub registry_updates: IntCounterVec,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector registered once");
+        let requests = counter_vec(
+            &r,
+            "icp_gate_requests_total",
+            "HTTP requests decided, by listener, decision and reason.",
+            &["listener", "decision", "reason"],
+        );
+        let tls_connections = counter_vec(
+            &r,
+            "icp_gate_tls_connections_total",
+            "TLS connections decided by SNI, by listener, decision and reason.",
+            &["listener", "decision", "reason"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "icp_gate_request_duration_seconds",
+                "Time from request head to response head, by listener and decision.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["listener", "decision"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(request_duration.clone()))
+            .expect("metric registered once");
+        let upstream_errors = counter_vec(
+            &r,
+            "icp_gate_upstream_errors_total",
+            "Failures talking to origins, by listener and kind (connect, timeout, reset).",
+            &["listener", "kind"],
+        );
+        let connections_active = IntGaugeVec::new(
+            Opts::new(
+                "icp_gate_connections_active",
+                "Client connections open, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(connections_active.clone()))
+            .expect("metric registered once");
+        let connections_rejected = counter_vec(
+            &r,
+            "icp_gate_connections_rejected_total",
+            "Connections closed at accept because limits.max_connections was reached.",
+            &["listener"],
+        );
+        let relayed_bytes = counter_vec(
+            &r,
+            "icp_gate_relayed_bytes_total",
+            "Bytes relayed through TLS passthrough tunnels, by listener and direction.",
+            &["listener", "direction"],
+        );
+        let registry_entries =
+            IntGauge::new("icp_gate_registry_entries", "Entries in the registry.")
+                .expect("valid metric definition");
+        let registry_revision = IntGauge::new(
+            "icp_gate_registry_revision",
+            "Registry revision (one per applied write).",
+        )
+        .expect("valid metric definition");
+        let registry_last_update = Gauge::new(
+            "icp_gate_registry_last_update_timestamp_seconds",
+            "Unix time of the last applied registry write (or of the load at start-up).",
+        )
+        .expect("valid metric definition");
+        for g in [&registry_entries, &registry_revision] {
+            r.register(Box::new(g.clone()))
+                .expect("metric registered once");
+        }
+        r.register(Box::new(registry_last_update.clone()))
+            .expect("metric registered once");
+        let registry_updates = counter_vec(
+            &r,
+            "icp_gate_registry_updates_total",
+            "Registry writes, by operation and result.",
+            &["op", "result"],
+        );
+        Arc::new(Metrics {
+            registry: r,
+            requests,
+            tls_connections,
+            request_duration,
+            upstream_errors,
+            connections_active,
+            connections_rejected,
+            relayed_bytes,
+            registry_entries,
+            registry_revision,
+            registry_last_update,
+            registry_updates,
+        })
+    }
+
+    /// Counters of one listener, resolved once.
+    pub fn listener(self: &Arc<Self>, name: &str) -> Arc<ListenerMetrics> {
+        Arc::new(ListenerMetrics {
+            name: name.to_string(),
+            metrics: self.clone(),
+            decided: Default::default(),
+            tls_decided: Default::default(),
+            durations: Default::default(),
+            upstream_errors: [
+                UpstreamError::Connect,
+                UpstreamError::Timeout,
+                UpstreamError::Reset,
+            ]
+            .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
+            active: self.connections_active.with_label_values(&[name]),
+            rejected: self.connections_rejected.with_label_values(&[name]),
+            relayed: ["client_to_origin", "origin_to_client"]
+                .map(|d| self.relayed_bytes.with_label_values(&[name, d])),
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// The handles one listener increments. Cells are filled on first use, so `/metrics` lists the
+/// combinations that happened rather than every impossible one.
+pub struct ListenerMetrics {
+    name: String,
+    metrics: Arc<Metrics>,
+    decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
+    tls_decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
+    durations: [OnceLock<Histogram>; Decision::ALL.len()],
+    upstream_errors: [IntCounter; 3],
+    pub active: IntGauge,
+    pub rejected: IntCounter,
+    /// `[client_to_origin, origin_to_client]`.
+    pub relayed: [IntCounter; 2],
+}
+
+fn decision_index(d: Decision) -> usize {
+    Decision::ALL.iter().position(|x| *x == d).unwrap_or(0)
+}
+
+fn reason_index(r: Reason) -> usize {
+    Reason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+impl ListenerMetrics {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Counts one decided HTTP request.
+    pub fn request(&self, decision: Decision, reason: Reason) {
+        self.decided[decision_index(decision)][reason_index(reason)]
+            .get_or_init(|| {
+                self.metrics.requests.with_label_values(&[
+                    self.name.as_str(),
+                    decision.as_str(),
+                    reason.as_str(),
+                ])
+            })
+            .inc();
+    }
+
+    /// Counts one decided TLS connection.
+    pub fn tls_connection(&self, decision: Decision, reason: Reason) {
+        self.tls_decided[decision_index(decision)][reason_index(reason)]
+            .get_or_init(|| {
+                self.metrics.tls_connections.with_label_values(&[
+                    self.name.as_str(),
+                    decision.as_str(),
+                    reason.as_str(),
+                ])
+            })
+            .inc();
+    }
+
+    pub fn observe_duration(&self, decision: Decision, seconds: f64) {
+        self.durations[decision_index(decision)]
+            .get_or_init(|| {
+                self.metrics
+                    .request_duration
+                    .with_label_values(&[self.name.as_str(), decision.as_str()])
+            })
+            .observe(seconds);
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamError) {
+        self.upstream_errors[kind as usize].inc();
+    }
+}

@@ -1,0 +1,512 @@
+//! The process shell: binds listeners, loads the registry, runs accept loops, reloads the config
+//! and drains on shutdown. Connection handling itself lives in the listener modules.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::block_page::{BlockPage, BlockPageError};
+use crate::config::{Config, ListenerConfig, ListenerKind};
+use crate::decision::{Decision, Policy, Reason};
+use crate::forward::{OriginClient, origin_client};
+use crate::io::Prefixed;
+use crate::logging::{Access, RequestId};
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::registry::{self, Registry, Snapshot};
+use crate::routes::RouteTable;
+use crate::{admin, demo_origin, http_listener, proxy_protocol, tls_listener};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    BlockPage(#[from] BlockPageError),
+    #[error(transparent)]
+    Registry(#[from] registry::FileError),
+    #[error("registry state_dir {}: {source}", path.display())]
+    StateDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// Everything derived from one config that the data path reads. Swapped as a whole on reload,
+/// so a request never sees half of an old config and half of a new one.
+pub struct Runtime {
+    pub config: Config,
+    pub policy: Policy,
+    pub block_page: BlockPage,
+    /// The shared keep-alive pool toward origins.
+    pub origins: OriginClient,
+    pub http: auto::Builder<TokioExecutor>,
+    pub tls: tls_listener::TlsRuntime,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Result<Runtime, ServerError> {
+        let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
+        let block_page = BlockPage::load(&config.block_page)?;
+        let origins = origin_client(&config.limits, None);
+        let http = http_listener::builder(&config.limits);
+        let tls = tls_listener::TlsRuntime::new(&config).map_err(ServerError::Tls)?;
+        Ok(Runtime {
+            config,
+            policy,
+            block_page,
+            origins,
+            http,
+            tls,
+        })
+    }
+}
+
+/// State shared by every task of the process.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// Client connections open across all listeners (for `limits.max_connections`).
+    connections: AtomicUsize,
+    /// Cancelled when the process starts draining.
+    pub drain: CancellationToken,
+    /// Every connection task, so draining can wait for them.
+    pub tasks: TaskTracker,
+    ready: AtomicBool,
+}
+
+impl Shared {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Records a published snapshot in the registry gauges.
+    pub fn registry_published(&self, snapshot: &Snapshot) {
+        let m = &self.metrics;
+        m.registry_entries.set(snapshot.len() as i64);
+        m.registry_revision.set(snapshot.revision() as i64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        m.registry_last_update.set(now.as_secs_f64());
+    }
+}
+
+/// Sockets bound for a config, before anything is served on them. Binding port 0 picks a free
+/// port; [`ServerHandle::listener_addr`] tells which.
+pub struct Listeners {
+    data: Vec<(ListenerConfig, TcpListener)>,
+    admin: Option<TcpListener>,
+    demo_origin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every address in the config (must run inside a tokio runtime).
+    pub fn bind(config: &Config) -> Result<Listeners, ServerError> {
+        let mut data = Vec::new();
+        for l in &config.listeners {
+            data.push((l.clone(), bind(&l.name, l.bind)?));
+        }
+        let admin = match &config.admin {
+            Some(a) => Some(bind("admin", a.bind)?),
+            None => None,
+        };
+        let demo_origin = match config.demo_origin.as_ref().and_then(|d| d.http) {
+            Some(addr) => Some(bind("demo_origin", addr)?),
+            None => None,
+        };
+        Ok(Listeners {
+            data,
+            admin,
+            demo_origin,
+        })
+    }
+}
+
+fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let err = |source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.set_nodelay(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(4096).map_err(err)
+}
+
+/// The listener config an accept loop serves with, replaceable on reload.
+pub struct ListenerSpec {
+    pub config: ListenerConfig,
+    pub metrics: Arc<ListenerMetrics>,
+}
+
+struct AcceptLoop {
+    spec: Arc<ArcSwap<ListenerSpec>>,
+    stop: CancellationToken,
+    local_addr: SocketAddr,
+}
+
+/// A running server.
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    /// Accept loops by bind address as configured (the identity kept across reloads).
+    loops: tokio::sync::Mutex<HashMap<SocketAddr, AcceptLoop>>,
+    admin_addr: Option<SocketAddr>,
+    demo_origin_addr: Option<SocketAddr>,
+}
+
+impl ServerHandle {
+    /// Loads the registry, then serves. The admin listener answers (`/readyz` 503) while the
+    /// registry loads; data listeners are bound but accept only once it is loaded, so no request is
+    /// ever decided against a half-loaded registry.
+    pub async fn start(config: Config, listeners: Listeners) -> Result<ServerHandle, ServerError> {
+        let metrics = Metrics::new();
+        let runtime = Runtime::new(config)?;
+        let shared = Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            registry: Arc::new(Registry::new(Snapshot::empty())),
+            metrics,
+            connections: AtomicUsize::new(0),
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: AtomicBool::new(false),
+        });
+
+        let admin_addr = match listeners.admin {
+            Some(l) => {
+                let addr = l.local_addr().ok();
+                tokio::spawn(admin::serve(l, shared.clone()));
+                addr
+            }
+            None => None,
+        };
+        let demo_origin_addr = match listeners.demo_origin {
+            Some(l) => {
+                let addr = l.local_addr().ok();
+                tokio::spawn(demo_origin::serve(l, shared.drain.clone()));
+                addr
+            }
+            None => None,
+        };
+
+        let snapshot = load_registry(&shared.runtime.load().config).await?;
+        shared.registry_published(&snapshot);
+        info!(
+            entries = snapshot.len(),
+            revision = snapshot.revision(),
+            "registry loaded"
+        );
+        shared.registry.publish(snapshot);
+        crate::host::warm_up();
+
+        let mut loops = HashMap::new();
+        for (cfg, listener) in listeners.data {
+            let bind = cfg.bind;
+            loops.insert(bind, spawn_accept_loop(&shared, cfg, listener));
+        }
+        shared.ready.store(true, Ordering::Release);
+        Ok(ServerHandle {
+            shared,
+            loops: tokio::sync::Mutex::new(loops),
+            admin_addr,
+            demo_origin_addr,
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The address a data listener is bound to, by name.
+    pub async fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        let loops = self.loops.lock().await;
+        loops
+            .values()
+            .find(|l| l.spec.load().config.name == name)
+            .map(|l| l.local_addr)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn demo_origin_addr(&self) -> Option<SocketAddr> {
+        self.demo_origin_addr
+    }
+
+    /// Applies a new config without dropping connections. Listeners whose bind address is
+    /// unchanged keep their socket (their name, kind and PROXY setting may change); new ones are
+    /// bound; removed ones stop accepting while their connections finish. On any error nothing
+    /// changes and the old config keeps serving.
+    pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
+        let old = self.shared.runtime.load_full();
+        for (what, changed) in [
+            ("admin", old.config.admin != config.admin),
+            ("registry", old.config.registry != config.registry),
+            ("demo_origin", old.config.demo_origin != config.demo_origin),
+        ] {
+            if changed {
+                warn!("reload: [{what}] changed; it takes effect at the next restart");
+            }
+        }
+        let runtime = Runtime::new(config)?;
+        let mut loops = self.loops.lock().await;
+        let mut bound = Vec::new();
+        for l in &runtime.config.listeners {
+            if !loops.contains_key(&l.bind) {
+                bound.push((l.clone(), bind(&l.name, l.bind)?));
+            }
+        }
+        let new_config = runtime.config.clone();
+        self.shared.runtime.store(Arc::new(runtime));
+        for l in &new_config.listeners {
+            if let Some(existing) = loops.get(&l.bind) {
+                let current = existing.spec.load();
+                if current.config != *l {
+                    existing.spec.store(Arc::new(ListenerSpec {
+                        metrics: self.shared.metrics.listener(&l.name),
+                        config: l.clone(),
+                    }));
+                }
+            }
+        }
+        for (cfg, listener) in bound {
+            let bind = cfg.bind;
+            loops.insert(bind, spawn_accept_loop(&self.shared, cfg, listener));
+        }
+        loops.retain(|bind, l| {
+            let keep = new_config.listeners.iter().any(|c| c.bind == *bind);
+            if !keep {
+                l.stop.cancel();
+            }
+            keep
+        });
+        info!(path = %new_config.path.display(), "config reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `limits.drain_timeout`, then
+    /// returns (remaining connections are dropped with the process).
+    pub async fn shutdown(&self) {
+        let deadline = self.shared.runtime.load().config.limits.drain_timeout;
+        self.shared.drain.cancel();
+        self.shared.tasks.close();
+        let open = self.shared.connections.load(Ordering::Relaxed);
+        info!(open_connections = open, ?deadline, "draining");
+        if tokio::time::timeout(deadline, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open_connections = self.shared.connections.load(Ordering::Relaxed),
+                "drain deadline reached; closing the rest"
+            );
+        }
+    }
+}
+
+/// Creates the state folder and loads the seed. (Durable state in `state_dir` is read first once
+/// the registry service stores it there.)
+async fn load_registry(config: &Config) -> Result<Snapshot, ServerError> {
+    let dir = config.registry.state_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| ServerError::StateDir { path: dir, source })?;
+    let Some(seed) = config.registry.seed.clone() else {
+        return Ok(Snapshot::empty());
+    };
+    let loaded = tokio::task::spawn_blocking(move || registry::load_seed(&seed)).await;
+    match loaded {
+        Ok(result) => Ok(result?),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+fn spawn_accept_loop(
+    shared: &Arc<Shared>,
+    cfg: ListenerConfig,
+    listener: TcpListener,
+) -> AcceptLoop {
+    let local_addr = listener.local_addr().unwrap_or(cfg.bind);
+    info!(listener = %cfg.name, kind = ?cfg.kind, addr = %local_addr, "listening");
+    let spec = Arc::new(ArcSwap::from_pointee(ListenerSpec {
+        metrics: shared.metrics.listener(&cfg.name),
+        config: cfg,
+    }));
+    let stop = CancellationToken::new();
+    tokio::spawn(accept_loop(
+        listener,
+        spec.clone(),
+        stop.clone(),
+        shared.clone(),
+    ));
+    AcceptLoop {
+        spec,
+        stop,
+        local_addr,
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    spec: Arc<ArcSwap<ListenerSpec>>,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return,
+            _ = shared.drain.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let spec = spec.load_full();
+        let limit = shared.runtime.load().config.limits.max_connections;
+        if shared.connections.load(Ordering::Relaxed) >= limit {
+            spec.metrics.rejected.inc();
+            debug!(listener = %spec.config.name, client = %peer, "connection limit reached");
+            continue;
+        }
+        let guard = ConnectionGuard::new(&shared, &spec.metrics);
+        let shared2 = shared.clone();
+        shared.tasks.spawn(async move {
+            let _guard = guard;
+            connection(stream, peer, spec, shared2).await;
+        });
+    }
+}
+
+/// Counts a connection as open for its lifetime.
+struct ConnectionGuard {
+    shared: Arc<Shared>,
+    metrics: Arc<ListenerMetrics>,
+}
+
+impl ConnectionGuard {
+    fn new(shared: &Arc<Shared>, metrics: &Arc<ListenerMetrics>) -> Self {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        metrics.active.inc();
+        ConnectionGuard {
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active.dec();
+    }
+}
+
+/// Where a connection came from and where it was going, after any PROXY header.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub client: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+) {
+    let _ = stream.set_nodelay(true);
+    let local = match stream.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let runtime = shared.runtime.load_full();
+    let (ends, prefix) = if spec.config.proxy_protocol {
+        let timeout = runtime.config.limits.header_read_timeout;
+        match proxy_protocol::read_header(&mut stream, timeout).await {
+            Ok((addrs, rest)) => {
+                let ends = addrs.map_or(
+                    Endpoints {
+                        client: peer,
+                        dst: local,
+                    },
+                    |a| Endpoints {
+                        client: a.client,
+                        dst: a.dst,
+                    },
+                );
+                (ends, rest)
+            }
+            Err(e) => {
+                debug!(listener = %spec.config.name, client = %peer, error = %e, "closing: PROXY header");
+                return;
+            }
+        }
+    } else {
+        (
+            Endpoints {
+                client: peer,
+                dst: local,
+            },
+            Bytes::new(),
+        )
+    };
+
+    // Rule 1 at the door: a destination without a route gets nothing read and nothing forwarded.
+    if runtime.policy.routes.lookup(ends.dst.ip()).is_none() {
+        let tls = spec.config.kind == ListenerKind::Tls;
+        if tls {
+            spec.metrics
+                .tls_connection(Decision::Refuse, Reason::NoRoute);
+        } else {
+            spec.metrics.request(Decision::Refuse, Reason::NoRoute);
+        }
+        Access {
+            listener: &spec.config.name,
+            client: ends.client,
+            dst: ends.dst,
+            host: "",
+            decision: Decision::Refuse,
+            reason: Reason::NoRoute,
+            status: None,
+            request_id: RequestId::next().as_str(),
+            duration: Duration::ZERO,
+        }
+        .log();
+        return;
+    }
+    drop(runtime);
+
+    let stream = Prefixed::new(prefix, stream);
+    match spec.config.kind {
+        ListenerKind::Http => http_listener::serve(stream, ends, spec, shared).await,
+        ListenerKind::Tls => tls_listener::serve(stream, ends, spec, shared).await,
+    }
+}

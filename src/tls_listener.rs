@@ -1,0 +1,298 @@
+//! The TLS listener (`kind = "tls"`): decides on the ClientHello's SNI without terminating TLS
+//! (SPEC §3 TLS, §4).
+//!
+//! The ClientHello is read into a bounded buffer (reassembled across TCP segments and TLS records
+//! by [`crate::clienthello`]), decided, and then either passed through — the buffered bytes first,
+//! exactly as received, then a byte relay — or refused: a block page over TLS with the block
+//! certificate, a fatal `access_denied` alert, or a TCP reset.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http_body_util::Either;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::debug;
+
+use crate::block_page::BlockContext;
+use crate::clienthello::{ClientHelloParser, Parse};
+use crate::config::{Config, TlsBlock};
+use crate::decision::{Decision, HostInput, Reason, decide};
+use crate::forward;
+use crate::host::{self, Host};
+use crate::http_listener::wants_json;
+use crate::io::Prefixed;
+use crate::logging::{Access, RequestId};
+use crate::proxy_protocol;
+use crate::relay;
+use crate::server::{Endpoints, ListenerSpec, Shared};
+
+/// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
+const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
+
+/// The TLS part of a runtime: the acceptor that serves the block page, when a block certificate
+/// is configured.
+pub struct TlsRuntime {
+    block_acceptor: Option<TlsAcceptor>,
+}
+
+impl TlsRuntime {
+    pub fn new(config: &Config) -> Result<TlsRuntime, String> {
+        let (Some(cert), Some(key)) = (&config.tls.block_cert, &config.tls.block_key) else {
+            return Ok(TlsRuntime {
+                block_acceptor: None,
+            });
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .and_then(|it| it.collect())
+            .map_err(|e| format!("tls.block_cert {}: {e}", cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!("tls.block_cert {}: no certificate", cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("tls.block_key {}: {e}", key.display()))?;
+        let mut server =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("tls.block_cert/tls.block_key: {e}"))?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsRuntime {
+            block_acceptor: Some(TlsAcceptor::from(Arc::new(server))),
+        })
+    }
+}
+
+/// What reading the ClientHello produced.
+enum Hello {
+    Parsed(Parse),
+    /// The client closed before sending a byte (port scanners, TCP health checks).
+    Nothing,
+    /// The client closed or stalled mid-ClientHello.
+    Truncated,
+}
+
+/// Serves one TLS connection.
+pub async fn serve(
+    stream: Prefixed<TcpStream>,
+    ends: Endpoints,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let runtime = shared.runtime.load_full();
+    let tls = &runtime.config.tls;
+    let (prefix, mut tcp) = stream.into_parts();
+    let mut buf = BytesMut::with_capacity(4096.max(prefix.len()));
+    buf.extend_from_slice(&prefix);
+    let hello = read_client_hello(
+        &mut tcp,
+        &mut buf,
+        tls.max_client_hello,
+        tls.client_hello_timeout,
+    )
+    .await;
+
+    let sni = match &hello {
+        Hello::Parsed(Parse::Done(info)) => info
+            .sni
+            .as_deref()
+            .map(|raw| (raw, host::parse_host(raw.as_bytes()))),
+        _ => None,
+    };
+    let input = match (&hello, &sni) {
+        (_, Some((_, Ok(Host::Name(name))))) => HostInput::Name(name),
+        (_, Some((_, Ok(Host::Ip(ip))))) => HostInput::Ip(*ip),
+        (_, Some((_, Err(_)))) => HostInput::InvalidSni,
+        (Hello::Parsed(Parse::Done(_)), None) => HostInput::NoSni,
+        (Hello::Parsed(Parse::NotTls) | Hello::Nothing, None) => HostInput::NotTls,
+        (Hello::Parsed(Parse::Invalid(why)), None) => {
+            debug!(client = %ends.client, why, "invalid client hello");
+            HostInput::InvalidSni
+        }
+        (Hello::Parsed(Parse::Incomplete) | Hello::Truncated, None) => HostInput::InvalidSni,
+    };
+    let (decision, reason, protocol_error, route) = {
+        let snapshot = shared.registry.load();
+        let v = decide(ends.dst.ip(), input, &snapshot, &runtime.policy);
+        (v.decision, v.reason, v.protocol_error, v.route)
+    };
+    // Logged as the normalised name, or as sent when it did not parse.
+    let sni = match &sni {
+        Some((_, Ok(h))) => h.to_text().into_owned(),
+        Some((raw, Err(_))) => raw.to_string(),
+        None => String::new(),
+    };
+    spec.metrics.tls_connection(decision, reason);
+    let id = RequestId::next();
+    Access {
+        listener: spec.metrics.name(),
+        client: ends.client,
+        dst: ends.dst,
+        host: &sni,
+        decision,
+        reason,
+        status: None,
+        request_id: id.as_str(),
+        duration: started.elapsed(),
+    }
+    .log();
+
+    match decision {
+        Decision::Allow | Decision::Report => {
+            let Some((route, origin)) = route.and_then(|r| r.tls_origin.as_ref().map(|o| (r, o)))
+            else {
+                return;
+            };
+            let limits = &runtime.config.limits;
+            let mut upstream =
+                match forward::connect(origin.as_str(), limits.origin_connect_timeout).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                            crate::metrics::UpstreamError::Timeout
+                        } else {
+                            crate::metrics::UpstreamError::Connect
+                        };
+                        spec.metrics.upstream_error(kind);
+                        debug!(%origin, error = %e, "tls origin unreachable");
+                        return;
+                    }
+                };
+            if let Some(version) = route.send_proxy_protocol {
+                let header = proxy_protocol::encode(version, ends.client, ends.dst);
+                if upstream.write_all(&header).await.is_err() {
+                    return;
+                }
+            }
+            // The client's bytes exactly as received, the buffered ClientHello first.
+            if upstream.write_all(&buf).await.is_err() {
+                spec.metrics
+                    .upstream_error(crate::metrics::UpstreamError::Reset);
+                return;
+            }
+            spec.metrics.relayed[0].inc_by(buf.len() as u64);
+            let idle = limits.idle_timeout;
+            drop(runtime);
+            let r = relay::relay(tcp, upstream, idle, shared.drain.clone()).await;
+            spec.metrics.relayed[0].inc_by(r.client_to_origin);
+            spec.metrics.relayed[1].inc_by(r.origin_to_client);
+            debug!(client = %ends.client, sni = %sni, ?r, "tunnel closed");
+        }
+        Decision::Block if protocol_error => {}
+        Decision::Block => match &runtime.tls.block_acceptor {
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let page = BlockPageJob {
+                    host: sni,
+                    reason,
+                    shared: shared.clone(),
+                };
+                let io = Prefixed::new(buf.freeze(), tcp);
+                drop(runtime);
+                serve_block_page(acceptor, io, page).await;
+            }
+            None => match tls.block {
+                TlsBlock::Alert => {
+                    let _ = tcp.write_all(&ACCESS_DENIED_ALERT).await;
+                    let _ = tcp.shutdown().await;
+                }
+                TlsBlock::Reset => {
+                    // SO_LINGER 0: close sends RST instead of FIN.
+                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                }
+            },
+        },
+        Decision::Refuse => {}
+    }
+}
+
+/// Reads until the ClientHello is complete, invalid, over `max` bytes, or `timeout` passes.
+async fn read_client_hello(
+    tcp: &mut TcpStream,
+    buf: &mut BytesMut,
+    max: usize,
+    timeout: Duration,
+) -> Hello {
+    let mut parser = ClientHelloParser::new(max);
+    let read = async {
+        loop {
+            match parser.advance(buf) {
+                Parse::Incomplete => {}
+                done => return Hello::Parsed(done),
+            }
+            // Never buffer past the limit: the parser reports oversize once it is reached.
+            let room = max.saturating_sub(buf.len()).max(1);
+            buf.reserve(room.min(16 * 1024));
+            let mut limited = (&mut *tcp).take(room as u64);
+            match limited.read_buf(buf).await {
+                Ok(0) | Err(_) if buf.is_empty() => return Hello::Nothing,
+                Ok(0) | Err(_) => return Hello::Truncated,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Hello::Truncated)
+}
+
+struct BlockPageJob {
+    host: String,
+    reason: Reason,
+    shared: Arc<Shared>,
+}
+
+/// Completes the handshake with the block certificate and answers every request on the
+/// connection with the block page for the SNI's reason.
+async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<TcpStream>, job: BlockPageJob) {
+    let handshake_timeout = job.shared.runtime.load().config.limits.header_read_timeout;
+    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(error = %e, "block page handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let job = Arc::new(job);
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let job = job.clone();
+        async move {
+            let id = RequestId::next();
+            let json = wants_json(&req);
+            let ctx = BlockContext {
+                host: &job.host,
+                reason: job.reason,
+                request_id: id.as_str(),
+            };
+            let resp = job.shared.runtime.load().block_page.response(&ctx, json);
+            Ok::<_, std::convert::Infallible>(resp.map(Either::<_, hyper::body::Incoming>::Left))
+        }
+    });
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_is_a_fatal_access_denied() {
+        assert_eq!(ACCESS_DENIED_ALERT[0], 21, "alert content type");
+        assert_eq!(ACCESS_DENIED_ALERT[5], 2, "fatal");
+        assert_eq!(ACCESS_DENIED_ALERT[6], 49, "access_denied");
+    }
+}

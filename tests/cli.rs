@@ -1,0 +1,305 @@
+//! The real binary: `check`, `explain`, SIGHUP reload and SIGTERM drain.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_icp-gate");
+
+fn write_config(dir: &Path, origin: SocketAddr, extra: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("seed.ndjson"), SEED).unwrap();
+    std::fs::write(dir.join("admin.token"), "t\n").unwrap();
+    let path = dir.join("icp-gate.toml");
+    std::fs::write(
+        &path,
+        config(origin, extra).replace("{dir}", &dir.display().to_string()),
+    )
+    .unwrap();
+    path
+}
+
+/// The running binary, its JSON log lines arriving on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Proc {
+    fn start(config: &Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line whose `msg` is `msg`.
+    fn wait_for(&mut self, msg: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {msg:?} log line; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line["msg"] == msg {
+                return line;
+            }
+        }
+    }
+
+    fn listener_addr(&mut self) -> SocketAddr {
+        self.wait_for("listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn check_accepts_a_good_config_and_names_file_and_key_of_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/icp-gate.toml");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the shipped config must pass check: {out:?}"
+    );
+
+    let bad = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "[limits]\nidle_timout = \"5s\"",
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("icp-gate.toml") && err.contains("idle_timout"),
+        "{err}"
+    );
+
+    std::fs::write(dir.path().join("seed.ndjson"), "{\"domain\":\"a.cn\"}\n").unwrap();
+    let good_again = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    std::fs::write(
+        dir.path().join("seed.ndjson"),
+        format!(
+            "{SEED}{{\"domain\":\"b.cn\",\"icp\":\"x\",\"status\":\"filed\",\"access_here\":1}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good_again)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("seed.ndjson: line 7"), "{err}");
+}
+
+#[test]
+fn explain_prints_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let explain = |host: &str, dst: &str| {
+        let out = Command::new(BIN)
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args([host, "--dst", dst])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = explain("A.EDU.X.GOV.CN.", "127.0.0.1");
+    for want in [
+        "decision:    block",
+        "reason:      revoked",
+        "matched:     edu.x.gov.cn",
+        "registrable: x.gov.cn",
+    ] {
+        assert!(out.contains(want), "{want}\n{out}");
+    }
+    let out = explain("www.例子.中国", "127.0.0.1");
+    assert!(
+        out.contains("decision:    allow") && out.contains("xn--fsqu00a.xn--fiqs8s"),
+        "{out}"
+    );
+    let out = explain("filed.cn", "10.0.0.1");
+    assert!(
+        out.contains("decision:    refuse") && out.contains("reason:      no_route"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_rebinding_and_keeps_old_config_on_error() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), origin.addr, "");
+    let mut proc = Proc::start(&path);
+    let addr = proc.listener_addr();
+    proc.wait_for("ready");
+    let get =
+        |host: &'static str| async move { http1(addr, "GET", "/", &[("host", host)], b"").await.0 };
+    assert_eq!(get("unfiled.cn").await, 403);
+
+    // A connection opened before the reload keeps working after it.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+
+    // The new config keeps port 0 for the listener: rebinding would pick another port.
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[policy]", "[policy]\nmode = \"report\"");
+    std::fs::write(&path, text).unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("config reloaded");
+    assert_eq!(
+        get("unfiled.cn").await,
+        200,
+        "report mode after reload, same address"
+    );
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_for(&mut kept, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [200, 200], "{resp}");
+
+    std::fs::write(&path, "[registry]\nstate_dir = 5\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    let rejected = proc.wait_for("reload rejected; the old config keeps serving");
+    assert!(
+        rejected["error"].as_str().unwrap().contains("state_dir"),
+        "{rejected}"
+    );
+    assert_eq!(get("unfiled.cn").await, 200, "old config still serving");
+
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), origin.addr, "[limits]\ndrain_timeout = \"10s\"");
+    let mut proc = Proc::start(&path);
+    let addr = proc.listener_addr();
+    proc.wait_for("ready");
+    let slow = tokio::spawn(async move {
+        http1(addr, "GET", "/slow", &[("host", "filed.cn")], b"")
+            .await
+            .0
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    proc.signal(libc::SIGTERM);
+    proc.wait_for("draining");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting while draining"
+    );
+    assert_eq!(slow.await.unwrap(), 200, "in-flight request finished");
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_has_a_hard_deadline() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        origin.addr,
+        "[limits]\ndrain_timeout = \"500ms\"",
+    );
+    let mut proc = Proc::start(&path);
+    let addr = proc.listener_addr();
+    proc.wait_for("ready");
+    let _slow =
+        tokio::spawn(
+            async move { http1(addr, "GET", "/slow", &[("host", "filed.cn")], b"").await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(5)), Some(0));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "exited after {took:?}, before the 3 s origin answered"
+    );
+}

@@ -1,0 +1,241 @@
+//! Connection-level behaviour: PROXY protocol in and out, slowloris and size limits, the
+//! connection limit.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ppp::v2::{Builder, Command, Protocol, Version};
+use ppp::{HeaderResult, PartialResult};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn v2_header(client: &str, dst: &str) -> Vec<u8> {
+    let client: SocketAddr = client.parse().unwrap();
+    let dst: SocketAddr = dst.parse().unwrap();
+    Builder::with_addresses(
+        Version::Two as u8 | Command::Proxy as u8,
+        Protocol::Stream,
+        (client, dst),
+    )
+    .build()
+    .unwrap()
+}
+
+fn proxied_config(origin: SocketAddr) -> String {
+    config(origin, "").replace("kind = \"http\"", "kind = \"http\"\nproxy_protocol = true")
+}
+
+#[tokio::test]
+async fn proxy_header_sets_client_and_destination() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&proxied_config(origin.addr)).await;
+
+    let mut req = b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n".to_vec();
+    req.extend_from_slice(b"GET /v1 HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n");
+    let resp = raw(gate.http, &req, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [200], "{resp}");
+    assert_eq!(origin.last().headers["x-forwarded-for"], "198.51.100.7");
+
+    let mut req = v2_header("[2001:db8::7]:5000", "[::ffff:127.0.0.1]:80");
+    req.extend_from_slice(b"GET /v2 HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n");
+    let resp = raw(gate.http, &req, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [200], "{resp}");
+    assert_eq!(origin.last().headers["x-forwarded-for"], "2001:db8::7");
+
+    // The destination comes from the header: one without a route is refused.
+    let mut req = v2_header("198.51.100.7:5000", "192.0.2.80:80");
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n");
+    assert_eq!(raw(gate.http, &req, Duration::from_secs(5)).await, "");
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn missing_or_bad_proxy_header_closes() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&proxied_config(origin.addr)).await;
+    let plain = raw(
+        gate.http,
+        b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(plain, "");
+    let bad = raw(
+        gate.http,
+        b"PROXY TCP4 nonsense\r\nGET / HTTP/1.1\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(bad, "");
+    assert_eq!(origin.count(), 0);
+}
+
+/// An origin that requires a PROXY v2 header, records it, then serves HTTP on the rest.
+async fn proxy_aware_origin() -> (SocketAddr, Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let len = loop {
+                    let mut chunk = [0u8; 512];
+                    let n = stream.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "closed before a PROXY header");
+                    buf.extend_from_slice(&chunk[..n]);
+                    let parsed = HeaderResult::parse(&buf);
+                    if parsed.is_incomplete() {
+                        continue;
+                    }
+                    let HeaderResult::V2(Ok(h)) = parsed else {
+                        panic!("not a v2 header: {parsed:?}")
+                    };
+                    let ppp::v2::Addresses::IPv4(a) = h.addresses else {
+                        panic!("not IPv4")
+                    };
+                    log.lock().unwrap().push((
+                        SocketAddr::from((a.source_address, a.source_port)),
+                        SocketAddr::from((a.destination_address, a.destination_port)),
+                    ));
+                    break h.len();
+                };
+                let rest = bytes::Bytes::copy_from_slice(&buf[len..]);
+                let io = icp_gate::io::Prefixed::new(rest, stream);
+                let svc = service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from("proxied origin")),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn send_proxy_protocol_v2_toward_origin_never_shares_a_connection_between_clients() {
+    let (origin, seen) = proxy_aware_origin().await;
+    let cfg = proxied_config(origin).replace(
+        "mainland = true",
+        "mainland = true\nsend_proxy_protocol = \"v2\"",
+    );
+    let gate = Gate::start(&cfg).await;
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        let mut s = TcpStream::connect(gate.http).await.unwrap();
+        s.write_all(format!("PROXY TCP4 {client} 127.0.0.1 40000 80\r\n").as_bytes())
+            .await
+            .unwrap();
+        // Two requests on one kept-alive client connection.
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: filed.cn\r\n\r\nGET /b HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let resp = read_for(&mut s, Duration::from_secs(5)).await;
+        assert_eq!(statuses(&resp), [200, 200], "{resp}");
+    }
+    let seen = seen.lock().unwrap().clone();
+    let clients: Vec<String> = seen.iter().map(|(c, _)| c.ip().to_string()).collect();
+    assert_eq!(
+        clients,
+        ["198.51.100.1", "198.51.100.2"],
+        "one origin connection per client"
+    );
+    assert!(seen.iter().all(|(_, d)| d.to_string() == "127.0.0.1:80"));
+}
+
+#[tokio::test]
+async fn slowloris_client_is_cut_off() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(
+        origin.addr,
+        "[limits]\nheader_read_timeout = \"500ms\"",
+    ))
+    .await;
+    // Sends nothing at all.
+    let mut silent = TcpStream::connect(gate.http).await.unwrap();
+    // Trickles a header byte by byte, never finishing.
+    let mut trickle = TcpStream::connect(gate.http).await.unwrap();
+    let trickler = tokio::spawn(async move {
+        for b in b"GET / HTTP/1.1\r\nHost: filed.cn\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if trickle.write_all(&[*b]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(3)).await,
+        "silent client kept"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), trickler)
+            .await
+            .unwrap()
+            .unwrap(),
+        "trickling client kept past header_read_timeout"
+    );
+    // A kept-alive connection that goes quiet after a request is closed too.
+    let mut kept = TcpStream::connect(gate.http).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut kept, Duration::from_secs(3)).await);
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_431() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "[limits]\nmax_header_bytes = 8192")).await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: filed.cn\r\nCookie: {}\r\n\r\n",
+        "c".repeat(20_000)
+    );
+    let resp = raw(gate.http, big.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [431], "{resp}");
+    let ok = format!(
+        "GET / HTTP/1.1\r\nHost: filed.cn\r\nCookie: {}\r\nConnection: close\r\n\r\n",
+        "c".repeat(4000)
+    );
+    assert_eq!(
+        statuses(&raw(gate.http, ok.as_bytes(), Duration::from_secs(5)).await),
+        [200]
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_the_extra_connection() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "[limits]\nmax_connections = 2")).await;
+    let _a = TcpStream::connect(gate.http).await.unwrap();
+    let _b = TcpStream::connect(gate.http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = TcpStream::connect(gate.http).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut c, Duration::from_secs(2)).await);
+    assert!(
+        gate.metrics()
+            .await
+            .contains(r#"icp_gate_connections_rejected_total{listener="http"} 1"#)
+    );
+    drop((_a, _b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, _) = http1(gate.http, "GET", "/", &[("host", "filed.cn")], b"").await;
+    assert_eq!(status, 200, "capacity comes back when connections close");
+}
