@@ -213,6 +213,8 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoOriginConfig {
     pub http: Option<SocketAddr>,
+    /// HTTPS side, with its certificate and key (PEM).
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -399,6 +401,9 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawDemoOrigin {
     http: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 /// A duration written as `"10s"`, `"250ms"`, `"1m 30s"`.
@@ -493,7 +498,25 @@ impl Validator<'_> {
             }),
             None => None,
         };
-        let demo_origin = raw.demo_origin.map(|d| DemoOriginConfig { http: d.http });
+        let demo_origin = match raw.demo_origin {
+            Some(d) => Some(DemoOriginConfig {
+                http: d.http,
+                tls: match (d.tls, &d.tls_cert, &d.tls_key) {
+                    (Some(addr), Some(cert), Some(key)) => Some((
+                        addr,
+                        self.readable_file("demo_origin.tls_cert", cert)?,
+                        self.readable_file("demo_origin.tls_key", key)?,
+                    )),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(
+                            self.err("demo_origin.tls", "tls, tls_cert and tls_key go together")
+                        );
+                    }
+                },
+            }),
+            None => None,
+        };
 
         // Every socket the process binds must be distinct.
         let mut binds: Vec<(String, SocketAddr)> = listeners
@@ -506,6 +529,9 @@ impl Validator<'_> {
         }
         if let Some(addr) = demo_origin.as_ref().and_then(|d| d.http) {
             binds.push(("demo_origin.http".into(), addr));
+        }
+        if let Some((addr, _, _)) = demo_origin.as_ref().and_then(|d| d.tls.as_ref()) {
+            binds.push(("demo_origin.tls".into(), *addr));
         }
         for (i, (key, addr)) in binds.iter().enumerate() {
             if let Some((other, _)) = binds[..i].iter().find(|(_, a)| binds_overlap(*a, *addr)) {

@@ -1,5 +1,5 @@
-//! A built-in origin for demonstrations (`[demo_origin]`): it answers every request with a short
-//! page naming the host and client it saw, so the README's first command shows a forwarded
+//! A built-in origin for demonstrations (`[demo_origin]`), over HTTP and HTTPS: it answers every
+//! request with a short page naming the host and client it saw, so the README's first command shows a forwarded
 //! request with nothing else running. Not for production.
 
 use std::convert::Infallible;
@@ -13,22 +13,36 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub async fn serve(listener: TcpListener, stop: CancellationToken) {
+/// Serves plain HTTP, or HTTPS when `tls` is given, until `stop`.
+pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, stop: CancellationToken) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "demo origin listening");
+        info!(%addr, tls = tls.is_some(), "demo origin listening");
     }
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
             _ = stop.cancelled() => return,
         };
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service_fn(answer))
-                .await;
+            let http = auto::Builder::new(TokioExecutor::new());
+            let _ = match tls {
+                None => {
+                    http.serve_connection(TokioIo::new(stream), service_fn(answer))
+                        .await
+                }
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        http.serve_connection(TokioIo::new(stream), service_fn(answer))
+                            .await
+                    }
+                    Err(_) => return,
+                },
+            };
         });
     }
 }
@@ -41,9 +55,13 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             .unwrap_or("-")
             .to_string()
     };
+    // HTTP/2 carries the host as :authority, not as a header.
+    let host = req
+        .uri()
+        .authority()
+        .map_or_else(|| header(HOST.as_str()), |a| a.to_string());
     let body = format!(
-        "Hello from the icp-gate demo origin.\nhost: {}\npath: {}\nx-forwarded-for: {}\n",
-        header(HOST.as_str()),
+        "Hello from the icp-gate demo origin.\nhost: {host}\npath: {}\nx-forwarded-for: {}\n",
         req.uri().path(),
         header("x-forwarded-for"),
     );

@@ -114,7 +114,7 @@ impl Shared {
 pub struct Listeners {
     data: Vec<(ListenerConfig, TcpListener)>,
     admin: Option<TcpListener>,
-    demo_origin: Option<TcpListener>,
+    demo_origin: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
 }
 
 impl Listeners {
@@ -128,10 +128,17 @@ impl Listeners {
             Some(a) => Some(bind("admin", a.bind)?),
             None => None,
         };
-        let demo_origin = match config.demo_origin.as_ref().and_then(|d| d.http) {
-            Some(addr) => Some(bind("demo_origin", addr)?),
-            None => None,
-        };
+        let mut demo_origin = Vec::new();
+        if let Some(demo) = &config.demo_origin {
+            if let Some(addr) = demo.http {
+                demo_origin.push((bind("demo_origin", addr)?, None));
+            }
+            if let Some((addr, cert, key)) = &demo.tls {
+                let acceptor = tls_listener::acceptor(cert, key)
+                    .map_err(|e| ServerError::Tls(format!("demo_origin: {e}")))?;
+                demo_origin.push((bind("demo_origin", *addr)?, Some(acceptor)));
+            }
+        }
         Ok(Listeners {
             data,
             admin,
@@ -175,7 +182,6 @@ pub struct ServerHandle {
     /// Accept loops by bind address as configured (the identity kept across reloads).
     loops: tokio::sync::Mutex<HashMap<SocketAddr, AcceptLoop>>,
     admin_addr: Option<SocketAddr>,
-    demo_origin_addr: Option<SocketAddr>,
 }
 
 impl ServerHandle {
@@ -203,14 +209,9 @@ impl ServerHandle {
             }
             None => None,
         };
-        let demo_origin_addr = match listeners.demo_origin {
-            Some(l) => {
-                let addr = l.local_addr().ok();
-                tokio::spawn(demo_origin::serve(l, shared.drain.clone()));
-                addr
-            }
-            None => None,
-        };
+        for (l, tls) in listeners.demo_origin {
+            tokio::spawn(demo_origin::serve(l, tls, shared.drain.clone()));
+        }
 
         let snapshot = load_registry(&shared.runtime.load().config).await?;
         shared.registry_published(&snapshot);
@@ -232,7 +233,6 @@ impl ServerHandle {
             shared,
             loops: tokio::sync::Mutex::new(loops),
             admin_addr,
-            demo_origin_addr,
         })
     }
 
@@ -251,10 +251,6 @@ impl ServerHandle {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
-    }
-
-    pub fn demo_origin_addr(&self) -> Option<SocketAddr> {
-        self.demo_origin_addr
     }
 
     /// Applies a new config without dropping connections. Listeners whose bind address is

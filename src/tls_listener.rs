@@ -6,6 +6,7 @@
 //! exactly as received, then a byte relay — or refused: a block page over TLS with the block
 //! certificate, a fatal `access_denied` alert, or a TCP reset.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,26 +52,31 @@ impl TlsRuntime {
                 block_acceptor: None,
             });
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .and_then(|it| it.collect())
-            .map_err(|e| format!("tls.block_cert {}: {e}", cert.display()))?;
-        if certs.is_empty() {
-            return Err(format!("tls.block_cert {}: no certificate", cert.display()));
-        }
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| format!("tls.block_key {}: {e}", key.display()))?;
-        let mut server =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_no_client_auth()
-                .with_single_cert(certs, key)
-                .map_err(|e| format!("tls.block_cert/tls.block_key: {e}"))?;
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = acceptor(cert, key).map_err(|e| format!("tls.block_cert/block_key: {e}"))?;
         Ok(TlsRuntime {
-            block_acceptor: Some(TlsAcceptor::from(Arc::new(server))),
+            block_acceptor: Some(acceptor),
         })
     }
+}
+
+/// A TLS acceptor for a PEM certificate chain and key, offering h2 and http/1.1.
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect())
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let mut server =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
 /// What reading the ClientHello produced.

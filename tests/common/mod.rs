@@ -163,8 +163,13 @@ impl Gate {
     /// Starts icp-gate with `config` (TOML; `{dir}` is replaced by the temporary folder) and the
     /// test registry as seed.
     pub async fn start(config: &str) -> Gate {
+        Gate::start_with_seed(config, SEED).await
+    }
+
+    /// Like [`Gate::start`] with another seed registry.
+    pub async fn start_with_seed(config: &str, seed: &str) -> Gate {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("seed.ndjson"), SEED).unwrap();
+        std::fs::write(dir.path().join("seed.ndjson"), seed).unwrap();
         std::fs::write(dir.path().join("admin.token"), "test-token\n").unwrap();
         let path = dir.path().join("icp-gate.toml");
         std::fs::write(
