@@ -122,6 +122,35 @@ fn bench(c: &mut Criterion) {
             })
         });
 
+        let names: Vec<String> = hosts
+            .iter()
+            .map(|h| {
+                host::parse_authority(h.as_bytes())
+                    .unwrap()
+                    .to_text()
+                    .into_owned()
+            })
+            .collect();
+        let mut k = 0;
+        group.bench_function(BenchmarkId::new("registrable_domain_only", n), |b| {
+            b.iter(|| {
+                k = (k + 1) % names.len();
+                host::registrable_domain(black_box(&names[k])).is_some()
+            })
+        });
+
+        // The floor: fetching the rotating input itself (a cache miss on most iterations).
+        let mut k = 0;
+        group.bench_function(BenchmarkId::new("input_only", n), |b| {
+            b.iter(|| {
+                k = (k + 1) % hosts.len();
+                black_box(hosts[k].as_bytes())
+                    .iter()
+                    .map(|&b| b as u32)
+                    .sum::<u32>()
+            })
+        });
+
         let mut k = 0;
         group.bench_function(BenchmarkId::new("normalise_only", n), |b| {
             b.iter(|| {

@@ -205,6 +205,8 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     pub token_file: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
+    /// Certificate and key (PEM) to serve the admin listener over TLS; required with `client_ca`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A built-in origin for demonstrations: answers every request with a short text page naming
@@ -395,6 +397,8 @@ struct RawAdmin {
     bind: SocketAddr,
     token_file: Option<String>,
     client_ca: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -494,6 +498,25 @@ impl Validator<'_> {
                 client_ca: match &a.client_ca {
                     Some(p) => Some(self.readable_file("admin.client_ca", p)?),
                     None => None,
+                },
+                tls: match (&a.tls_cert, &a.tls_key, &a.client_ca) {
+                    (Some(c), Some(k), _) => Some((
+                        self.readable_file("admin.tls_cert", c)?,
+                        self.readable_file("admin.tls_key", k)?,
+                    )),
+                    (None, None, None) => None,
+                    (None, None, Some(_)) => {
+                        return Err(self.err(
+                            "admin.client_ca",
+                            "mTLS needs admin.tls_cert and admin.tls_key for the listener itself",
+                        ));
+                    }
+                    (Some(_), None, _) => {
+                        return Err(self.err("admin.tls_key", "required with admin.tls_cert"));
+                    }
+                    (None, Some(_), _) => {
+                        return Err(self.err("admin.tls_cert", "required with admin.tls_key"));
+                    }
                 },
             }),
             None => None,

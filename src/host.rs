@@ -118,21 +118,21 @@ pub fn normalize_name(raw: &[u8]) -> Result<Cow<'_, str>, HostError> {
     if input.is_empty() {
         return Err(HostError::Empty);
     }
-    // An empty label ("a..b", ".a") would otherwise be reported as a bad character by UTS #46.
-    if input.first() == Some(&b'.') || input.windows(2).any(|w| w == b"..") {
-        return Err(HostError::EmptyLabel);
-    }
     // Fast path for the common case, plain LDH ASCII: UTS #46 maps it to itself lower-cased, so
     // the full mapping (~200 ns) is only needed for non-ASCII input and `xn--` labels to verify.
-    if is_plain_ldh(input) {
-        check_lengths_bytes(input)?;
-        // `is_plain_ldh` admitted ASCII only, so this cannot fail.
+    if let Some(plain) = scan_plain_ldh(input) {
+        let upper = plain?;
+        // Only ASCII was admitted, so this cannot fail.
         let text = std::str::from_utf8(input).map_err(|_| HostError::BadCharacter)?;
-        return Ok(if input.iter().any(u8::is_ascii_uppercase) {
+        return Ok(if upper {
             Cow::Owned(text.to_ascii_lowercase())
         } else {
             Cow::Borrowed(text)
         });
+    }
+    // An empty label ("a..b", ".a") would otherwise be reported as a bad character by UTS #46.
+    if input.first() == Some(&b'.') || input.windows(2).any(|w| w == b"..") {
+        return Err(HostError::EmptyLabel);
     }
     let mut ascii = Uts46::new()
         .to_ascii(
@@ -156,34 +156,50 @@ pub fn normalize_name(raw: &[u8]) -> Result<Cow<'_, str>, HostError> {
 }
 
 fn check_lengths(name: &str) -> Result<(), HostError> {
-    check_lengths_bytes(name.as_bytes())
-}
-
-fn check_lengths_bytes(name: &[u8]) -> Result<(), HostError> {
     if name.is_empty() {
         return Err(HostError::Empty);
     }
     if name.len() > MAX_NAME_BYTES {
         return Err(HostError::NameTooLong);
     }
-    for label in name.split(|&b| b == b'.') {
-        if label.is_empty() {
-            return Err(HostError::EmptyLabel);
-        }
-        if label.len() > MAX_LABEL_BYTES {
-            return Err(HostError::LabelTooLong);
-        }
-    }
-    Ok(())
+    name.split('.').try_for_each(|label| label_ok(label.len()))
 }
 
-/// Letters, digits, hyphens and dots only, and no `xn--` label (whose punycode needs checking).
-fn is_plain_ldh(name: &[u8]) -> bool {
-    name.iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && !name
-            .split(|&b| b == b'.')
-            .any(|label| label.len() >= 4 && label[..4].eq_ignore_ascii_case(b"xn--"))
+/// One pass over a name that may be plain LDH ASCII. `None`: it is not (non-ASCII, another
+/// character, or an `xn--` label whose punycode needs checking), so UTS #46 must look at it.
+/// Otherwise the length rules' verdict, with whether any letter is upper-case.
+fn scan_plain_ldh(name: &[u8]) -> Option<Result<bool, HostError>> {
+    let mut upper = false;
+    let mut label_start = 0;
+    let mut verdict = Ok(());
+    for (i, &b) in name.iter().enumerate() {
+        match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' => {}
+            b'A'..=b'Z' => upper = true,
+            b'.' => {
+                verdict = verdict.and(label_ok(i - label_start));
+                label_start = i + 1;
+                continue;
+            }
+            _ => return None,
+        }
+        if i == label_start + 3 && name[label_start..=i].eq_ignore_ascii_case(b"xn--") {
+            return None;
+        }
+    }
+    verdict = verdict.and(label_ok(name.len() - label_start));
+    if name.len() > MAX_NAME_BYTES {
+        verdict = Err(HostError::NameTooLong);
+    }
+    Some(verdict.map(|()| upper))
+}
+
+fn label_ok(len: usize) -> Result<(), HostError> {
+    match len {
+        0 => Err(HostError::EmptyLabel),
+        1..=MAX_LABEL_BYTES => Ok(()),
+        _ => Err(HostError::LabelTooLong),
+    }
 }
 
 /// `""` or `":"` followed by up to five digits forming a number ≤ 65535 (RFC 3986 allows an

@@ -21,7 +21,7 @@ use tracing::debug;
 
 use crate::block_page::{BlockContext, error_response};
 use crate::config::Limits;
-use crate::decision::{Decision, HostInput, decide};
+use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ForwardOptions, OriginClient};
 use crate::host::{self, Host};
 use crate::io::{Activity, Watched, watchdog};
@@ -184,7 +184,8 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
                     origin,
                     forwarded_for: route.x_forwarded_for.then_some(ctx.ends.client),
                 };
-                forward_request(req, client, opts, ctx, &runtime.config.limits, &id).await
+                let tunnel = (reason == Reason::Filed).then_some(host_text.as_str());
+                forward_request(req, client, opts, ctx, &runtime.config.limits, &id, tunnel).await
             }
         },
     };
@@ -211,6 +212,9 @@ async fn forward_request(
     ctx: &ConnCtx,
     limits: &Limits,
     id: &RequestId,
+    // The host, when a registry entry allowed it: an upgraded connection then closes if an
+    // update blocks the host.
+    tunnel_host: Option<&str>,
 ) -> Response<Body> {
     let client_upgrade = forward::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let origin = opts.origin;
@@ -221,11 +225,17 @@ async fn forward_request(
             {
                 let origin_side = hyper::upgrade::on(&mut resp);
                 let idle = limits.idle_timeout;
-                let drain = ctx.shared.drain.clone();
+                let stop = ctx.shared.drain.child_token();
+                let registered = tunnel_host.and_then(|host| {
+                    ctx.shared
+                        .tunnels
+                        .register(host, ctx.ends.dst.ip(), stop.clone())
+                });
                 ctx.shared.tasks.spawn(async move {
+                    let _registered = registered;
                     match tokio::try_join!(client_side, origin_side) {
                         Ok((c, o)) => {
-                            relay::relay(TokioIo::new(c), TokioIo::new(o), idle, drain).await;
+                            relay::relay(TokioIo::new(c), TokioIo::new(o), idle, stop).await;
                         }
                         Err(e) => debug!(error = %e, "upgrade failed"),
                     }
@@ -249,7 +259,7 @@ fn log(
     ctx: &ConnCtx,
     host: &str,
     decision: Decision,
-    reason: crate::decision::Reason,
+    reason: Reason,
     status: Option<u16>,
     id: &RequestId,
     started: Instant,

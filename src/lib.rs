@@ -23,3 +23,4 @@ pub mod relay;
 pub mod routes;
 pub mod server;
 pub mod tls_listener;
+pub mod tunnels;

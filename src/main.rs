@@ -9,7 +9,7 @@ use icp_gate::config::Config;
 use icp_gate::decision::{HostInput, Policy, decide};
 use icp_gate::host::{self, Host};
 use icp_gate::logging::{self, LogFormat};
-use icp_gate::registry::{self, Snapshot};
+use icp_gate::registry;
 use icp_gate::routes::RouteTable;
 use icp_gate::server::{Listeners, Runtime, ServerHandle};
 use tokio::signal::unix::{SignalKind, signal};
@@ -115,29 +115,21 @@ fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Err
 fn check(path: &Path) -> Result<(), Error> {
     let config = Config::load(path)?;
     Runtime::new(config.clone())?;
-    let entries = match &config.registry.seed {
-        Some(seed) => format!(
-            ", seed {} with {} entries",
-            seed.display(),
-            registry::load_seed(seed)?.len()
-        ),
-        None => String::new(),
-    };
+    let snapshot = registry::inspect(&config.registry)?;
     println!(
-        "{}: ok ({} listeners, {} routes{entries})",
+        "{}: ok ({} listeners, {} routes, registry revision {} with {} entries)",
         path.display(),
         config.listeners.len(),
-        config.routes.len()
+        config.routes.len(),
+        snapshot.revision(),
+        snapshot.len()
     );
     Ok(())
 }
 
 fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<(), Error> {
     let config = Config::load(path)?;
-    let snapshot = match &config.registry.seed {
-        Some(seed) => registry::load_seed(seed)?,
-        None => Snapshot::empty(),
-    };
+    let snapshot = registry::inspect(&config.registry)?;
     let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
     let dst = match dst {
         Some(ip) => ip,

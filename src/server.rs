@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -17,14 +17,15 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::block_page::{BlockPage, BlockPageError};
-use crate::config::{Config, ListenerConfig, ListenerKind};
+use crate::config::{Config, ListenerConfig, ListenerKind, RegistryConfig};
 use crate::decision::{Decision, Policy, Reason};
 use crate::forward::{OriginClient, origin_client};
 use crate::io::Prefixed;
 use crate::logging::{Access, RequestId};
 use crate::metrics::{ListenerMetrics, Metrics};
-use crate::registry::{self, Registry, Snapshot};
+use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::routes::RouteTable;
+use crate::tunnels::LiveTunnels;
 use crate::{admin, demo_origin, http_listener, proxy_protocol, tls_listener};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +40,12 @@ pub enum ServerError {
     BlockPage(#[from] BlockPageError),
     #[error(transparent)]
     Registry(#[from] registry::FileError),
-    #[error("registry state_dir {}: {source}", path.display())]
-    StateDir {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
     #[error("tls: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Store(#[from] registry::StoreError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// Everything derived from one config that the data path reads. Swapped as a whole on reload,
@@ -90,11 +90,19 @@ pub struct Shared {
     /// Every connection task, so draining can wait for them.
     pub tasks: TaskTracker,
     ready: AtomicBool,
+    /// Registry writes go through here once the registry is loaded.
+    writer: OnceLock<RegistryWriter>,
+    /// Tunnels a registry entry allowed, closed when an update blocks their host.
+    pub tunnels: Arc<LiveTunnels>,
 }
 
 impl Shared {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn writer(&self) -> Option<&RegistryWriter> {
+        self.writer.get()
     }
 
     /// Records a published snapshot in the registry gauges.
@@ -170,6 +178,17 @@ pub struct ListenerSpec {
     pub metrics: Arc<ListenerMetrics>,
 }
 
+/// What makes a listener "the same" across a reload: its bind address; for port 0 (pick any)
+/// also its name, since several such listeners share the configured address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ListenerKey(SocketAddr, Option<String>);
+
+impl ListenerKey {
+    fn of(cfg: &ListenerConfig) -> ListenerKey {
+        ListenerKey(cfg.bind, (cfg.bind.port() == 0).then(|| cfg.name.clone()))
+    }
+}
+
 struct AcceptLoop {
     spec: Arc<ArcSwap<ListenerSpec>>,
     stop: CancellationToken,
@@ -179,8 +198,8 @@ struct AcceptLoop {
 /// A running server.
 pub struct ServerHandle {
     shared: Arc<Shared>,
-    /// Accept loops by bind address as configured (the identity kept across reloads).
-    loops: tokio::sync::Mutex<HashMap<SocketAddr, AcceptLoop>>,
+    /// Accept loops by identity (kept across reloads).
+    loops: tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>,
     admin_addr: Option<SocketAddr>,
 }
 
@@ -199,34 +218,51 @@ impl ServerHandle {
             drain: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
+            writer: OnceLock::new(),
+            tunnels: Arc::default(),
         });
 
-        let admin_addr = match listeners.admin {
-            Some(l) => {
+        let admin_addr = match (listeners.admin, &shared.runtime.load().config.admin) {
+            (Some(l), Some(cfg)) => {
+                let auth = admin::AdminAuth::load(cfg)?;
                 let addr = l.local_addr().ok();
-                tokio::spawn(admin::serve(l, shared.clone()));
+                tokio::spawn(admin::serve(l, shared.clone(), auth));
                 addr
             }
-            None => None,
+            _ => None,
         };
         for (l, tls) in listeners.demo_origin {
             tokio::spawn(demo_origin::serve(l, tls, shared.drain.clone()));
         }
 
-        let snapshot = load_registry(&shared.runtime.load().config).await?;
+        let registry_config = shared.runtime.load().config.registry.clone();
+        let (store, snapshot) =
+            tokio::task::spawn_blocking(move || open_registry(&registry_config))
+                .await
+                .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))?;
         shared.registry_published(&snapshot);
-        info!(
-            entries = snapshot.len(),
-            revision = snapshot.revision(),
-            "registry loaded"
-        );
-        shared.registry.publish(snapshot);
+        shared.registry.publish_arc(snapshot.clone());
+        let weak = Arc::downgrade(&shared);
+        let on_publish: OnPublish = Box::new(move |snapshot, changed| {
+            let Some(shared) = weak.upgrade() else { return };
+            shared.registry_published(snapshot);
+            let stopped = shared
+                .tunnels
+                .revoke(changed, snapshot, &shared.runtime.load().policy);
+            if stopped > 0 {
+                info!(stopped, "closed tunnels whose host an update blocked");
+            }
+        });
+        let writer = RegistryWriter::start(store, snapshot, shared.registry.clone(), on_publish);
+        let _ = shared.writer.set(writer);
         crate::host::warm_up();
 
         let mut loops = HashMap::new();
         for (cfg, listener) in listeners.data {
-            let bind = cfg.bind;
-            loops.insert(bind, spawn_accept_loop(&shared, cfg, listener));
+            loops.insert(
+                ListenerKey::of(&cfg),
+                spawn_accept_loop(&shared, cfg, listener),
+            );
         }
         shared.ready.store(true, Ordering::Release);
         Ok(ServerHandle {
@@ -272,14 +308,14 @@ impl ServerHandle {
         let mut loops = self.loops.lock().await;
         let mut bound = Vec::new();
         for l in &runtime.config.listeners {
-            if !loops.contains_key(&l.bind) {
+            if !loops.contains_key(&ListenerKey::of(l)) {
                 bound.push((l.clone(), bind(&l.name, l.bind)?));
             }
         }
         let new_config = runtime.config.clone();
         self.shared.runtime.store(Arc::new(runtime));
         for l in &new_config.listeners {
-            if let Some(existing) = loops.get(&l.bind) {
+            if let Some(existing) = loops.get(&ListenerKey::of(l)) {
                 let current = existing.spec.load();
                 if current.config != *l {
                     existing.spec.store(Arc::new(ListenerSpec {
@@ -290,11 +326,16 @@ impl ServerHandle {
             }
         }
         for (cfg, listener) in bound {
-            let bind = cfg.bind;
-            loops.insert(bind, spawn_accept_loop(&self.shared, cfg, listener));
+            loops.insert(
+                ListenerKey::of(&cfg),
+                spawn_accept_loop(&self.shared, cfg, listener),
+            );
         }
-        loops.retain(|bind, l| {
-            let keep = new_config.listeners.iter().any(|c| c.bind == *bind);
+        loops.retain(|key, l| {
+            let keep = new_config
+                .listeners
+                .iter()
+                .any(|c| ListenerKey::of(c) == *key);
             if !keep {
                 l.stop.cancel();
             }
@@ -324,19 +365,33 @@ impl ServerHandle {
     }
 }
 
-/// Creates the state folder and loads the seed. (Durable state in `state_dir` is read first once
-/// the registry service stores it there.)
-async fn load_registry(config: &Config) -> Result<Snapshot, ServerError> {
-    let dir = config.registry.state_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| ServerError::StateDir { path: dir, source })?;
-    let Some(seed) = config.registry.seed.clone() else {
-        return Ok(Snapshot::empty());
+/// Recovers the registry from `state_dir` (snapshot + journal). When it holds no state yet, the
+/// seed (or nothing) becomes revision 0 and is written there first, so the next start recovers
+/// it from disk.
+fn open_registry(config: &RegistryConfig) -> Result<(Store, Arc<Snapshot>), ServerError> {
+    let (store, recovered) = Store::open(&config.state_dir)?;
+    let snapshot = match recovered.snapshot {
+        Some(snapshot) => {
+            info!(
+                entries = snapshot.len(),
+                revision = snapshot.revision(),
+                replayed = recovered.records_replayed,
+                torn_tail_dropped = recovered.torn_tail_dropped,
+                "registry recovered"
+            );
+            snapshot
+        }
+        None => {
+            let snapshot = match &config.seed {
+                Some(seed) => registry::load_seed(seed)?,
+                None => Snapshot::empty(),
+            };
+            write_snapshot(store.dir(), &snapshot)?;
+            info!(entries = snapshot.len(), "registry seeded");
+            snapshot
+        }
     };
-    let loaded = tokio::task::spawn_blocking(move || registry::load_seed(&seed)).await;
-    match loaded {
-        Ok(result) => Ok(result?),
-        Err(join) => std::panic::resume_unwind(join.into_panic()),
-    }
+    Ok((store, Arc::new(snapshot)))
 }
 
 fn spawn_accept_loop(

@@ -190,7 +190,11 @@ pub async fn serve(
             spec.metrics.relayed[0].inc_by(buf.len() as u64);
             let idle = limits.idle_timeout;
             drop(runtime);
-            let r = relay::relay(tcp, upstream, idle, shared.drain.clone()).await;
+            // A tunnel a registry entry allowed closes when an update blocks its host.
+            let stop = shared.drain.child_token();
+            let _registered = (reason == Reason::Filed)
+                .then(|| shared.tunnels.register(&sni, ends.dst.ip(), stop.clone()));
+            let r = relay::relay(tcp, upstream, idle, stop).await;
             spec.metrics.relayed[0].inc_by(r.client_to_origin);
             spec.metrics.relayed[1].inc_by(r.origin_to_client);
             debug!(client = %ends.client, sni = %sni, ?r, "tunnel closed");

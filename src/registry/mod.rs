@@ -2,18 +2,23 @@
 //! through which a new snapshot is published.
 
 mod entry;
+mod service;
 mod snapshot;
+mod store;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
 
+pub(crate) use entry::RawEntry;
 pub use entry::{
     Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
     read_ndjson_file,
 };
+pub use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{BuildError, EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
+pub use store::{Recovered, Store, StoreError, read_state, write_snapshot};
 
 /// The published registry. Readers take the current snapshot without locking (`arc-swap`); a
 /// writer builds the next snapshot aside and swaps it in with one atomic store, so a reader sees
@@ -41,8 +46,26 @@ impl Registry {
 
     /// Publishes `next`: every lookup that starts after this returns decides with it.
     pub fn publish(&self, next: Snapshot) {
-        self.current.store(Arc::new(next));
+        self.publish_arc(Arc::new(next));
     }
+
+    pub fn publish_arc(&self, next: Arc<Snapshot>) {
+        self.current.store(next);
+    }
+}
+
+/// The registry as the proxy would start with it, read without changing anything: the state in
+/// `state_dir`, or the seed when there is none yet (for `explain` and `check`).
+pub fn inspect(
+    config: &crate::config::RegistryConfig,
+) -> Result<Snapshot, Box<dyn std::error::Error>> {
+    if let Some(snapshot) = read_state(&config.state_dir)? {
+        return Ok(snapshot);
+    }
+    Ok(match &config.seed {
+        Some(seed) => load_seed(seed)?,
+        None => Snapshot::empty(),
+    })
 }
 
 /// Reads an NDJSON seed file into a snapshot at revision 0. A bad or duplicate line stops the load

@@ -2,6 +2,8 @@
 //! loopback ports picked by the kernel, real origins, and real clients.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,893 @@
+//! Durable registry state in `state_dir`: a snapshot file plus append-only, checksummed journals.
+//!
+//! Files:
+//! - `snapshot.bin`: the whole registry at revision S. Layout: magic `ICPGSNP1`, revision (u64
+//!   LE), entry count (u64 LE), then per entry `[u8 len][domain][u8 len][icp][u8 flags]` (flags:
+//!   bit 0 revoked, bit 1 access_here), then a CRC32 of everything before it. Written to
+//!   `snapshot.bin.tmp`, fsynced, renamed over, and the folder fsynced, so a crash leaves either
+//!   the old file or the new one.
+//! - `journal-<base>.log`: the writes after revision `base`, one record each:
+//!   `[u32 len][u32 crc32(payload)][payload]`, payload = revision (u64), op count (u32), then per op
+//!   `[u8 0=put|1=delete][u8 len][domain]` and for a put `[u8 len][icp][u8 flags]`. All integers
+//!   little-endian.
+//!
+//! Recovery loads the snapshot and replays the journals in order, skipping records at or below
+//! S and requiring the rest to follow each other without gaps. The last record of the last
+//! journal may be torn by a crash mid-append: it is dropped (and cut off the file). Any other
+//! damage — a bad snapshot, a bad record with data after it, a gap — stops start-up with an error
+//! naming the file: the registry is never silently emptied.
+//!
+//! Compaction: the writer rotates to a new journal after revision R, writes the snapshot of R in
+//! the background ([`write_snapshot`]), then removes the journals R covers. A crash between any
+//! two steps recovers the same state: the old snapshot plus every journal, or the new one plus
+//! the records after it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Entry, EntryRef, Op, Snapshot, SnapshotBuilder, Status};
+
+const SNAPSHOT: &str = "snapshot.bin";
+const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
+const MAGIC: &[u8; 8] = b"ICPGSNP1";
+/// Bound on one journal record (a batch of roughly a million entries), so a corrupt length field
+/// cannot make recovery allocate gigabytes.
+const MAX_RECORD: u32 = 256 << 20;
+/// Ops replayed per snapshot application during recovery.
+const REPLAY_CHUNK: usize = 200_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: corrupt: {why}", path.display())]
+    Corrupt { path: PathBuf, why: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path, why: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        why: why.into(),
+    }
+}
+
+/// What start-up found in `state_dir`.
+pub struct Recovered {
+    /// `None`: the folder held no state at all (the caller seeds it).
+    pub snapshot: Option<Snapshot>,
+    pub records_replayed: usize,
+    pub torn_tail_dropped: bool,
+}
+
+/// The open journal of a state folder. Owned by the registry writer; not shared.
+pub struct Store {
+    dir: PathBuf,
+    journal: BufWriter<File>,
+    journal_path: PathBuf,
+    /// Revision of the last record appended or recovered.
+    last: u64,
+    encoded: Vec<u8>,
+}
+
+impl Store {
+    /// Creates `dir` if missing, recovers its state, and opens a journal for appending.
+    pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = dir.join(SNAPSHOT_TMP);
+        if tmp.exists() {
+            // An interrupted snapshot write: the rename never happened, so it holds nothing.
+            fs::remove_file(&tmp).map_err(io_err(&tmp))?;
+        }
+        let state = recover(dir, true)?;
+        let (journal_path, file) = match state.journals.last() {
+            Some((_, path)) => {
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(io_err(path))?;
+                (path.clone(), file)
+            }
+            None => create_journal(dir, state.revision)?,
+        };
+        let store = Store {
+            dir: dir.to_path_buf(),
+            journal: BufWriter::with_capacity(1 << 16, file),
+            journal_path,
+            last: state.revision,
+            encoded: Vec::new(),
+        };
+        Ok((store, state.recovered))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one batch as revision `revision` (the next after the last). Buffered: durable only
+    /// after [`Store::sync`].
+    pub fn append(&mut self, revision: u64, ops: &[Op]) -> Result<(), StoreError> {
+        if revision != self.last + 1 {
+            return Err(corrupt(
+                &self.journal_path,
+                format!("append of revision {revision} after {}", self.last),
+            ));
+        }
+        self.encoded.clear();
+        encode_record(&mut self.encoded, revision, ops);
+        let len = u32::try_from(self.encoded.len())
+            .ok()
+            .filter(|&l| l <= MAX_RECORD)
+            .ok_or_else(|| corrupt(&self.journal_path, "batch too large for one journal record"))?;
+        let crc = crc32fast::hash(&self.encoded);
+        let path = &self.journal_path;
+        self.journal
+            .write_all(&len.to_le_bytes())
+            .and_then(|()| self.journal.write_all(&crc.to_le_bytes()))
+            .and_then(|()| self.journal.write_all(&self.encoded))
+            .map_err(io_err(path))?;
+        self.last = revision;
+        Ok(())
+    }
+
+    /// Makes every append so far durable (one fsync for however many records: group commit).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        let path = &self.journal_path;
+        self.journal.flush().map_err(io_err(path))?;
+        self.journal.get_ref().sync_data().map_err(io_err(path))
+    }
+
+    /// Starts a new journal for the records after `revision` (a snapshot of it is being written).
+    pub fn rotate(&mut self, revision: u64) -> Result<(), StoreError> {
+        self.sync()?;
+        let (path, file) = create_journal(&self.dir, revision)?;
+        self.journal = BufWriter::with_capacity(1 << 16, file);
+        self.journal_path = path;
+        self.last = revision;
+        Ok(())
+    }
+
+    /// Deletes the journals whose records all lie at or below `revision`, now that a snapshot of
+    /// it is durable. The current journal always stays.
+    pub fn remove_journals_through(&mut self, revision: u64) -> Result<(), StoreError> {
+        let journals = list_journals(&self.dir)?;
+        let mut removed = false;
+        for pair in journals.windows(2) {
+            let ((_, path), (next_base, _)) = (&pair[0], &pair[1]);
+            // A journal holds the records after its base up to the next journal's base.
+            if *next_base <= revision && *path != self.journal_path {
+                fs::remove_file(path).map_err(io_err(path))?;
+                removed = true;
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the state of `dir` without changing anything (for `icp-gate explain` and `check` while
+/// the proxy may be running). A torn tail is ignored, as start-up would drop it.
+pub fn read_state(dir: &Path) -> Result<Option<Snapshot>, StoreError> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    Ok(recover(dir, false)?.recovered.snapshot)
+}
+
+/// Writes `snapshot` as `dir/snapshot.bin`, durably and atomically.
+pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
+    let tmp = dir.join(SNAPSHOT_TMP);
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut out = CrcWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    let mut write = || -> io::Result<()> {
+        out.write_all(MAGIC)?;
+        out.write_all(&snapshot.revision().to_le_bytes())?;
+        out.write_all(&(snapshot.len() as u64).to_le_bytes())?;
+        let mut buf = Vec::with_capacity(600);
+        for e in snapshot.iter() {
+            buf.clear();
+            put_str(&mut buf, e.domain);
+            put_str(&mut buf, e.icp);
+            buf.push(flags(e.status, e.access_here));
+            out.write_all(&buf)?;
+        }
+        let crc = out.crc.clone().finalize();
+        out.inner.write_all(&crc.to_le_bytes())?;
+        out.inner.flush()?;
+        out.inner.get_ref().sync_all()
+    };
+    write().map_err(io_err(&tmp))?;
+    let path = dir.join(SNAPSHOT);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+struct State {
+    recovered: Recovered,
+    /// Revision after recovery.
+    revision: u64,
+    journals: Vec<(u64, PathBuf)>,
+}
+
+/// Loads the snapshot and replays the journals. With `repair`, a torn tail is cut off the file.
+fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
+    let snapshot_path = dir.join(SNAPSHOT);
+    let base = if snapshot_path.exists() {
+        Some(read_snapshot(&snapshot_path)?)
+    } else {
+        None
+    };
+    let journals = list_journals(dir)?;
+    let snapshot_revision = base.as_ref().map(Snapshot::revision);
+    let mut revision = snapshot_revision.unwrap_or(0);
+    let mut pending: Vec<Op> = Vec::new();
+    let mut current = base;
+    let mut replayed = 0;
+    let mut torn = false;
+    let last_index = journals.len().saturating_sub(1);
+    for (i, (_, path)) in journals.iter().enumerate() {
+        let records = read_journal(path, i == last_index, repair)?;
+        torn |= records.torn;
+        for (rev, ops) in records.records {
+            match snapshot_revision {
+                // The seed snapshot is written before any record: records alone are damage.
+                None => return Err(corrupt(path, "journal records without a snapshot")),
+                Some(s) if rev <= s => continue,
+                Some(_) => {}
+            }
+            if rev != revision + 1 {
+                return Err(corrupt(path, format!("revision {rev} follows {revision}")));
+            }
+            revision = rev;
+            replayed += 1;
+            pending.extend(ops);
+            if pending.len() >= REPLAY_CHUNK {
+                current = current.map(|s| s.apply(&std::mem::take(&mut pending), revision));
+            }
+        }
+    }
+    if let Some(s) = &current {
+        if !pending.is_empty() || s.revision() != revision {
+            current = Some(s.apply(&pending, revision));
+        }
+    }
+    Ok(State {
+        recovered: Recovered {
+            snapshot: current,
+            records_replayed: replayed,
+            torn_tail_dropped: torn,
+        },
+        revision,
+        journals,
+    })
+}
+
+fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let file_len = file.metadata().map_err(io_err(path))?.len();
+    let mut r = CrcReader {
+        inner: BufReader::with_capacity(1 << 20, file),
+        crc: crc32fast::Hasher::new(),
+    };
+    let truncated = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            corrupt(path, "truncated")
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    };
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(truncated)?;
+    if &magic != MAGIC {
+        return Err(corrupt(path, "not an icp-gate snapshot (bad magic)"));
+    }
+    let revision = r.u64().map_err(truncated)?;
+    let count = r.u64().map_err(truncated)?;
+    // Each entry takes at least 5 bytes: a bad count cannot make us loop for long.
+    if count > file_len / 5 {
+        return Err(corrupt(
+            path,
+            format!("entry count {count} does not fit the file"),
+        ));
+    }
+    let mut builder = SnapshotBuilder::new();
+    let (mut domain, mut icp) = (Vec::with_capacity(256), Vec::with_capacity(256));
+    for i in 0..count {
+        r.string(&mut domain).map_err(truncated)?;
+        r.string(&mut icp).map_err(truncated)?;
+        let flags = r.u8().map_err(truncated)?;
+        let bad = |why: &str| corrupt(path, format!("entry {i}: {why}"));
+        let (Ok(domain), Ok(icp)) = (std::str::from_utf8(&domain), std::str::from_utf8(&icp))
+        else {
+            return Err(bad("not UTF-8"));
+        };
+        let (status, access_here) = unflags(flags).ok_or_else(|| bad("bad flags"))?;
+        builder
+            .push(EntryRef {
+                domain,
+                icp,
+                status,
+                access_here,
+            })
+            .map_err(|e| bad(&e.to_string()))?;
+    }
+    let computed = r.crc.clone().finalize();
+    let mut stored = [0u8; 4];
+    r.inner.read_exact(&mut stored).map_err(truncated)?;
+    if u32::from_le_bytes(stored) != computed {
+        return Err(corrupt(path, "checksum mismatch"));
+    }
+    if r.inner.read(&mut [0u8; 1]).map_err(io_err(path))? != 0 {
+        return Err(corrupt(path, "data after the checksum"));
+    }
+    Ok(builder.finish(revision))
+}
+
+struct JournalRecords {
+    records: Vec<(u64, Vec<Op>)>,
+    torn: bool,
+}
+
+/// Reads every record of one journal. In the last journal, a final record that is incomplete or
+/// fails its checksum with nothing after it is a torn write: dropped (and, with `repair`, cut
+/// off).
+fn read_journal(path: &Path, last: bool, repair: bool) -> Result<JournalRecords, StoreError> {
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    let mut torn = false;
+    while at < bytes.len() {
+        let header = bytes.get(at..at + 8);
+        let end = header.and_then(|h| {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            (len <= MAX_RECORD).then(|| at + 8 + len as usize)
+        });
+        let complete = end.filter(|&e| e <= bytes.len());
+        let Some((header, end)) = header.zip(complete) else {
+            // The record runs past the end of the file.
+            if last {
+                torn = true;
+                break;
+            }
+            return Err(corrupt(path, format!("incomplete record at byte {at}")));
+        };
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let payload = &bytes[at + 8..end];
+        if crc32fast::hash(payload) != crc {
+            if last && end == bytes.len() {
+                torn = true;
+                break;
+            }
+            return Err(corrupt(
+                path,
+                format!("checksum mismatch in the record at byte {at}"),
+            ));
+        }
+        let record = decode_record(payload)
+            .ok_or_else(|| corrupt(path, format!("undecodable record at byte {at}")))?;
+        records.push(record);
+        at = end;
+    }
+    if torn && repair {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        file.set_len(at as u64).map_err(io_err(path))?;
+        file.sync_all().map_err(io_err(path))?;
+    }
+    Ok(JournalRecords { records, torn })
+}
+
+fn list_journals(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let mut journals = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(base) = name
+            .strip_prefix("journal-")
+            .and_then(|n| n.strip_suffix(".log"))
+        {
+            let base = base
+                .parse::<u64>()
+                .map_err(|_| corrupt(&path, "journal name without a revision"))?;
+            journals.push((base, path));
+        }
+    }
+    journals.sort();
+    Ok(journals)
+}
+
+fn create_journal(dir: &Path, base: u64) -> Result<(PathBuf, File), StoreError> {
+    let path = dir.join(format!("journal-{base:020}.log"));
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok((path, file))
+}
+
+/// Makes a created, renamed or removed file name durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn flags(status: Status, access_here: bool) -> u8 {
+    u8::from(status == Status::Revoked) | (u8::from(access_here) << 1)
+}
+
+fn unflags(flags: u8) -> Option<(Status, bool)> {
+    if flags > 3 {
+        return None;
+    }
+    let status = if flags & 1 == 1 {
+        Status::Revoked
+    } else {
+        Status::Filed
+    };
+    Some((status, flags & 2 == 2))
+}
+
+/// Strings are at most 255 bytes: entries were validated (253-byte names, 255-byte numbers).
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    let len = s.len().min(255);
+    buf.push(len as u8);
+    buf.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+fn encode_record(buf: &mut Vec<u8>, revision: u64, ops: &[Op]) {
+    buf.extend_from_slice(&revision.to_le_bytes());
+    buf.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+    for op in ops {
+        match op {
+            Op::Put(e) => {
+                buf.push(0);
+                put_str(buf, &e.domain);
+                put_str(buf, &e.icp);
+                buf.push(flags(e.status, e.access_here));
+            }
+            Op::Delete(domain) => {
+                buf.push(1);
+                put_str(buf, domain);
+            }
+        }
+    }
+}
+
+fn decode_record(payload: &[u8]) -> Option<(u64, Vec<Op>)> {
+    let mut r = Cursor(payload);
+    let revision = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+    let count = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+    let mut ops = Vec::with_capacity((count as usize).min(payload.len() / 2));
+    for _ in 0..count {
+        let kind = r.take(1)?[0];
+        let domain = r.string()?;
+        ops.push(match kind {
+            0 => {
+                let icp = r.string()?;
+                let (status, access_here) = unflags(r.take(1)?[0])?;
+                Op::Put(Entry {
+                    domain,
+                    icp,
+                    status,
+                    access_here,
+                })
+            }
+            1 => Op::Delete(domain),
+            _ => return None,
+        });
+    }
+    r.0.is_empty().then_some((revision, ops))
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        let len = self.take(1)?[0] as usize;
+        String::from_utf8(self.take(len)?.to_vec()).ok()
+    }
+}
+
+/// A writer that checksums what passes through it.
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that checksums what passes through it.
+struct CrcReader<R> {
+    inner: R,
+    crc: crc32fast::Hasher,
+}
+
+impl<R: Read> CrcReader<R> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact(buf)?;
+        self.crc.update(buf);
+        Ok(())
+    }
+
+    fn u8(&mut self) -> io::Result<u8> {
+        let mut b = [0u8; 1];
+        self.read_exact(&mut b)?;
+        Ok(b[0])
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn string(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        let len = self.u8()? as usize;
+        out.resize(len, 0);
+        self.read_exact(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(domain: &str, status: Status) -> Entry {
+        Entry {
+            domain: domain.into(),
+            icp: format!("京ICP备{}号-1", domain.len()),
+            status,
+            access_here: domain.len() % 2 == 0,
+        }
+    }
+
+    fn model(s: &Snapshot) -> Vec<Entry> {
+        let mut v: Vec<Entry> = s.iter().map(|e| e.to_entry()).collect();
+        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v
+    }
+
+    fn seeded(dir: &Path, n: usize) -> (Store, Snapshot) {
+        let (store, rec) = Store::open(dir).unwrap();
+        assert!(rec.snapshot.is_none());
+        let entries: Vec<Entry> = (0..n)
+            .map(|i| entry(&format!("s{i}.cn"), Status::Filed))
+            .collect();
+        let snap = Snapshot::from_entries(&entries, 0).unwrap();
+        write_snapshot(dir, &snap).unwrap();
+        (store, snap)
+    }
+
+    /// Applies `ops` to the store and the in-memory snapshot, as the writer does.
+    fn write(store: &mut Store, snap: Snapshot, ops: Vec<Op>) -> Snapshot {
+        let rev = snap.revision() + 1;
+        store.append(rev, &ops).unwrap();
+        store.sync().unwrap();
+        snap.apply(&ops, rev)
+    }
+
+    fn reopen(dir: &Path) -> Recovered {
+        Store::open(dir).unwrap().1
+    }
+
+    #[test]
+    fn empty_folder_has_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = reopen(&dir.path().join("new"));
+        assert!(rec.snapshot.is_none());
+        assert!(read_state(&dir.path().join("missing")).unwrap().is_none());
+    }
+
+    #[test]
+    fn snapshot_round_trip_including_unicode_and_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            entry("xn--fsqu00a.xn--fiqs8s", Status::Filed),
+            entry("gone.cn", Status::Revoked),
+        ];
+        let snap = Snapshot::from_entries(&entries, 41).unwrap();
+        write_snapshot(dir.path(), &snap).unwrap();
+        let back = read_snapshot(&dir.path().join(SNAPSHOT)).unwrap();
+        assert_eq!(back.revision(), 41);
+        assert_eq!(model(&back), model(&snap));
+
+        write_snapshot(dir.path(), &Snapshot::empty()).unwrap();
+        let back = read_snapshot(&dir.path().join(SNAPSHOT)).unwrap();
+        assert_eq!((back.len(), back.revision()), (0, 0));
+    }
+
+    #[test]
+    fn journal_replay_puts_deletes_and_skips_what_the_snapshot_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 10);
+        snap = write(
+            &mut store,
+            snap,
+            vec![
+                Op::Put(entry("a.cn", Status::Filed)),
+                Op::Delete("s1.cn".into()),
+            ],
+        );
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("a.cn", Status::Revoked))],
+        );
+        drop(store);
+        let rec = reopen(dir.path());
+        let back = rec.snapshot.unwrap();
+        assert_eq!((back.revision(), rec.records_replayed), (2, 2));
+        assert_eq!(model(&back), model(&snap));
+
+        // A compaction at revision 2, then more writes in the rotated journal.
+        let (mut store, _) = Store::open(dir.path()).unwrap();
+        store.rotate(2).unwrap();
+        write_snapshot(dir.path(), &snap).unwrap();
+        store.remove_journals_through(2).unwrap();
+        snap = write(&mut store, snap, vec![Op::Delete("a.cn".into())]);
+        drop(store);
+        let rec = reopen(dir.path());
+        assert_eq!(rec.records_replayed, 1);
+        assert_eq!(model(&rec.snapshot.unwrap()), model(&snap));
+        assert_eq!(list_journals(dir.path()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn every_compaction_crash_point_recovers_the_same_state() {
+        for crash_after in ["rotate", "tmp_written", "renamed", "journals_removed"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut store, mut snap) = seeded(dir.path(), 5);
+            for i in 0..3 {
+                snap = write(
+                    &mut store,
+                    snap,
+                    vec![Op::Put(entry(&format!("w{i}.cn"), Status::Filed))],
+                );
+            }
+            let at_three = snap.apply(&[], 3);
+            store.rotate(3).unwrap();
+            snap = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+            if crash_after == "tmp_written" {
+                // The snapshot was being written when the process died.
+                fs::write(dir.path().join(SNAPSHOT_TMP), b"ICPGSNP1 partial").unwrap();
+            }
+            if crash_after == "renamed" || crash_after == "journals_removed" {
+                write_snapshot(dir.path(), &at_three).unwrap();
+            }
+            if crash_after == "journals_removed" {
+                store.remove_journals_through(3).unwrap();
+            }
+            drop(store);
+            let rec = reopen(dir.path());
+            assert_eq!(model(&rec.snapshot.unwrap()), model(&snap), "{crash_after}");
+            assert!(!dir.path().join(SNAPSHOT_TMP).exists());
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_dropped_at_every_cut_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("kept.cn", Status::Filed))],
+        );
+        let journal = store.journal_path.clone();
+        let good_len = fs::metadata(&journal).unwrap().len() as usize;
+        let before = model(&snap);
+        let _ = write(
+            &mut store,
+            snap.apply(&[], 1),
+            vec![Op::Put(entry("torn.cn", Status::Filed))],
+        );
+        drop(store);
+        let full = fs::read(&journal).unwrap();
+        for cut in good_len..full.len() {
+            fs::write(&journal, &full[..cut]).unwrap();
+            let (mut store, rec) = Store::open(dir.path()).unwrap();
+            assert_eq!(rec.torn_tail_dropped, cut > good_len, "cut at {cut}");
+            let back = rec.snapshot.unwrap();
+            assert_eq!(model(&back), before, "cut at {cut}");
+            assert_eq!(fs::metadata(&journal).unwrap().len() as usize, good_len);
+            // Appending after recovery works.
+            let next = write(
+                &mut store,
+                back,
+                vec![Op::Put(entry("after.cn", Status::Filed))],
+            );
+            drop(store);
+            assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), model(&next));
+            fs::write(&journal, &full[..good_len]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_checksum_flip_in_the_last_record_is_torn_but_in_a_middle_one_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("one.cn", Status::Filed))],
+        );
+        let after_first = fs::metadata(&store.journal_path).unwrap().len() as usize;
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("two.cn", Status::Filed))],
+        );
+        let journal = store.journal_path.clone();
+        drop(store);
+        let _ = snap;
+        let full = fs::read(&journal).unwrap();
+
+        let mut last_flipped = full.clone();
+        *last_flipped.last_mut().unwrap() ^= 1;
+        fs::write(&journal, &last_flipped).unwrap();
+        let rec = reopen(dir.path());
+        assert!(rec.torn_tail_dropped);
+        assert_eq!(rec.snapshot.unwrap().revision(), 1);
+
+        let mut middle_flipped = full.clone();
+        middle_flipped[after_first - 1] ^= 1;
+        fs::write(&journal, &middle_flipped).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("corruption must refuse to start");
+        assert!(
+            err.to_string().contains("journal-") && err.to_string().contains("checksum"),
+            "{err}"
+        );
+        assert!(read_state(dir.path()).is_err());
+    }
+
+    #[test]
+    fn a_corrupt_snapshot_is_an_error_never_an_empty_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = seeded(dir.path(), 100);
+        drop(store);
+        let path = dir.path().join(SNAPSHOT);
+        let good = fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x20;
+        let cases: [(&str, Vec<u8>); 4] = [
+            ("corrupt", flipped),
+            ("truncated", good[..good.len() - 9].to_vec()),
+            ("bad magic", [b"XXXXXXXX", &good[8..]].concat()),
+            ("truncated", Vec::new()),
+        ];
+        for (want, bytes) in cases {
+            fs::write(&path, &bytes).unwrap();
+            let err = Store::open(dir.path()).err().expect("must refuse");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("snapshot.bin") && msg.contains(want),
+                "{want}: {msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn gaps_and_records_without_a_snapshot_are_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, snap) = seeded(dir.path(), 1);
+        let _ = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+        let journal = store.journal_path.clone();
+        drop(store);
+        // Rewrite the record as revision 5: a gap after the snapshot's revision 0.
+        let mut payload = Vec::new();
+        encode_record(&mut payload, 5, &[Op::Delete("s0.cn".into())]);
+        let mut bytes = (payload.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        fs::write(&journal, &bytes).unwrap();
+        assert!(
+            Store::open(dir.path())
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("revision 5 follows 0")
+        );
+
+        fs::remove_file(dir.path().join(SNAPSHOT)).unwrap();
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("without a snapshot"), "{err}");
+    }
+
+    #[test]
+    fn decoder_rejects_garbage_without_panicking() {
+        for payload in [
+            &b""[..],
+            b"\x01",
+            &[0u8; 11][..],
+            b"\x01\0\0\0\0\0\0\0\x01\0\0\0\x07\x01a",
+        ] {
+            assert!(decode_record(payload).is_none(), "{payload:?}");
+        }
+        let mut ok = Vec::new();
+        encode_record(
+            &mut ok,
+            9,
+            &[
+                Op::Put(entry("a.cn", Status::Revoked)),
+                Op::Delete("b.cn".into()),
+            ],
+        );
+        let (rev, ops) = decode_record(&ok).unwrap();
+        assert_eq!((rev, ops.len()), (9, 2));
+        ok.push(0);
+        assert!(decode_record(&ok).is_none(), "trailing bytes");
+    }
+
+    #[test]
+    fn size_and_speed_at_one_million_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = SnapshotBuilder::new();
+        for i in 0..1_000_000u32 {
+            let e = Entry {
+                domain: format!("d{i:07}.com.cn"),
+                icp: format!("京ICP备{i:08}号-1"),
+                status: Status::Filed,
+                access_here: true,
+            };
+            b.push_entry(&e).unwrap();
+        }
+        let snap = b.finish(7);
+        let t = std::time::Instant::now();
+        write_snapshot(dir.path(), &snap).unwrap();
+        let written = t.elapsed();
+        let bytes = fs::metadata(dir.path().join(SNAPSHOT)).unwrap().len();
+        let t = std::time::Instant::now();
+        let back = read_snapshot(&dir.path().join(SNAPSHOT)).unwrap();
+        eprintln!(
+            "1M entries: {:.1} bytes/entry on disk, write {written:?}, load {:?}",
+            bytes as f64 / 1e6,
+            t.elapsed()
+        );
+        assert_eq!(back.len(), 1_000_000);
+        assert_eq!(
+            back.get("d0999999.com.cn").map(|e| e.icp),
+            Some("京ICP备00999999号-1")
+        );
+    }
+}

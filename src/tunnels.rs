@@ -1,0 +1,127 @@
+//! Long-lived connections allowed by a registry entry: TLS passthrough tunnels and upgraded
+//! (WebSocket) HTTP connections. SPEC §6: when an update turns a host from allowed to blocked,
+//! these close within a second — new requests are decided afresh anyway, tunnels are not.
+//!
+//! Tunnels are indexed by registrable domain, because every entry that can change a host's
+//! decision lies between the host and its registrable domain. After each registry write the
+//! writer re-decides only the tunnels under the registrable domains it touched.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use tokio_util::sync::CancellationToken;
+
+use crate::decision::{HostInput, Policy, decide};
+use crate::host;
+use crate::registry::Snapshot;
+
+#[derive(Clone)]
+struct Tunnel {
+    id: u64,
+    host: Arc<str>,
+    dst: IpAddr,
+    stop: CancellationToken,
+}
+
+/// The open tunnels that a registry entry allowed.
+#[derive(Default)]
+pub struct LiveTunnels {
+    by_registrable: DashMap<Box<str>, Vec<Tunnel>>,
+    next_id: AtomicU64,
+}
+
+/// Keeps a tunnel registered; dropping it unregisters.
+pub struct TunnelGuard {
+    tunnels: Arc<LiveTunnels>,
+    registrable: Box<str>,
+    id: u64,
+}
+
+impl LiveTunnels {
+    /// Registers a tunnel to `host` (normalised) at `dst`. `stop` is cancelled if a later
+    /// registry update blocks the host.
+    pub fn register(
+        self: &Arc<Self>,
+        host: &str,
+        dst: IpAddr,
+        stop: CancellationToken,
+    ) -> Option<TunnelGuard> {
+        let registrable: Box<str> = host::registrable_domain(host)?.into();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.by_registrable
+            .entry(registrable.clone())
+            .or_default()
+            .push(Tunnel {
+                id,
+                host: host.into(),
+                dst,
+                stop,
+            });
+        Some(TunnelGuard {
+            tunnels: self.clone(),
+            registrable,
+            id,
+        })
+    }
+
+    /// Re-decides the tunnels under the registrable domains of `changed` (entry domains touched by
+    /// an update; `None`: a full replace, check all) and stops those no longer allowed. Returns how
+    /// many were stopped.
+    pub fn revoke(&self, changed: Option<&[&str]>, snapshot: &Snapshot, policy: &Policy) -> usize {
+        let mut stopped = 0;
+        let mut check = |tunnels: &[Tunnel]| {
+            for t in tunnels {
+                let v = decide(t.dst, HostInput::Name(&t.host), snapshot, policy);
+                if !v.decision.forwards() {
+                    t.stop.cancel();
+                    stopped += 1;
+                }
+            }
+        };
+        match changed {
+            None => {
+                for entry in self.by_registrable.iter() {
+                    check(entry.value());
+                }
+            }
+            Some(domains) => {
+                let mut seen: Vec<&str> = Vec::new();
+                for d in domains {
+                    let Some(r) = host::registrable_domain(d) else {
+                        continue;
+                    };
+                    if seen.contains(&r) {
+                        continue;
+                    }
+                    seen.push(r);
+                    if let Some(entry) = self.by_registrable.get(r) {
+                        check(entry.value());
+                    }
+                }
+            }
+        }
+        stopped
+    }
+
+    /// Tunnels currently registered.
+    pub fn len(&self) -> usize {
+        self.by_registrable.iter().map(|e| e.value().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        self.tunnels
+            .by_registrable
+            .remove_if_mut(&self.registrable, |_, list| {
+                list.retain(|t| t.id != self.id);
+                list.is_empty()
+            });
+    }
+}

@@ -1,0 +1,122 @@
+//! The real `icp-gate` binary as a child process, with its JSON log lines.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::{SEED, config};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_icp-gate");
+
+/// Writes the standard test config (see [`config`]) with the test seed into `dir`.
+pub fn write_config(dir: &Path, origin: SocketAddr, extra: &str) -> PathBuf {
+    std::fs::write(dir.join("seed.ndjson"), SEED).unwrap();
+    std::fs::write(dir.join("admin.token"), "test-token\n").unwrap();
+    let path = dir.join("icp-gate.toml");
+    std::fs::write(
+        &path,
+        config(origin, extra).replace("{dir}", &dir.display().to_string()),
+    )
+    .unwrap();
+    path
+}
+
+/// The running binary, its JSON log lines arriving on a channel.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Proc {
+    pub fn start(config: &Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line whose `msg` is `msg`.
+    pub fn wait_for(&mut self, msg: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {msg:?} log line; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line["msg"] == msg {
+                return line;
+            }
+        }
+    }
+
+    /// Like [`Proc::wait_for`], but an already-received line counts too.
+    pub fn logged(&mut self, msg: &str) -> serde_json::Value {
+        match self.seen.iter().find(|l| l["msg"] == msg) {
+            Some(line) => line.clone(),
+            None => self.wait_for(msg),
+        }
+    }
+
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        self.logged("admin listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn listener_addr(&mut self) -> SocketAddr {
+        self.wait_for("listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,242 @@
+//! Registry durability with the real binary: `kill -9` right after a 2xx loses nothing, a torn
+//! journal tail is dropped, a corrupt snapshot refuses to start, and the seed is read only once.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::process::{BIN, Proc, write_config};
+use common::*;
+use serde_json::{Value, json};
+
+async fn api(admin: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, _, text) = http1(
+        admin,
+        method,
+        path,
+        &[("host", "admin"), ("authorization", "Bearer test-token")],
+        body.as_bytes(),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn entry(domain: &str) -> String {
+    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
+        .to_string()
+}
+
+fn state_dir(dir: &Path) -> PathBuf {
+    dir.join("state")
+}
+
+/// Starts the binary and waits until it is ready; returns it with its admin address.
+fn start(config: &Path) -> (Proc, std::net::SocketAddr) {
+    let mut p = Proc::start(config);
+    p.wait_for("ready");
+    let admin = p.admin_addr();
+    (p, admin)
+}
+
+fn kill9(p: &mut Proc) {
+    p.signal(libc::SIGKILL);
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(5)),
+        None,
+        "SIGKILL has no exit code"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_right_after_acks_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let (mut p, admin) = start(&config);
+
+    // Concurrent writers; kill -9 the moment the last ack arrives.
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let d = format!("k{w}-{i}.cn");
+                let (status, _) = api(
+                    admin,
+                    "PUT",
+                    &format!("/v1/registry/entries/{d}"),
+                    &entry(&d),
+                )
+                .await;
+                assert_eq!(status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (status, _) = api(admin, "DELETE", "/v1/registry/entries/filed.cn", "").await;
+    assert_eq!(status, 200);
+    let batch = format!(
+        "{}\n",
+        json!({"op": "put", "entry": {"domain": "last.cn", "icp": "x", "status": "revoked", "access_here": true}})
+    );
+    let (status, body) = api(admin, "POST", "/v1/registry/batch", &batch).await;
+    assert_eq!(status, 200);
+    kill9(&mut p);
+    assert_eq!(body["revision"], 202);
+
+    let (mut p, admin) = start(&config);
+    assert_eq!(
+        api(admin, "GET", "/v1/registry", "").await.1,
+        json!({"revision": 202, "entries": 206})
+    );
+    for d in ["k0-0.cn", "k7-24.cn", "last.cn"] {
+        assert_eq!(
+            api(admin, "GET", &format!("/v1/registry/entries/{d}"), "")
+                .await
+                .0,
+            200,
+            "{d} lost"
+        );
+    }
+    assert_eq!(
+        api(admin, "GET", "/v1/registry/entries/filed.cn", "")
+            .await
+            .0,
+        404,
+        "delete lost"
+    );
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_journal_tail_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let (mut p, admin) = start(&config);
+    assert_eq!(
+        api(
+            admin,
+            "PUT",
+            "/v1/registry/entries/kept.cn",
+            &entry("kept.cn")
+        )
+        .await
+        .0,
+        200
+    );
+    kill9(&mut p);
+
+    // A crash in the middle of the next append leaves half a record behind.
+    let journal = newest_journal(&state_dir(dir.path()));
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes.extend_from_slice(&[200, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
+    std::fs::write(&journal, bytes).unwrap();
+
+    let (mut p, admin) = start(&config);
+    let recovered = p.logged("registry recovered");
+    assert_eq!(recovered["torn_tail_dropped"], true, "{recovered}");
+    assert_eq!(
+        api(admin, "GET", "/v1/registry/entries/kept.cn", "")
+            .await
+            .0,
+        200
+    );
+    // Writing after recovery works and survives another restart.
+    assert_eq!(
+        api(
+            admin,
+            "PUT",
+            "/v1/registry/entries/after.cn",
+            &entry("after.cn")
+        )
+        .await
+        .0,
+        200
+    );
+    kill9(&mut p);
+    let (_p, admin) = start(&config);
+    assert_eq!(
+        api(admin, "GET", "/v1/registry", "").await.1,
+        json!({"revision": 2, "entries": 8})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let (mut p, _) = start(&config);
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+
+    let snapshot = state_dir(dir.path()).join("snapshot.bin");
+    let mut bytes = std::fs::read(&snapshot).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&snapshot, bytes).unwrap();
+
+    let out = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("snapshot.bin"),
+        "error must name the file: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_is_read_only_while_state_dir_is_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let (mut p, admin) = start(&config);
+    assert_eq!(
+        api(admin, "DELETE", "/v1/registry/entries/filed.cn", "")
+            .await
+            .0,
+        200
+    );
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // A different seed on the next start changes nothing: the state on disk wins.
+    std::fs::write(
+        dir.path().join("seed.ndjson"),
+        format!("{}\n", entry("seedonly.cn")),
+    )
+    .unwrap();
+    let (_p, admin) = start(&config);
+    assert_eq!(
+        api(admin, "GET", "/v1/registry", "").await.1,
+        json!({"revision": 1, "entries": 5})
+    );
+    assert_eq!(
+        api(admin, "GET", "/v1/registry/entries/seedonly.cn", "")
+            .await
+            .0,
+        404
+    );
+}
+
+fn newest_journal(dir: &Path) -> PathBuf {
+    let mut journals: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("journal-")
+        })
+        .collect();
+    journals.sort();
+    journals.pop().expect("a journal file")
+}
