@@ -104,6 +104,8 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // The end of a request is activity: the idle time counts from it.
+        self.0.moved.store(true, Ordering::Relaxed);
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -116,8 +118,9 @@ pub async fn watchdog(activity: Arc<Activity>, first_request: Duration, idle: Du
     if !activity.seen_request.load(Ordering::Relaxed) {
         return;
     }
-    // Checked four times per timeout; five quiet checks in a row mean at least `idle` passed
-    // since the last activity (and at most a quarter more).
+    // Checked four times per timeout. The last activity fell inside the window before the last
+    // busy check, so four quiet checks after it mean at least `idle` and at most 1.25 × `idle`
+    // passed since then.
     let tick = idle / 4;
     let mut quiet = 0;
     loop {
@@ -126,7 +129,7 @@ pub async fn watchdog(activity: Arc<Activity>, first_request: Duration, idle: Du
             quiet = 0;
         } else {
             quiet += 1;
-            if quiet > 4 {
+            if quiet >= 4 {
                 return;
             }
         }

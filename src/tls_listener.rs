@@ -194,7 +194,7 @@ pub async fn serve(
             let stop = shared.drain.child_token();
             let _registered = (reason == Reason::Filed)
                 .then(|| shared.tunnels.register(&sni, ends.dst.ip(), stop.clone()));
-            let r = relay::relay(tcp, upstream, idle, stop).await;
+            let r = relay::relay_tcp(tcp, upstream, idle, stop).await;
             spec.metrics.relayed[0].inc_by(r.client_to_origin);
             spec.metrics.relayed[1].inc_by(r.origin_to_client);
             debug!(client = %ends.client, sni = %sni, ?r, "tunnel closed");
