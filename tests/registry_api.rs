@@ -533,3 +533,76 @@ async fn revocation_closes_live_tunnels_within_a_second() {
         .unwrap();
     assert_eq!(&echoed, b"still here");
 }
+
+#[tokio::test]
+async fn mutual_tls_for_the_filing_system() {
+    use common::pki::Pki;
+    use rustls::pki_types::ServerName;
+
+    let filing_ca = Pki::new();
+    let server_ca = Pki::new();
+    let stranger_ca = Pki::new();
+    let (_, _, cert, key) = server_ca.leaf(&["admin.icp-gate.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in [
+        ("admin.crt", cert),
+        ("admin.key", key),
+        ("filing-ca.pem", filing_ca.ca.pem()),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let d = dir.path().display();
+    let origin = Origin::start().await;
+    let cfg = config(origin.addr, "").replace(
+        "token_file = \"admin.token\"",
+        &format!("token_file = \"admin.token\"\ntls_cert = \"{d}/admin.crt\"\ntls_key = \"{d}/admin.key\"\nclient_ca = \"{d}/filing-ca.pem\""),
+    );
+    let gate = Gate::start(&cfg).await;
+
+    async fn call(
+        connector: &tokio_rustls::TlsConnector,
+        addr: SocketAddr,
+        path: &str,
+    ) -> std::io::Result<u16> {
+        let tcp = TcpStream::connect(addr).await?;
+        let tls = connector
+            .connect(ServerName::try_from("admin.icp-gate.test").unwrap(), tcp)
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(resp.status().as_u16())
+    }
+
+    let anonymous = server_ca.client(&[]);
+    assert_eq!(
+        call(&anonymous, gate.admin, "/metrics").await.unwrap(),
+        200,
+        "scraping needs no certificate"
+    );
+    assert_eq!(
+        call(&anonymous, gate.admin, "/v1/registry").await.unwrap(),
+        403
+    );
+    let filing = filing_ca.client_with_cert(&server_ca, "filing-system");
+    assert_eq!(
+        call(&filing, gate.admin, "/v1/registry").await.unwrap(),
+        200
+    );
+    let stranger = stranger_ca.client_with_cert(&server_ca, "filing-system");
+    assert!(
+        call(&stranger, gate.admin, "/v1/registry").await.is_err(),
+        "an unknown CA's certificate is refused"
+    );
+}
