@@ -6,6 +6,7 @@
 //! decision lies between the host and its registrable domain. After each registry write the
 //! writer re-decides only the tunnels under the registrable domains it touched.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,16 +87,17 @@ impl LiveTunnels {
                     check(entry.value());
                 }
             }
+            // No tunnel open: nothing to re-decide (the usual case for a large batch at night).
+            Some(_) if self.by_registrable.is_empty() => {}
             Some(domains) => {
-                let mut seen: Vec<&str> = Vec::new();
+                let mut seen: HashSet<&str> = HashSet::with_capacity(domains.len());
                 for d in domains {
                     let Some(r) = host::registrable_domain(d) else {
                         continue;
                     };
-                    if seen.contains(&r) {
+                    if !seen.insert(r) {
                         continue;
                     }
-                    seen.push(r);
                     if let Some(entry) = self.by_registrable.get(r) {
                         check(entry.value());
                     }

@@ -305,7 +305,9 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
             format!("entry count {count} does not fit the file"),
         ));
     }
-    let mut builder = SnapshotBuilder::new();
+    // Every entry carries 3 bytes of framing besides its name and number.
+    let payload = (file_len as usize).saturating_sub(count as usize * 3);
+    let mut builder = SnapshotBuilder::with_capacity(count as usize, payload);
     let (mut domain, mut icp) = (Vec::with_capacity(256), Vec::with_capacity(256));
     for i in 0..count {
         r.string(&mut domain).map_err(truncated)?;
