@@ -79,10 +79,14 @@ type Error = Box<dyn std::error::Error>;
 fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Error> {
     logging::init(format);
     let config = Config::load(path)?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One thread asked for: everything runs on this thread, with no wake-ups across threads.
+    let mut rt = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
-    if let Some(n) = threads {
-        rt.worker_threads(n.max(1));
+    if let Some(n) = threads.filter(|&n| n > 1) {
+        rt.worker_threads(n);
     }
     let rt = rt.build()?;
     rt.block_on(async move {
