@@ -95,6 +95,11 @@ impl Activity {
         self.seen_request.store(true, Ordering::Relaxed);
     }
 
+    /// Records that bytes moved (for relays that do their own I/O, like the splice relay).
+    pub fn mark_moved(&self) {
+        self.moved.store(true, Ordering::Relaxed);
+    }
+
     fn busy(&self) -> bool {
         self.moved.swap(false, Ordering::Relaxed) || self.in_flight.load(Ordering::Relaxed) > 0
     }
@@ -105,7 +110,7 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         // The end of a request is activity: the idle time counts from it.
-        self.0.moved.store(true, Ordering::Relaxed);
+        self.0.mark_moved();
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -157,7 +162,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.moved.store(true, Ordering::Relaxed);
+            self.activity.mark_moved();
         }
         res
     }
@@ -171,7 +176,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved.store(true, Ordering::Relaxed);
+            self.activity.mark_moved();
         }
         res
     }
@@ -183,7 +188,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.moved.store(true, Ordering::Relaxed);
+            self.activity.mark_moved();
         }
         res
     }

@@ -16,6 +16,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::{End, Relayed};
+use crate::io::{Activity, watchdog};
 
 /// The copy buffer, per direction (tokio's `copy_bidirectional` uses the same); a read that fills
 /// it switches the direction to splice.
@@ -90,7 +92,7 @@ enum Lazy {
 }
 
 /// One direction, until `src` ends; then `dst`'s write side is shut down. `read` counts the bytes
-/// taken from `src`; `moved` ticks whenever bytes move (for the idle timeout).
+/// taken from `src`; `activity` is marked whenever bytes move (for the idle watchdog).
 ///
 /// Copies go through tokio's `poll_read`/`poll_write` (on the split halves), which, unlike
 /// `try_io`, clear readiness after a short read or write: a relayed message then costs no extra
@@ -99,7 +101,7 @@ async fn pump(
     mut src: ReadHalf<'_>,
     mut dst: WriteHalf<'_>,
     read: &AtomicU64,
-    moved: &AtomicU64,
+    activity: &Activity,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut pipe = Lazy::NotYet;
@@ -124,10 +126,10 @@ async fn pump(
             break;
         }
         read.fetch_add(n as u64, Ordering::Relaxed);
-        moved.fetch_add(1, Ordering::Relaxed);
+        activity.mark_moved();
         match &pipe {
-            Lazy::Ready(p) if splicing => drain(p, dst.as_ref(), n, moved).await?,
-            _ => write_all(&mut dst, &buf[..n], moved).await?,
+            Lazy::Ready(p) if splicing => drain(p, dst.as_ref(), n, activity).await?,
+            _ => write_all(&mut dst, &buf[..n], activity).await?,
         }
         splicing = n >= COPY_BUF;
         if splicing && matches!(pipe, Lazy::NotYet) {
@@ -145,7 +147,7 @@ async fn drain(
     pipe: &Pipe,
     dst: &TcpStream,
     mut pending: usize,
-    moved: &AtomicU64,
+    activity: &Activity,
 ) -> io::Result<()> {
     while pending > 0 {
         dst.writable().await?;
@@ -156,7 +158,7 @@ async fn drain(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
                 pending -= n;
-                moved.fetch_add(1, Ordering::Relaxed);
+                activity.mark_moved();
             }
             Err(e) if retry(&e) => {}
             Err(e) => return Err(e),
@@ -165,39 +167,21 @@ async fn drain(
     Ok(())
 }
 
-async fn write_all(dst: &mut WriteHalf<'_>, mut bytes: &[u8], moved: &AtomicU64) -> io::Result<()> {
+async fn write_all(
+    dst: &mut WriteHalf<'_>,
+    mut bytes: &[u8],
+    activity: &Activity,
+) -> io::Result<()> {
     while !bytes.is_empty() {
         match dst.write(bytes).await? {
             0 => return Err(io::ErrorKind::WriteZero.into()),
             n => {
                 bytes = &bytes[n..];
-                moved.fetch_add(1, Ordering::Relaxed);
+                activity.mark_moved();
             }
         }
     }
     Ok(())
-}
-
-/// Ends once `idle` passes without a byte moving either way; like [`crate::io::watchdog`], it
-/// checks four times per timeout and ends at the fourth quiet check in a row (between `idle` and
-/// 1.25 × `idle` after the last byte).
-async fn idle_watch(moved: &AtomicU64, idle: Duration) {
-    let tick = idle / 4;
-    let mut last = moved.load(Ordering::Relaxed);
-    let mut quiet = 0;
-    loop {
-        tokio::time::sleep(tick).await;
-        let now = moved.load(Ordering::Relaxed);
-        if now != last {
-            last = now;
-            quiet = 0;
-        } else {
-            quiet += 1;
-            if quiet >= 4 {
-                return;
-            }
-        }
-    }
 }
 
 /// The relay; the sockets, buffers and pipes are released when it returns, on every path (the
@@ -212,16 +196,18 @@ pub(super) async fn relay(
     let (origin_read, origin_write) = origin.split();
     let from_client = AtomicU64::new(0);
     let from_origin = AtomicU64::new(0);
-    let moved = AtomicU64::new(0);
+    // The same idle watchdog as every other connection.
+    let activity = Arc::new(Activity::default());
+    activity.mark_started();
     let both = async {
         tokio::try_join!(
-            pump(client_read, origin_write, &from_client, &moved),
-            pump(origin_read, client_write, &from_origin, &moved),
+            pump(client_read, origin_write, &from_client, &activity),
+            pump(origin_read, client_write, &from_origin, &activity),
         )
     };
     let end = tokio::select! {
         r = both => if r.is_ok() { End::Closed } else { End::Error },
-        _ = idle_watch(&moved, idle) => End::Idle,
+        _ = watchdog(activity.clone(), Duration::ZERO, idle) => End::Idle,
         _ = stop.cancelled() => End::Stopped,
     };
     Relayed {
