@@ -45,6 +45,45 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Current and peak resident memory of `pid`.
+fn rss(pid: u32) -> String {
+    format!(
+        "{} MiB (peak {} MiB)",
+        rss_kib(pid, "VmRSS:") / 1024,
+        rss_kib(pid, "VmHWM:") / 1024
+    )
+}
+
+fn p50_p99(mut lat: Vec<Duration>) -> String {
+    lat.sort();
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms",
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    )
+}
+
+/// PUTs the entries numbered `ids` one after another over one connection; the time each took to
+/// be acknowledged.
+async fn put_each(admin: SocketAddr, ids: std::ops::Range<u64>) -> Vec<Duration> {
+    let mut client = Admin::connect(admin).await;
+    let mut lat = Vec::new();
+    for i in ids {
+        let e = entry(i);
+        let t = Instant::now();
+        let status = client
+            .send(
+                "PUT",
+                &format!("/v1/registry/entries/{}", e.domain),
+                serde_json::to_string(&e).unwrap(),
+            )
+            .await;
+        lat.push(t.elapsed());
+        assert_eq!(status, 200);
+    }
+    lat
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -203,77 +242,27 @@ fn main() {
         "cold start to /readyz".into(),
         format!("{:.2} s", ready.as_secs_f64()),
     ));
-    rows.push((
-        "RSS when ready".into(),
-        format!(
-            "{} MiB (peak {} MiB)",
-            rss_kib(pid, "VmRSS:") / 1024,
-            rss_kib(pid, "VmHWM:") / 1024
-        ),
-    ));
+    rows.push(("RSS when ready".into(), rss(pid)));
 
     rt.block_on(async {
-        let mut client = Admin::connect(admin).await;
-        let mut lat = Vec::new();
-        for i in 0..2000u64 {
-            let e = entry(n + i);
-            let t = Instant::now();
-            let status = client
-                .send(
-                    "PUT",
-                    &format!("/v1/registry/entries/{}", e.domain),
-                    serde_json::to_string(&e).unwrap(),
-                )
-                .await;
-            lat.push(t.elapsed());
-            assert_eq!(status, 200);
-        }
-        lat.sort();
-        rows.push((
-            "PUT ack, sequential".into(),
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms",
-                ms(percentile(&lat, 0.5)),
-                ms(percentile(&lat, 0.99))
-            ),
-        ));
+        let lat = put_each(admin, n..n + 2000).await;
+        rows.push(("PUT ack, sequential".into(), p50_p99(lat)));
 
         let t = Instant::now();
-        let mut tasks = Vec::new();
-        for w in 0..32u64 {
-            tasks.push(tokio::spawn(async move {
-                let mut client = Admin::connect(admin).await;
-                let mut lat = Vec::new();
-                for i in 0..100u64 {
-                    let e = entry(2 * n + w * 1000 + i);
-                    let t = Instant::now();
-                    let status = client
-                        .send(
-                            "PUT",
-                            &format!("/v1/registry/entries/{}", e.domain),
-                            serde_json::to_string(&e).unwrap(),
-                        )
-                        .await;
-                    lat.push(t.elapsed());
-                    assert_eq!(status, 200);
-                }
-                lat
-            }));
-        }
+        let writers: Vec<_> = (0..32u64)
+            .map(|w| {
+                let first = 2 * n + w * 1000;
+                tokio::spawn(put_each(admin, first..first + 100))
+            })
+            .collect();
         let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await.unwrap());
+        for w in writers {
+            lat.extend(w.await.unwrap());
         }
-        let took = t.elapsed();
-        lat.sort();
+        let acks = lat.len() as f64 / t.elapsed().as_secs_f64();
         rows.push((
             "PUT ack, 32 concurrent writers".into(),
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms, {:.0} acks/s",
-                ms(percentile(&lat, 0.5)),
-                ms(percentile(&lat, 0.99)),
-                lat.len() as f64 / took.as_secs_f64()
-            ),
+            format!("{}, {acks:.0} acks/s", p50_p99(lat)),
         ));
 
         let mut client = Admin::connect(admin).await;
@@ -295,14 +284,7 @@ fn main() {
             format!("{:.0} ops/s", (batches * per) as f64 / took.as_secs_f64()),
         ));
     });
-    rows.push((
-        "RSS after the writes".into(),
-        format!(
-            "{} MiB (peak {} MiB)",
-            rss_kib(pid, "VmRSS:") / 1024,
-            rss_kib(pid, "VmHWM:") / 1024
-        ),
-    ));
+    rows.push(("RSS after the writes".into(), rss(pid)));
     drop(child);
 
     println!("\nregistry at {n} entries\n");
