@@ -47,33 +47,31 @@ impl Pki {
         )
     }
 
+    /// A client that trusts this CA.
     pub fn client(&self, alpn: &[&[u8]]) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.der().clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut cfg = self.trusting().with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         TlsConnector::from(Arc::new(cfg))
     }
 
     /// A client that presents a certificate for `name` issued by this CA.
+    /// that trusts `trust`'s CA.
     pub fn client_with_cert(&self, trust: &Pki, name: &str) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(trust.ca.der().clone()).unwrap();
         let (chain, key, _, _) = self.leaf(&[name]);
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let cfg = trust.trusting().with_client_auth_cert(chain, key).unwrap();
+        TlsConnector::from(Arc::new(cfg))
+    }
+
+    fn trusting(
+        &self,
+    ) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-        TlsConnector::from(Arc::new(cfg))
     }
 }
