@@ -1,11 +1,13 @@
 //! The answer a blocked HTTP request gets (SPEC §4): the bilingual block page, its JSON form, or
 //! a redirect to a page the provider hosts.
 //!
-//! The template is split into literal pieces and placeholders once, when the config is loaded;
-//! rendering a page is then a handful of buffer appends.
+//! The template is split into literal pieces and placeholders once, when the config is loaded,
+//! and specialised per reason (the reason and advice texts filled in), so rendering a page is the
+//! host, the request id and the time between a few buffer appends.
 
+use std::cell::Cell;
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION};
@@ -147,6 +149,10 @@ impl Template {
         if !literal.is_empty() {
             pieces.push(Piece::Text(Bytes::from(literal)));
         }
+        Template::new(pieces)
+    }
+
+    fn new(pieces: Vec<Piece>) -> Template {
         let literal_len = pieces
             .iter()
             .map(|p| match p {
@@ -160,36 +166,104 @@ impl Template {
         }
     }
 
+    /// This template with the slots that depend only on `reason` filled in and merged into the
+    /// literal text around them.
+    fn for_reason(&self, reason: Reason, escape: fn(&mut BytesMut, &str)) -> Template {
+        let mut pieces = Vec::new();
+        let mut text = BytesMut::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => text.put_slice(t),
+                Piece::Slot(slot) => match reason_text(*slot, reason) {
+                    Some(fixed) => escape(&mut text, fixed),
+                    None => {
+                        if !text.is_empty() {
+                            pieces.push(Piece::Text(text.split().freeze()));
+                        }
+                        pieces.push(Piece::Slot(*slot));
+                    }
+                },
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text.freeze()));
+        }
+        Template::new(pieces)
+    }
+
     fn render(&self, ctx: &BlockContext<'_>, escape: fn(&mut BytesMut, &str)) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.literal_len + 512);
-        let (reason_zh, reason_en) = reason_texts(ctx.reason);
-        let (advice_zh, advice_en) = advice_texts(ctx.reason);
+        let mut out = BytesMut::with_capacity(self.literal_len + 256);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => out.put_slice(t),
                 Piece::Slot(Slot::Host) => escape(&mut out, ctx.host),
-                Piece::Slot(Slot::Reason) => escape(&mut out, ctx.reason.as_str()),
-                Piece::Slot(Slot::ReasonZh) => escape(&mut out, reason_zh),
-                Piece::Slot(Slot::ReasonEn) => escape(&mut out, reason_en),
-                Piece::Slot(Slot::AdviceZh) => escape(&mut out, advice_zh),
-                Piece::Slot(Slot::AdviceEn) => escape(&mut out, advice_en),
                 Piece::Slot(Slot::RequestId) => escape(&mut out, ctx.request_id),
-                Piece::Slot(Slot::Time) => escape(
-                    &mut out,
-                    &humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                ),
+                // Digits, '-', ':', 'T' and 'Z': nothing to escape in HTML or a URL.
+                Piece::Slot(Slot::Time) => out.put_slice(&now_rfc3339()),
+                Piece::Slot(slot) => {
+                    if let Some(fixed) = reason_text(*slot, ctx.reason) {
+                        escape(&mut out, fixed);
+                    }
+                }
             }
         }
         out.freeze()
     }
 }
 
-/// The compiled block answer for the current config.
+/// The text of a slot that depends only on the reason (`None` for per-request slots).
+fn reason_text(slot: Slot, reason: Reason) -> Option<&'static str> {
+    let (reason_zh, reason_en) = reason_texts(reason);
+    let (advice_zh, advice_en) = advice_texts(reason);
+    match slot {
+        Slot::Reason => Some(reason.as_str()),
+        Slot::ReasonZh => Some(reason_zh),
+        Slot::ReasonEn => Some(reason_en),
+        Slot::AdviceZh => Some(advice_zh),
+        Slot::AdviceEn => Some(advice_en),
+        Slot::Host | Slot::RequestId | Slot::Time => None,
+    }
+}
+
+/// The current time as RFC 3339 to the second, formatted at most once a second per thread.
+fn now_rfc3339() -> [u8; 20] {
+    thread_local! {
+        static LAST: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let (at, text) = last.get();
+        if at == secs {
+            return text;
+        }
+        let mut text = [b'0'; 20];
+        let formatted = humantime::format_rfc3339_seconds(now).to_string();
+        let n = formatted.len().min(20);
+        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        last.set((secs, text));
+        text
+    })
+}
+
+/// The compiled block answer for the current config: the page (or redirect) specialised for
+/// each reason, indexed by `Reason as usize`.
 #[derive(Debug, Clone)]
 pub struct BlockPage {
     status: StatusCode,
-    page: Template,
-    redirect: Option<Template>,
+    pages: Vec<Template>,
+    redirects: Option<Vec<Template>>,
+}
+
+fn per_reason(template: &Template, escape: fn(&mut BytesMut, &str)) -> Vec<Template> {
+    Reason::ALL
+        .iter()
+        .enumerate()
+        .map(|(i, &reason)| {
+            debug_assert_eq!(reason as usize, i);
+            template.for_reason(reason, escape)
+        })
+        .collect()
 }
 
 impl BlockPage {
@@ -204,15 +278,19 @@ impl BlockPage {
         Ok(BlockPage {
             // The config validated the range, so this cannot fail; 403 is the safe fallback.
             status: StatusCode::from_u16(cfg.status).unwrap_or(StatusCode::FORBIDDEN),
-            page: Template::compile(&text),
-            redirect: cfg.redirect.as_deref().map(Template::compile),
+            pages: per_reason(&Template::compile(&text), escape_html),
+            redirects: cfg
+                .redirect
+                .as_deref()
+                .map(|r| per_reason(&Template::compile(r), escape_url)),
         })
     }
 
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
     pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Full<Bytes>> {
-        let (status, content_type, body, location) = if let Some(redirect) = &self.redirect {
-            let url = redirect.render(ctx, escape_url);
+        let i = ctx.reason as usize;
+        let (status, content_type, body, location) = if let Some(redirects) = &self.redirects {
+            let url = redirects[i].render(ctx, escape_url);
             (
                 StatusCode::FOUND,
                 "text/plain; charset=utf-8",
@@ -225,7 +303,7 @@ impl BlockPage {
             (
                 self.status,
                 "text/html; charset=utf-8",
-                self.page.render(ctx, escape_html),
+                self.pages[i].render(ctx, escape_html),
                 None,
             )
         };
@@ -291,17 +369,24 @@ fn json_body(ctx: &BlockContext<'_>) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// Copies `s`, escaping the five HTML specials; runs without one are copied in one piece.
 fn escape_html(out: &mut BytesMut, s: &str) {
-    for b in s.bytes() {
-        match b {
-            b'&' => out.put_slice(b"&amp;"),
-            b'<' => out.put_slice(b"&lt;"),
-            b'>' => out.put_slice(b"&gt;"),
-            b'"' => out.put_slice(b"&quot;"),
-            b'\'' => out.put_slice(b"&#39;"),
-            _ => out.put_u8(b),
-        }
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let entity: &[u8] = match b {
+            b'&' => b"&amp;",
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'"' => b"&quot;",
+            b'\'' => b"&#39;",
+            _ => continue,
+        };
+        out.put_slice(&bytes[start..i]);
+        out.put_slice(entity);
+        start = i + 1;
     }
+    out.put_slice(&bytes[start..]);
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -401,6 +486,36 @@ mod tests {
             body(p.response(&ctx, false)),
             "<style>a { b: c }</style>&lt;x&gt;&amp;&quot;|not_accessed|{unknown}|abc123"
         );
+    }
+
+    #[test]
+    fn every_slot_is_filled_for_every_reason() {
+        let p = page(
+            Some("{time}|{reason}|{reason_zh}|{advice_en}|{host}|{request_id}|end"),
+            None,
+        );
+        for reason in Reason::ALL {
+            let ctx = BlockContext {
+                host: "a'b&c",
+                reason,
+                ..CTX
+            };
+            let text = body(p.response(&ctx, false));
+            let (time, rest) = text.split_once('|').unwrap();
+            let parsed = humantime::parse_rfc3339(time).expect("an RFC 3339 time");
+            let age = SystemTime::now().duration_since(parsed).unwrap_or_default();
+            assert!(age.as_secs() < 60, "{time} is not now");
+            let (zh, _) = reason_texts(reason);
+            let (_, advice) = advice_texts(reason);
+            assert_eq!(
+                rest,
+                format!(
+                    "{}|{zh}|{}|a&#39;b&amp;c|abc123|end",
+                    reason.as_str(),
+                    advice.replace('\'', "&#39;")
+                )
+            );
+        }
     }
 
     #[test]

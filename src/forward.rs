@@ -1,64 +1,25 @@
 //! Forwarding allowed HTTP requests to the route's origin (SPEC §4 "HTTP allow").
 //!
-//! One keep-alive pool (hyper-util's client) serves all routes; bodies stream both ways without
-//! buffering. A route that sends a PROXY header gets a pool per client connection instead, since
-//! the header names one client and a pooled origin connection must never carry another's.
+//! One keep-alive pool ([`pool`]) serves all routes; bodies stream both ways without buffering.
+//! A route that sends a PROXY header gets a pool per client connection instead, since the header
+//! names one client and a pooled origin connection must never carry another's.
 
-use std::future::Future;
+mod pool;
+
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::{Limits, Origin, ProxyProtocolVersion};
 use crate::metrics::UpstreamError;
 use crate::proxy_protocol;
 
-pub type OriginClient = Client<OriginConnector, Incoming>;
-
-/// Opens origin connections: resolve, connect within `origin_connect_timeout`, optionally
-/// prepend a PROXY header.
-#[derive(Clone)]
-pub struct OriginConnector {
-    connect_timeout: Duration,
-    proxy_header: Option<std::sync::Arc<[u8]>>,
-}
-
-impl tower_service::Service<Uri> for OriginConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.connect_timeout;
-        let header = self.proxy_header.clone();
-        Box::pin(async move {
-            let authority = uri
-                .authority()
-                .ok_or_else(|| std::io::Error::other("origin URI without authority"))?
-                .as_str()
-                .to_string();
-            let mut stream = connect(&authority, timeout).await?;
-            if let Some(header) = header {
-                stream.write_all(&header).await?;
-            }
-            Ok(TokioIo::new(stream))
-        })
-    }
-}
+pub use pool::{OriginBody, OriginClient};
 
 /// Connects to `host:port` within `timeout`, trying each resolved address in turn.
 pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -92,15 +53,11 @@ pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpS
 
 /// Builds an origin client. `proxy_header`: the PROXY header every new connection starts with.
 pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(limits.idle_timeout)
-        .set_host(false)
-        .build(OriginConnector {
-            connect_timeout: limits.origin_connect_timeout,
-            proxy_header: proxy_header.map(Into::into),
-        })
+    OriginClient::new(
+        limits.origin_connect_timeout,
+        limits.idle_timeout,
+        proxy_header,
+    )
 }
 
 /// A client whose connections each start with a PROXY header for this client connection.
@@ -127,23 +84,20 @@ pub async fn forward(
     mut req: Request<Incoming>,
     opts: ForwardOptions<'_>,
     timeout: Duration,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<Response<OriginBody>, UpstreamError> {
     let upgrade = is_upgrade(req.headers());
     prepare_request(&mut req, &opts, upgrade);
-    let resp = match tokio::time::timeout(timeout, client.request(req)).await {
-        Err(_) => return Err(UpstreamError::Timeout),
-        Ok(Err(e)) if e.is_connect() => return Err(UpstreamError::Connect),
-        Ok(Err(_)) => return Err(UpstreamError::Reset),
-        Ok(Ok(resp)) => resp,
-    };
-    let mut resp = resp;
+    let sent = client.send(opts.origin.authority(), req);
+    let mut resp = tokio::time::timeout(timeout, sent)
+        .await
+        .map_err(|_| UpstreamError::Timeout)??;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     remove_hop_by_hop(resp.headers_mut(), upgrade && switching);
     Ok(resp)
 }
 
-/// Rewrites the request for the origin: origin-form target on the origin's address, `Host` from
-/// the target when the client used absolute-form or HTTP/2, hop-by-hop headers dropped,
+/// Rewrites the request for the origin: origin-form target, `Host` from the target when the
+/// client used absolute-form or HTTP/2, hop-by-hop headers dropped,
 /// `X-Forwarded-For` appended. Everything else reaches the origin untouched.
 fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>, upgrade: bool) {
     if let Some(authority) = req.uri().authority() {
@@ -152,17 +106,13 @@ fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>, upgra
             req.headers_mut().insert(header::HOST, v);
         }
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(opts.origin.authority().clone());
-    parts.path_and_query = Some(path);
-    if let Ok(uri) = Uri::from_parts(parts) {
-        *req.uri_mut() = uri;
+    if req.uri().scheme().is_some() || req.uri().path_and_query().is_none() {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
     }
     *req.version_mut() = Version::HTTP_11;
     remove_hop_by_hop(req.headers_mut(), upgrade);

@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::block_page::{BlockContext, error_response};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
-use crate::forward::{self, ForwardOptions, OriginClient};
+use crate::forward::{self, ForwardOptions, OriginBody, OriginClient};
 use crate::host::{self, Host};
 use crate::io::{Activity, Watched, watchdog};
 use crate::logging::{Access, RequestId};
@@ -31,7 +31,7 @@ use crate::relay;
 use crate::server::{Endpoints, ListenerSpec, Shared};
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
-pub type Body = Either<Full<Bytes>, Incoming>;
+pub type Body = Either<Full<Bytes>, OriginBody>;
 
 /// The HTTP/1 and HTTP/2 server settings for the given limits.
 pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
