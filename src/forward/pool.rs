@@ -306,7 +306,9 @@ mod tests {
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
             let svc = service_fn(move |req: Request<Incoming>| {
-                let _ = tx.lock().unwrap().take().map(|tx| tx.send(req));
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(req);
+                }
                 async { Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new())) }
             });
             let _ = server::Builder::new()
