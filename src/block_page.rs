@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
@@ -21,8 +21,8 @@ use crate::decision::Reason;
 const BUILT_IN_TEMPLATE: &str = include_str!("../config/block.html");
 
 /// Header carrying the reason code on every answer icp-gate makes itself.
-pub const REASON_HEADER: &str = "icp-gate-reason";
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REASON_HEADER: HeaderName = HeaderName::from_static("icp-gate-reason");
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockPageError {
@@ -445,8 +445,8 @@ mod tests {
         assert_eq!(resp.status(), 451);
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
         assert_eq!(resp.headers()[CACHE_CONTROL], "no-store");
-        assert_eq!(resp.headers()[REASON_HEADER], "not_accessed");
-        assert_eq!(resp.headers()[REQUEST_ID_HEADER], "abc123");
+        assert_eq!(resp.headers()[&REASON_HEADER], "not_accessed");
+        assert_eq!(resp.headers()[&REQUEST_ID_HEADER], "abc123");
         let html = body(resp);
         for want in [
             "unfiled.example.cn",
@@ -541,7 +541,7 @@ mod tests {
             resp.headers()[LOCATION],
             "https://beian.example/blocked?d=a%20b&r=not_accessed"
         );
-        assert_eq!(resp.headers()[REASON_HEADER], "not_accessed");
+        assert_eq!(resp.headers()[&REASON_HEADER], "not_accessed");
         assert_eq!(resp.headers()[CACHE_CONTROL], "no-store");
     }
 }

@@ -6,10 +6,10 @@
 //! malformed request, or forward to the route's origin.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, HOST};
+use http::header::{ACCEPT, HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -57,6 +57,8 @@ struct ConnCtx {
     activity: Arc<Activity>,
     /// Origin pool private to this connection, for routes that send a PROXY header.
     proxied: OnceLock<OriginClient>,
+    /// The client address as appended to `X-Forwarded-For`.
+    client_ip: OnceLock<HeaderValue>,
 }
 
 /// Serves one client connection until it closes, idles out or the process drains.
@@ -74,6 +76,7 @@ where
         shared,
         activity: activity.clone(),
         proxied: OnceLock::new(),
+        client_ip: OnceLock::new(),
     });
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -146,7 +149,15 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
 
     let resp: Response<Body> = match decision {
         Decision::Refuse => {
-            log(ctx, &host_text, decision, reason, None, &id, started);
+            log(
+                ctx,
+                &host_text,
+                decision,
+                reason,
+                None,
+                &id,
+                started.elapsed(),
+            );
             return Err(Refused);
         }
         Decision::Block if protocol_error => {
@@ -180,9 +191,14 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
                     }),
                     None => &runtime.origins,
                 };
+                let forwarded_for = route.x_forwarded_for.then(|| {
+                    ctx.client_ip
+                        .get_or_init(|| forward::client_ip_value(ctx.ends.client))
+                });
                 let opts = ForwardOptions {
                     origin,
-                    forwarded_for: route.x_forwarded_for.then_some(ctx.ends.client),
+                    forwarded_for,
+                    upgrade: forward::is_upgrade(req.headers()),
                 };
                 let tunnel = (reason == Reason::Filed).then_some(host_text.as_str());
                 forward_request(req, client, opts, ctx, &runtime.config.limits, &id, tunnel).await
@@ -190,18 +206,11 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
         },
     };
     let status = resp.status().as_u16();
+    let took = started.elapsed();
     ctx.spec
         .metrics
-        .observe_duration(decision, started.elapsed().as_secs_f64());
-    log(
-        ctx,
-        &host_text,
-        decision,
-        reason,
-        Some(status),
-        &id,
-        started,
-    );
+        .observe_duration(decision, took.as_secs_f64());
+    log(ctx, &host_text, decision, reason, Some(status), &id, took);
     Ok(resp)
 }
 
@@ -216,7 +225,7 @@ async fn forward_request(
     // update blocks the host.
     tunnel_host: Option<&str>,
 ) -> Response<Body> {
-    let client_upgrade = forward::is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = opts.upgrade.then(|| hyper::upgrade::on(&mut req));
     let origin = opts.origin;
     match forward::forward(client, req, opts, limits.origin_response_timeout).await {
         Ok(mut resp) => {
@@ -262,7 +271,7 @@ fn log(
     reason: Reason,
     status: Option<u16>,
     id: &RequestId,
-    started: Instant,
+    duration: Duration,
 ) {
     Access {
         listener: ctx.spec.metrics.name(),
@@ -273,7 +282,7 @@ fn log(
         reason,
         status,
         request_id: id.as_str(),
-        duration: started.elapsed(),
+        duration,
     }
     .log();
 }

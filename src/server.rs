@@ -193,6 +193,8 @@ struct AcceptLoop {
     spec: Arc<ArcSwap<ListenerSpec>>,
     stop: CancellationToken,
     local_addr: SocketAddr,
+    /// Ends (closing the listening socket) once `stop` or the drain token is cancelled.
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A running server.
@@ -350,6 +352,12 @@ impl ServerHandle {
     pub async fn shutdown(&self) {
         let deadline = self.shared.runtime.load().config.limits.drain_timeout;
         self.shared.drain.cancel();
+        // Every listening socket is closed before "draining" is logged: from then on a new
+        // connection is refused by the kernel.
+        let loops: Vec<AcceptLoop> = self.loops.lock().await.drain().map(|(_, l)| l).collect();
+        for l in loops {
+            let _ = l.task.await;
+        }
         self.shared.tasks.close();
         let open = self.shared.connections.load(Ordering::Relaxed);
         info!(open_connections = open, ?deadline, "draining");
@@ -406,8 +414,9 @@ fn spawn_accept_loop(
         config: cfg,
     }));
     let stop = CancellationToken::new();
-    tokio::spawn(accept_loop(
+    let task = tokio::spawn(accept_loop(
         listener,
+        local_addr,
         spec.clone(),
         stop.clone(),
         shared.clone(),
@@ -416,11 +425,13 @@ fn spawn_accept_loop(
         spec,
         stop,
         local_addr,
+        task,
     }
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    local_addr: SocketAddr,
     spec: Arc<ArcSwap<ListenerSpec>>,
     stop: CancellationToken,
     shared: Arc<Shared>,
@@ -449,9 +460,11 @@ async fn accept_loop(
         }
         let guard = ConnectionGuard::new(&shared, &spec.metrics);
         let shared2 = shared.clone();
+        // A listener bound to one address needs no getsockname(2) per connection to know it.
+        let local = (!local_addr.ip().is_unspecified()).then_some(local_addr);
         shared.tasks.spawn(async move {
             let _guard = guard;
-            connection(stream, peer, spec, shared2).await;
+            connection(stream, peer, local, spec, shared2).await;
         });
     }
 }
@@ -487,14 +500,17 @@ pub struct Endpoints {
     pub dst: SocketAddr,
 }
 
+/// Serves one accepted connection. `local`: the listener's address when it is bound to one
+/// (else read from the socket). TCP_NODELAY comes from the listening socket: Linux copies it to
+/// every accepted socket (tested below).
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
     spec: Arc<ListenerSpec>,
     shared: Arc<Shared>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let local = match stream.local_addr() {
+    let local = match local.map_or_else(|| stream.local_addr(), Ok) {
         Ok(a) => a,
         Err(_) => return,
     };
@@ -556,8 +572,25 @@ async fn connection(
     drop(runtime);
 
     let stream = Prefixed::new(prefix, stream);
+    // Boxed: the connection task stays small, so spawning it copies little.
     match spec.config.kind {
-        ListenerKind::Http => http_listener::serve(stream, ends, spec, shared).await,
-        ListenerKind::Tls => tls_listener::serve(stream, ends, spec, shared).await,
+        ListenerKind::Http => Box::pin(http_listener::serve(stream, ends, spec, shared)).await,
+        ListenerKind::Tls => Box::pin(tls_listener::serve(stream, ends, spec, shared)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay() {
+        let listener = bind("test", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+        drop(client);
     }
 }

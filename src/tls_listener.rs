@@ -194,7 +194,7 @@ pub async fn serve(
             let stop = shared.drain.child_token();
             let _registered = (reason == Reason::Filed)
                 .then(|| shared.tunnels.register(&sni, ends.dst.ip(), stop.clone()));
-            let r = relay::relay_tcp(tcp, upstream, idle, stop).await;
+            let r = Box::pin(relay::relay_tcp(tcp, upstream, idle, stop)).await;
             spec.metrics.relayed[0].inc_by(r.client_to_origin);
             spec.metrics.relayed[1].inc_by(r.origin_to_client);
             debug!(client = %ends.client, sni = %sni, ?r, "tunnel closed");
@@ -210,12 +210,13 @@ pub async fn serve(
                 };
                 let io = Prefixed::new(buf.freeze(), tcp);
                 drop(runtime);
-                serve_block_page(acceptor, io, page).await;
+                Box::pin(serve_block_page(acceptor, io, page)).await;
             }
             None => match tls.block {
                 TlsBlock::Alert => {
+                    // Closing right after sends the FIN; a shutdown(2) first would only add a
+                    // syscall.
                     let _ = tcp.write_all(&ACCESS_DENIED_ALERT).await;
-                    let _ = tcp.shutdown().await;
                 }
                 TlsBlock::Reset => {
                     // SO_LINGER 0: close sends RST instead of FIN.
