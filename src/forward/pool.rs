@@ -368,6 +368,46 @@ mod tests {
         );
     }
 
+    /// An origin that answers one request per connection, keep-alive style, then closes the
+    /// connection shortly after (as origins do with idle keep-alive connections).
+    async fn closing_origin() -> (Authority, Arc<AtomicUsize>) {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                });
+            }
+        });
+        (addr.to_string().parse().unwrap(), accepted)
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_the_origin_closed_is_replaced() {
+        let (origin, accepted) = closing_origin().await;
+        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let get_ok = async |path| {
+            tokio::time::timeout(Duration::from_secs(5), get(&pool, &origin, path))
+                .await
+                .expect("answered")
+        };
+        assert_eq!(get_ok("/a").await, "ok");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(get_ok("/b").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn a_refused_connect_is_a_connect_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
