@@ -436,6 +436,8 @@ async fn accept_loop(
     stop: CancellationToken,
     shared: Arc<Shared>,
 ) {
+    // A listener bound to one address needs no getsockname(2) per connection to know it.
+    let bound = (!local_addr.ip().is_unspecified()).then_some(local_addr);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -460,11 +462,9 @@ async fn accept_loop(
         }
         let guard = ConnectionGuard::new(&shared, &spec.metrics);
         let shared2 = shared.clone();
-        // A listener bound to one address needs no getsockname(2) per connection to know it.
-        let local = (!local_addr.ip().is_unspecified()).then_some(local_addr);
         shared.tasks.spawn(async move {
             let _guard = guard;
-            connection(stream, peer, local, spec, shared2).await;
+            connection(stream, peer, bound, spec, shared2).await;
         });
     }
 }

@@ -323,6 +323,11 @@ mod tests {
         rx.await.unwrap()
     }
 
+    /// A pool with a 1 s connect timeout and the given idle timeout, no PROXY header.
+    fn pool(idle: Duration) -> OriginClient {
+        OriginClient::new(Duration::from_secs(1), idle, None)
+    }
+
     async fn get(pool: &OriginClient, origin: &Authority, path: &str) -> String {
         let resp = pool.send(origin, request(path).await).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -332,7 +337,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_is_reused_once_its_body_ended() {
         let (origin, accepted) = origin().await;
-        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let pool = pool(Duration::from_secs(60));
         assert_eq!(get(&pool, &origin, "/a").await, "hello /a");
         assert_eq!(pool.idle_count(), 1);
         assert_eq!(get(&pool, &origin, "/b").await, "hello /b");
@@ -344,7 +349,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_unread_takes_its_connection_with_it() {
         let (origin, accepted) = origin().await;
-        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let pool = pool(Duration::from_secs(60));
         let resp = pool.send(&origin, request("/x").await).await.unwrap();
         drop(resp);
         assert_eq!(pool.idle_count(), 0);
@@ -355,7 +360,7 @@ mod tests {
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
         let (origin, _) = origin().await;
-        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_millis(400), None);
+        let pool = pool(Duration::from_millis(400));
         get(&pool, &origin, "/a").await;
         assert_eq!(pool.idle_count(), 1);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -396,7 +401,7 @@ mod tests {
     #[tokio::test]
     async fn a_parked_connection_the_origin_closed_is_replaced() {
         let (origin, accepted) = closing_origin().await;
-        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let pool = pool(Duration::from_secs(60));
         let get_ok = async |path| {
             tokio::time::timeout(Duration::from_secs(5), get(&pool, &origin, path))
                 .await
@@ -413,7 +418,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let pool = OriginClient::new(Duration::from_secs(1), Duration::from_secs(60), None);
+        let pool = pool(Duration::from_secs(60));
         let origin: Authority = addr.to_string().parse().unwrap();
         let err = pool.send(&origin, request("/").await).await.err();
         assert_eq!(err, Some(UpstreamError::Connect));
