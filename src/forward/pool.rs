@@ -265,11 +265,33 @@ mod tests {
     use hyper::server::conn::http1 as server;
     use hyper::service::service_fn;
     use std::convert::Infallible;
+    use std::future::Future;
     use std::sync::atomic::AtomicUsize;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// An origin on loopback that counts the connections it accepted.
     async fn origin() -> (Authority, Arc<AtomicUsize>) {
+        counting_origin(|stream| async move {
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let body = match req.uri().path() {
+                    "/empty" => String::new(),
+                    path => format!("hello {path}"),
+                };
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(body))))
+            });
+            let _ = server::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        })
+        .await
+    }
+
+    /// An origin on loopback that runs `serve` on each connection and counts the connections.
+    async fn counting_origin<F, Fut>(serve: F) -> (Authority, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -278,20 +300,7 @@ mod tests {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = service_fn(|req: Request<Incoming>| async move {
-                        let body = match req.uri().path() {
-                            "/empty" => String::new(),
-                            path => format!("hello {path}"),
-                        };
-                        Ok::<_, Infallible>(Response::new(http_body_util::Full::new(Bytes::from(
-                            body,
-                        ))))
-                    });
-                    let _ = server::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve(stream));
             }
         });
         (addr.to_string().parse().unwrap(), accepted)
@@ -377,25 +386,15 @@ mod tests {
     /// connection shortly after (as origins do with idle keep-alive connections).
     async fn closing_origin() -> (Authority, Arc<AtomicUsize>) {
         use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let _ = stream.read(&mut buf).await;
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                });
-            }
-        });
-        (addr.to_string().parse().unwrap(), accepted)
+        counting_origin(|mut stream| async move {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await
     }
 
     #[tokio::test]
