@@ -12,7 +12,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
-use http_body_util::Full;
 
 use crate::config::BlockPageConfig;
 use crate::decision::Reason;
@@ -287,7 +286,7 @@ impl BlockPage {
     }
 
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
-    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Full<Bytes>> {
+    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Bytes> {
         let i = ctx.reason as usize;
         let (status, content_type, body, location) = if let Some(redirects) = &self.redirects {
             let url = redirects[i].render(ctx, escape_url);
@@ -307,7 +306,7 @@ impl BlockPage {
                 None,
             )
         };
-        let mut resp = Response::new(Full::new(body));
+        let mut resp = Response::new(body);
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -328,13 +327,13 @@ pub fn error_response(
     status: StatusCode,
     reason: Option<Reason>,
     request_id: &str,
-) -> Response<Full<Bytes>> {
+) -> Response<Bytes> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    let mut resp = Response::new(Bytes::from(text));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -404,7 +403,6 @@ fn escape_url(out: &mut BytesMut, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     fn page(template: Option<&str>, redirect: Option<&str>) -> BlockPage {
         let dir = tempfile::tempdir().unwrap();
@@ -421,16 +419,8 @@ mod tests {
         .unwrap()
     }
 
-    fn body(resp: Response<Full<Bytes>>) -> String {
-        use futures_util::FutureExt;
-        let bytes = resp
-            .into_body()
-            .collect()
-            .now_or_never()
-            .expect("a full body is ready at once")
-            .unwrap()
-            .to_bytes();
-        String::from_utf8(bytes.to_vec()).unwrap()
+    fn body(resp: Response<Bytes>) -> String {
+        String::from_utf8(resp.into_body().to_vec()).unwrap()
     }
 
     const CTX: BlockContext<'static> = BlockContext {

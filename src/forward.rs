@@ -5,6 +5,7 @@
 //! names one client and a pooled origin connection must never carry another's.
 
 mod pool;
+mod raw;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::metrics::UpstreamError;
 use crate::proxy_protocol;
 
 pub use pool::{OriginBody, OriginClient};
+pub use raw::{ExchangeError, Outgoing, RawOrigins, Relayed};
 
 /// Connects to `host:port` within `timeout`, trying each resolved address in turn.
 pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -58,6 +60,11 @@ pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginCl
         limits.idle_timeout,
         proxy_header,
     )
+}
+
+/// The plain origin connections of the HTTP fast path.
+pub fn raw_origins(limits: &Limits) -> RawOrigins {
+    RawOrigins::new(limits.origin_connect_timeout, limits.idle_timeout)
 }
 
 /// A client whose connections each start with a PROXY header for this client connection.

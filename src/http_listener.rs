@@ -19,12 +19,15 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+mod fast;
+
 use crate::block_page::{BlockContext, error_response};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ForwardOptions, OriginBody, OriginClient};
 use crate::host::{self, Host};
-use crate::io::{Activity, Watched, watchdog};
+use crate::http1;
+use crate::io::{Activity, Prefixed, Watched, watchdog};
 use crate::logging::{Access, RequestId};
 use crate::metrics::UpstreamError;
 use crate::relay;
@@ -61,13 +64,13 @@ struct ConnCtx {
     client_ip: OnceLock<HeaderValue>,
 }
 
-/// Serves one client connection until it closes, idles out or the process drains.
+/// Serves one client connection until it closes, idles out or the process drains: the fast
+/// path ([`fast`]) while requests are simple, then hyper for the rest of the connection.
 pub async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let runtime = shared.runtime.load_full();
-    let limits = runtime.config.limits.clone();
+    let limits = shared.runtime.load().config.limits.clone();
     let activity = Arc::new(Activity::default());
     let drain = shared.drain.clone();
     let ctx = Arc::new(ConnCtx {
@@ -78,18 +81,47 @@ where
         proxied: OnceLock::new(),
         client_ip: OnceLock::new(),
     });
+    let mut io = Watched::new(io, activity.clone());
+    let dog = watchdog(
+        activity.clone(),
+        limits.header_read_timeout,
+        limits.idle_timeout,
+    );
+    tokio::pin!(dog);
+
+    let rest = {
+        let fast = fast::serve(&mut io, &ctx, &limits);
+        tokio::pin!(fast);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                rest = fast.as_mut() => break rest,
+                // A request in flight finishes (with `connection: close`); an idle connection
+                // closes now.
+                _ = drain.cancelled(), if !draining => {
+                    if activity.is_idle() {
+                        return;
+                    }
+                    draining = true;
+                }
+                _ = &mut dog => {
+                    debug!(client = %ends.client, "closing idle http connection");
+                    return;
+                }
+            }
+        }
+    };
+    let Some(rest) = rest else { return };
+
+    // A copy, so a long-lived connection does not pin the config it started under.
+    let http = ctx.shared.runtime.load().http.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { handle(req, &ctx).await }
     });
-    // A copy, so a long-lived connection does not pin the config it started under.
-    let http = runtime.http.clone();
-    drop(runtime);
     let conn =
-        http.serve_connection_with_upgrades(TokioIo::new(Watched::new(io, activity.clone())), svc);
+        http.serve_connection_with_upgrades(TokioIo::new(Prefixed::new(rest.freeze(), io)), svc);
     tokio::pin!(conn);
-    let dog = watchdog(activity, limits.header_read_timeout, limits.idle_timeout);
-    tokio::pin!(dog);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -161,7 +193,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
             return Err(Refused);
         }
         Decision::Block if protocol_error => {
-            error_response(StatusCode::BAD_REQUEST, Some(reason), id.as_str()).map(Either::Left)
+            error_response(StatusCode::BAD_REQUEST, Some(reason), id.as_str()).map(own)
         }
         Decision::Block => {
             let page = BlockContext {
@@ -169,16 +201,16 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
                 reason,
                 request_id: id.as_str(),
             };
-            runtime.block_page.response(&page, json).map(Either::Left)
+            runtime.block_page.response(&page, json).map(own)
         }
         Decision::Allow | Decision::Report => match route
             .and_then(|r| r.http_origin.as_ref().map(|o| (r, o)))
         {
             _ if req.method() == Method::CONNECT => {
-                error_response(StatusCode::METHOD_NOT_ALLOWED, None, id.as_str()).map(Either::Left)
+                error_response(StatusCode::METHOD_NOT_ALLOWED, None, id.as_str()).map(own)
             }
             // The config requires an http_origin on every route when an http listener exists.
-            None => error_response(StatusCode::BAD_GATEWAY, None, id.as_str()).map(Either::Left),
+            None => error_response(StatusCode::BAD_GATEWAY, None, id.as_str()).map(own),
             Some((route, origin)) => {
                 let client = match route.send_proxy_protocol {
                     Some(version) => ctx.proxied.get_or_init(|| {
@@ -259,7 +291,7 @@ async fn forward_request(
                 UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
             };
             debug!(%origin, kind = kind.as_str(), "origin error");
-            error_response(status, None, id.as_str()).map(Either::Left)
+            error_response(status, None, id.as_str()).map(own)
         }
     }
 }
@@ -289,11 +321,15 @@ fn log(
 
 /// The client asked for JSON (`Accept: application/json`).
 pub(crate) fn wants_json<B>(req: &Request<B>) -> bool {
-    req.headers().get_all(ACCEPT).iter().any(|v| {
-        v.as_bytes()
-            .windows(16)
-            .any(|w| w.eq_ignore_ascii_case(b"application/json"))
-    })
+    req.headers()
+        .get_all(ACCEPT)
+        .iter()
+        .any(|v| http1::names_json(v.as_bytes()))
+}
+
+/// One of icp-gate's own answers as a response body.
+fn own(body: Bytes) -> Body {
+    Either::Left(Full::new(body))
 }
 
 /// The host a request is for.

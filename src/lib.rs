@@ -13,6 +13,7 @@ pub mod decision;
 pub mod demo_origin;
 pub mod forward;
 pub mod host;
+pub mod http1;
 pub mod http_listener;
 pub mod io;
 pub mod logging;

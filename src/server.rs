@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::block_page::{BlockPage, BlockPageError};
 use crate::config::{Config, ListenerConfig, ListenerKind, RegistryConfig};
 use crate::decision::{Decision, Policy, Reason};
-use crate::forward::{OriginClient, origin_client};
+use crate::forward::{self, OriginClient, RawOrigins, origin_client};
 use crate::io::Prefixed;
 use crate::logging::{Access, RequestId};
 use crate::metrics::{ListenerMetrics, Metrics};
@@ -54,8 +54,10 @@ pub struct Runtime {
     pub config: Config,
     pub policy: Policy,
     pub block_page: BlockPage,
-    /// The shared keep-alive pool toward origins.
+    /// The shared keep-alive pool toward origins (hyper path).
     pub origins: OriginClient,
+    /// The same for the HTTP fast path.
+    pub raw_origins: RawOrigins,
     pub http: auto::Builder<TokioExecutor>,
     pub tls: tls_listener::TlsRuntime,
 }
@@ -65,6 +67,7 @@ impl Runtime {
         let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
         let block_page = BlockPage::load(&config.block_page)?;
         let origins = origin_client(&config.limits, None);
+        let raw_origins = forward::raw_origins(&config.limits);
         let http = http_listener::builder(&config.limits);
         let tls = tls_listener::TlsRuntime::new(&config).map_err(ServerError::Tls)?;
         Ok(Runtime {
@@ -72,6 +75,7 @@ impl Runtime {
             policy,
             block_page,
             origins,
+            raw_origins,
             http,
             tls,
         })

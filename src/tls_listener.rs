@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -288,7 +288,9 @@ async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<TcpStream>, job: B
                 request_id: id.as_str(),
             };
             let resp = job.shared.runtime.load().block_page.response(&ctx, json);
-            Ok::<_, std::convert::Infallible>(resp.map(Either::<_, hyper::body::Incoming>::Left))
+            Ok::<_, std::convert::Infallible>(
+                resp.map(|b| Either::<_, hyper::body::Incoming>::Left(Full::new(b))),
+            )
         }
     });
     let _ = auto::Builder::new(TokioExecutor::new())

@@ -207,6 +207,13 @@ async fn oversized_request_head_is_431() {
     );
     let resp = raw(gate.http, big.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(statuses(&resp), [431], "{resp}");
+    // Just over the limit, and complete, so a read may hold all of it at once.
+    let over = format!(
+        "GET / HTTP/1.1\r\nHost: filed.cn\r\nCookie: {}\r\n\r\n",
+        "c".repeat(8200)
+    );
+    let resp = raw(gate.http, over.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [431], "{resp}");
     let ok = format!(
         "GET / HTTP/1.1\r\nHost: filed.cn\r\nCookie: {}\r\nConnection: close\r\n\r\n",
         "c".repeat(4000)

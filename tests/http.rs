@@ -528,3 +528,82 @@ async fn metric_labels_never_carry_client_values() {
     let metrics = gate.metrics().await;
     assert!(!metrics.contains("evil-label-value") && !metrics.contains("bad host"));
 }
+
+/// Simple requests are served by the hand-written fast path, others by hyper; one connection can
+/// carry both, in order, and what hyper serves first stays with hyper.
+#[tokio::test]
+async fn fast_path_and_hyper_share_a_connection_in_order() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "")).await;
+    let burst: &[u8] =
+        b"GET /fast HTTP/1.1\r\nHost: filed.cn\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n\
+GET /chunked HTTP/1.1\r\nHost: filed.cn\r\n\r\n\
+HEAD /head HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n\
+POST /echo HTTP/1.1\r\nHost: filed.cn\r\nContent-Length: 5\r\n\r\nhello\
+GET /after HTTP/1.1\r\nHost: filed.cn\r\n\r\n\
+GET /last HTTP/1.1\r\nHost: unfiled.cn\r\nConnection: close\r\n\r\n";
+    let mut s = TcpStream::connect(gate.http).await.unwrap();
+    // The first head arrives in two pieces.
+    s.write_all(&burst[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(&burst[20..]).await.unwrap();
+    let resp = read_for(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [200, 200, 403, 200, 200, 403], "{resp}");
+    assert!(resp.contains("origin saw filed.cn/fast"), "{resp}");
+    assert!(
+        resp.contains("transfer-encoding: chunked\r\n") && resp.contains("a chunked answer"),
+        "{resp}"
+    );
+    let head = &resp[resp.find("HTTP/1.1 403").unwrap()..];
+    let head = &head[..head.find("HTTP/1.1 200").unwrap()];
+    assert!(
+        head.contains("content-length: ") && head.ends_with("\r\n\r\n"),
+        "HEAD got a body: {head}"
+    );
+    assert!(resp.contains("\r\n\r\nhello"), "{resp}");
+    assert!(resp.contains("origin saw filed.cn/after"), "{resp}");
+    let seen = origin.seen.lock().unwrap().clone();
+    let paths: Vec<String> = seen.iter().map(|s| s.uri.to_string()).collect();
+    assert_eq!(paths, ["/fast", "/chunked", "/echo", "/after"]);
+    assert_eq!(seen[0].headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen[0].headers["host"], "filed.cn");
+    assert!(!seen[0].headers.contains_key("connection"));
+}
+
+/// An origin response the fast path cannot frame is a 502, counted, and the client connection
+/// stays usable; the origin connection is not reused.
+#[tokio::test]
+async fn malformed_origin_response_is_502() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                    )
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let gate = Gate::start(&config(addr, "")).await;
+    let resp = raw(
+        gate.http,
+        b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\nGET / HTTP/1.1\r\nHost: unfiled.cn\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(statuses(&resp), [502, 403], "{resp}");
+    assert!(resp.contains("x-request-id: "), "{resp}");
+    assert!(!resp.contains("abcd"), "{resp}");
+    assert!(
+        gate.metrics()
+            .await
+            .contains(r#"icp_gate_upstream_errors_total{kind="reset",listener="http"} 1"#)
+    );
+}

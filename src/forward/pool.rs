@@ -28,31 +28,141 @@ use crate::metrics::UpstreamError;
 
 type Sender = SendRequest<Incoming>;
 
-/// A pool of origin connections. Cheap to clone (clones share the pool).
-#[derive(Clone)]
-pub struct OriginClient {
-    inner: Arc<Inner>,
+/// A connection a [`Pool`] can park.
+pub trait Parked: Send + 'static {
+    /// Still open, and nothing arrived on it while it was idle.
+    fn usable(&mut self) -> bool;
 }
 
-struct Inner {
-    idle: Mutex<HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>>,
-    connect_timeout: Duration,
+impl Parked for Sender {
+    fn usable(&mut self) -> bool {
+        // hyper's connection task reads the socket while idle and closes on EOF or data.
+        !self.is_closed()
+    }
+}
+
+/// Idle connections per origin address. Cheap to clone (clones share the pool).
+pub struct Pool<C> {
+    inner: Arc<PoolInner<C>>,
+}
+
+impl<C> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Pool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct PoolInner<C> {
+    idle: Mutex<HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>>,
     idle_timeout: Duration,
-    /// Written at the start of every new connection (a PROXY header), if set.
-    proxy_header: Option<Box<[u8]>>,
     /// Sweeper ticks so far; an idle connection remembers the tick it was parked at.
     tick: AtomicU64,
     sweeper_started: AtomicBool,
 }
 
-struct Idle {
-    sender: Sender,
+struct Idle<C> {
+    conn: C,
     parked_at: u64,
 }
 
 /// An idle connection is closed at the first sweeper tick (one every `idle_timeout / 4`) after
 /// this many full ticks have passed since it was parked: after (1, 1.25] × `idle_timeout`.
 const IDLE_TICKS: u64 = 4;
+
+impl<C: Parked> Pool<C> {
+    pub fn new(idle_timeout: Duration) -> Pool<C> {
+        Pool {
+            inner: Arc::new(PoolInner {
+                idle: Mutex::default(),
+                idle_timeout,
+                tick: AtomicU64::new(0),
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn idle(
+        &self,
+    ) -> MutexGuard<'_, HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>> {
+        // The map is consistent after any panic (pushes and pops only), so poison is harmless.
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently parked connection to `origin` that is still usable.
+    pub fn checkout(&self, origin: &Authority) -> Option<C> {
+        let mut idle = self.idle();
+        let parked = idle.get_mut(origin)?;
+        while let Some(mut idle) = parked.pop() {
+            if idle.conn.usable() {
+                return Some(idle.conn);
+            }
+        }
+        None
+    }
+
+    /// Parks `conn` as idle. The first connection parked starts the sweeper.
+    pub fn checkin(&self, origin: Authority, mut conn: C) {
+        if !conn.usable() {
+            return;
+        }
+        let conn = Idle {
+            conn,
+            parked_at: self.inner.tick.load(Ordering::Relaxed),
+        };
+        self.idle().entry(origin).or_default().push(conn);
+        self.start_sweeper();
+    }
+
+    /// Starts the task that closes idle connections, once per pool; it ends with the pool.
+    fn start_sweeper(&self) {
+        if self.inner.sweeper_started.load(Ordering::Relaxed)
+            || self.inner.sweeper_started.swap(true, Ordering::Relaxed)
+        {
+            return;
+        }
+        let weak: Weak<PoolInner<C>> = Arc::downgrade(&self.inner);
+        let period = (self.inner.idle_timeout / 4).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(period);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Pool { inner }.sweep();
+            }
+        });
+    }
+
+    fn sweep(&self) {
+        let now = self.inner.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut idle = self.idle();
+        for parked in idle.values_mut() {
+            parked.retain_mut(|c| now - c.parked_at <= IDLE_TICKS && c.conn.usable());
+        }
+        idle.retain(|_, parked| !parked.is_empty());
+    }
+
+    /// Idle connections parked right now (for tests).
+    #[cfg(test)]
+    pub fn idle_count(&self) -> usize {
+        self.idle().values().map(Vec::len).sum()
+    }
+}
+
+/// hyper client connections to origins, for the requests hyper serves (bodies, upgrades, HTTP/2,
+/// routes with a PROXY header). Cheap to clone (clones share the pool).
+#[derive(Clone)]
+pub struct OriginClient {
+    pool: Pool<Sender>,
+    connect_timeout: Duration,
+    /// Written at the start of every new connection (a PROXY header), if set.
+    proxy_header: Option<Arc<[u8]>>,
+}
 
 impl OriginClient {
     pub fn new(
@@ -61,14 +171,9 @@ impl OriginClient {
         proxy_header: Option<Vec<u8>>,
     ) -> OriginClient {
         OriginClient {
-            inner: Arc::new(Inner {
-                idle: Mutex::default(),
-                connect_timeout,
-                idle_timeout,
-                proxy_header: proxy_header.map(Vec::into_boxed_slice),
-                tick: AtomicU64::new(0),
-                sweeper_started: AtomicBool::new(false),
-            }),
+            pool: Pool::new(idle_timeout),
+            connect_timeout,
+            proxy_header: proxy_header.map(Arc::from),
         }
     }
 
@@ -82,7 +187,7 @@ impl OriginClient {
         mut req: Request<Incoming>,
     ) -> Result<Response<OriginBody>, UpstreamError> {
         loop {
-            let (mut sender, pooled) = match self.checkout(origin) {
+            let (mut sender, pooled) = match self.pool.checkout(origin) {
                 Some(sender) => (sender, true),
                 None => (self.connect(origin).await?, false),
             };
@@ -96,7 +201,7 @@ impl OriginClient {
                 Ok(resp) => {
                     // After a 101 the connection belongs to the upgraded tunnel.
                     let keep = resp.status() != StatusCode::SWITCHING_PROTOCOLS;
-                    let back = keep.then(|| (sender, self.clone(), origin.clone()));
+                    let back = keep.then(|| (sender, self.pool.clone(), origin.clone()));
                     return Ok(resp.map(|body| OriginBody {
                         body,
                         ended: false,
@@ -114,46 +219,15 @@ impl OriginClient {
         }
     }
 
-    fn idle(&self) -> MutexGuard<'_, HashMap<Authority, Vec<Idle>, foldhash::fast::RandomState>> {
-        // The map is consistent after any panic (pushes and pops only), so poison is harmless.
-        self.inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The most recently parked connection to `origin` that is still open.
-    fn checkout(&self, origin: &Authority) -> Option<Sender> {
-        let mut idle = self.idle();
-        let parked = idle.get_mut(origin)?;
-        while let Some(conn) = parked.pop() {
-            if !conn.sender.is_closed() {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, origin: Authority, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let conn = Idle {
-            sender,
-            parked_at: self.inner.tick.load(Ordering::Relaxed),
-        };
-        self.idle().entry(origin).or_default().push(conn);
-    }
-
     async fn connect(&self, origin: &Authority) -> Result<Sender, UpstreamError> {
         let failed = |e: std::io::Error| {
             debug!(%origin, error = %e, "origin connect failed");
             UpstreamError::Connect
         };
-        let mut stream = connect(origin.as_str(), self.inner.connect_timeout)
+        let mut stream = connect(origin.as_str(), self.connect_timeout)
             .await
             .map_err(failed)?;
-        if let Some(header) = &self.inner.proxy_header {
+        if let Some(header) = &self.proxy_header {
             stream.write_all(header).await.map_err(failed)?;
         }
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
@@ -165,41 +239,12 @@ impl OriginClient {
                 debug!(error = %e, "origin connection ended with an error");
             }
         });
-        self.start_sweeper();
         Ok(sender)
     }
 
-    /// Starts the task that closes idle connections, once per pool; it ends with the pool.
-    fn start_sweeper(&self) {
-        if self.inner.sweeper_started.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        let period = (self.inner.idle_timeout / 4).max(Duration::from_millis(10));
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(period);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                OriginClient { inner }.sweep();
-            }
-        });
-    }
-
-    fn sweep(&self) {
-        let now = self.inner.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = self.idle();
-        for parked in idle.values_mut() {
-            parked.retain(|c| now - c.parked_at <= IDLE_TICKS && !c.sender.is_closed());
-        }
-        idle.retain(|_, parked| !parked.is_empty());
-    }
-
-    /// Idle connections parked right now (for tests).
     #[cfg(test)]
     fn idle_count(&self) -> usize {
-        self.idle().values().map(Vec::len).sum()
+        self.pool.idle_count()
     }
 }
 
@@ -208,7 +253,7 @@ impl OriginClient {
 pub struct OriginBody {
     body: Incoming,
     ended: bool,
-    back: Option<(Sender, OriginClient, Authority)>,
+    back: Option<(Sender, Pool<Sender>, Authority)>,
 }
 
 impl OriginBody {

@@ -42,7 +42,7 @@ pub struct Seen {
 
 /// A real HTTP origin on loopback that records every request and answers `origin saw <host><path>`.
 /// Paths with special behaviour: `/slow` answers after 3 s; `/echo` answers with the request body;
-/// `/ws` accepts an `Upgrade` and then echoes bytes.
+/// `/chunked` answers with a chunked body; `/ws` accepts an `Upgrade` and then echoes bytes.
 pub struct Origin {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
@@ -119,6 +119,10 @@ async fn origin_answer(
             Ok(Response::new(Full::new(Bytes::from("slow"))))
         }
         "/echo" => Ok(Response::new(Full::new(body))),
+        "/chunked" => Ok(Response::builder()
+            .header("transfer-encoding", "chunked")
+            .body(Full::new(Bytes::from("a chunked answer")))
+            .unwrap()),
         "/ws" => {
             if let Some(on) = on_upgrade {
                 tokio::spawn(async move {

@@ -1,0 +1,275 @@
+//! The HTTP/1.1 fast path: serves simple requests ([`http1::parse_request`]) without hyper —
+//! the same decision, block page, metrics and log line as the hyper path, and forwards over
+//! [`RawOrigins`]. At the first request it does not serve (or cannot read within the limits) it
+//! returns the bytes it has read, and hyper serves them and the rest of the connection.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use http::StatusCode;
+use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{ConnCtx, log};
+use crate::block_page::{BlockContext, error_response};
+use crate::config::Limits;
+use crate::decision::{Decision, HostInput, Reason, decide};
+use crate::forward::{self, ExchangeError, Outgoing};
+use crate::host::{self, Host};
+use crate::http1::{self, MAX_HEADERS, RequestHead};
+use crate::io::{InFlight, Watched};
+use crate::logging::RequestId;
+use crate::metrics::UpstreamError;
+use crate::server::Runtime;
+
+/// First read buffer of a connection; it grows up to `limits.max_header_bytes` for a long head.
+const INITIAL_BUFFER: usize = 4096;
+
+/// Serves requests until the connection ends (`None`) or a request needs hyper: then returns
+/// everything read from the client that has not been answered, that request first.
+pub(super) async fn serve<S>(
+    io: &mut Watched<S>,
+    ctx: &ConnCtx,
+    limits: &Limits,
+) -> Option<BytesMut>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
+    let mut out = Vec::new();
+    // The next request head must be complete by then: armed when the connection opens and after
+    // each answer (an idle keep-alive connection closes after `header_read_timeout`, as with
+    // hyper). One timer per connection, moved rather than re-created.
+    let head_timer = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(head_timer);
+    loop {
+        let step = if buf.is_empty() {
+            Step::Partial
+        } else {
+            out.clear();
+            prepare(&buf, ctx, limits, &mut out)
+        };
+        let request = match step {
+            Step::Partial => {
+                if buf.len() >= limits.max_header_bytes {
+                    // hyper answers 431.
+                    return Some(buf);
+                }
+                buf.reserve(INITIAL_BUFFER);
+                tokio::select! {
+                    biased;
+                    read = io.read_buf(&mut buf) => match read {
+                        Ok(0) | Err(_) => return None,
+                        Ok(_) => continue,
+                    },
+                    _ = &mut head_timer => return None,
+                }
+            }
+            Step::Handoff => return Some(buf),
+            Step::Answer(request) => {
+                if io.write_all(&out).await.is_err() {
+                    return None;
+                }
+                let status = request.status;
+                request.finish(ctx, status)
+            }
+            Step::Forward(request, forward) => {
+                let outgoing = Outgoing {
+                    origin: &forward.origin,
+                    head: &out,
+                    idempotent: forward.idempotent,
+                    head_request: request.head_request,
+                    close: request.close,
+                };
+                let timeout = request.runtime.config.limits.origin_response_timeout;
+                let raw = &request.runtime.raw_origins;
+                match raw.exchange(&outgoing, timeout, io).await {
+                    Ok(relayed) => {
+                        let mut request = request;
+                        request.close |= relayed.close;
+                        request.finish(ctx, relayed.status)
+                    }
+                    Err(ExchangeError::Broken { status }) => {
+                        let mut request = request;
+                        request.close = true;
+                        request.finish(ctx, status)
+                    }
+                    Err(ExchangeError::Upstream(kind)) => {
+                        answer_upstream_error(io, ctx, request, kind, &mut out).await
+                    }
+                    Err(ExchangeError::Bad(_)) => {
+                        answer_upstream_error(io, ctx, request, UpstreamError::Reset, &mut out)
+                            .await
+                    }
+                }
+            }
+        };
+        let (len, close) = request?;
+        buf.advance(len);
+        head_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + limits.header_read_timeout);
+        if close || ctx.shared.drain.is_cancelled() {
+            return None;
+        }
+    }
+}
+
+/// The origin failed before sending a response: 502 or 504 (SPEC §4).
+async fn answer_upstream_error<S>(
+    io: &mut Watched<S>,
+    ctx: &ConnCtx,
+    request: Request,
+    kind: UpstreamError,
+    out: &mut Vec<u8>,
+) -> Option<(usize, bool)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ctx.spec.metrics.upstream_error(kind);
+    let status = match kind {
+        UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
+    };
+    out.clear();
+    let resp = error_response(status, None, request.id.as_str());
+    http1::write_own_response(out, &resp, request.head_request, request.close);
+    if io.write_all(out).await.is_err() {
+        return None;
+    }
+    request.finish(ctx, status.as_u16())
+}
+
+enum Step {
+    /// No complete request head yet.
+    Partial,
+    /// hyper serves this request and the rest of the connection.
+    Handoff,
+    /// The answer is in `out`.
+    Answer(Request),
+    /// The request for the origin is in `out`.
+    Forward(Request, Forward),
+}
+
+/// A request being served, for its log line.
+struct Request {
+    /// Its length in the buffer.
+    len: usize,
+    head_request: bool,
+    /// The connection closes after the answer.
+    close: bool,
+    status: u16,
+    host: String,
+    decision: Decision,
+    reason: Reason,
+    id: RequestId,
+    started: Instant,
+    runtime: Arc<Runtime>,
+    _in_flight: InFlight,
+}
+
+impl Request {
+    /// Records the request; `Some((its length, whether the connection closes))`.
+    fn finish(self, ctx: &ConnCtx, status: u16) -> Option<(usize, bool)> {
+        let took = self.started.elapsed();
+        ctx.spec
+            .metrics
+            .observe_duration(self.decision, took.as_secs_f64());
+        log(
+            ctx,
+            &self.host,
+            self.decision,
+            self.reason,
+            Some(status),
+            &self.id,
+            took,
+        );
+        Some((self.len, self.close))
+    }
+}
+
+struct Forward {
+    origin: Authority,
+    idempotent: bool,
+}
+
+/// Decides the request at the start of `buf` and writes what to send (answer or origin
+/// request) into `out`. Nothing is counted or logged for a request handed to hyper, which
+/// decides it again.
+fn prepare(buf: &[u8], ctx: &ConnCtx, limits: &Limits, out: &mut Vec<u8>) -> Step {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let req = match http1::parse_request(buf, &mut headers) {
+        RequestHead::Partial => return Step::Partial,
+        RequestHead::Other => return Step::Handoff,
+        // Over the limit: hyper answers 431.
+        RequestHead::Simple(req) if req.len > limits.max_header_bytes => return Step::Handoff,
+        RequestHead::Simple(req) => req,
+    };
+    // A host that does not parse is a 400 from the hyper path.
+    let Ok(host) = host::parse_authority(req.host) else {
+        return Step::Handoff;
+    };
+    let started = Instant::now();
+    let runtime = ctx.shared.runtime.load_full();
+    let input = match &host {
+        Host::Name(name) => HostInput::Name(name),
+        Host::Ip(ip) => HostInput::Ip(*ip),
+    };
+    let snapshot = ctx.shared.registry.load();
+    let verdict = decide(ctx.ends.dst.ip(), input, &snapshot, &runtime.policy);
+    let forward = match verdict.decision {
+        Decision::Refuse => return Step::Handoff,
+        Decision::Block if verdict.protocol_error => return Step::Handoff,
+        Decision::Block => None,
+        Decision::Allow | Decision::Report => match verdict.route {
+            Some(route) if route.send_proxy_protocol.is_none() => match &route.http_origin {
+                Some(origin) => Some((route, origin.authority().clone())),
+                None => return Step::Handoff,
+            },
+            _ => return Step::Handoff,
+        },
+    };
+    ctx.spec.metrics.request(verdict.decision, verdict.reason);
+    let mut request = Request {
+        len: req.len,
+        head_request: req.is_head(),
+        close: req.close || ctx.shared.drain.is_cancelled(),
+        status: 0,
+        host: host.to_text().into_owned(),
+        decision: verdict.decision,
+        reason: verdict.reason,
+        id: RequestId::next(),
+        started,
+        runtime: runtime.clone(),
+        _in_flight: ctx.activity.request(),
+    };
+    match forward {
+        None => {
+            let page = BlockContext {
+                host: &request.host,
+                reason: verdict.reason,
+                request_id: request.id.as_str(),
+            };
+            let resp = runtime.block_page.response(&page, req.json);
+            request.status = resp.status().as_u16();
+            http1::write_own_response(out, &resp, request.head_request, request.close);
+            Step::Answer(request)
+        }
+        Some((route, origin)) => {
+            let forwarded_for = route.x_forwarded_for.then(|| {
+                ctx.client_ip
+                    .get_or_init(|| forward::client_ip_value(ctx.ends.client))
+                    .as_bytes()
+            });
+            http1::write_origin_request(out, &req, forwarded_for);
+            Step::Forward(
+                request,
+                Forward {
+                    origin,
+                    idempotent: req.is_idempotent(),
+                },
+            )
+        }
+    }
+}
