@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue, LOCATION};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 
 use crate::config::BlockPageConfig;
@@ -286,7 +286,7 @@ impl BlockPage {
     }
 
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
-    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Bytes> {
+    pub fn answer<'c>(&self, ctx: &BlockContext<'c>, json: bool) -> Answer<'c> {
         let i = ctx.reason as usize;
         let (status, content_type, body, location) = if let Some(redirects) = &self.redirects {
             let url = redirects[i].render(ctx, escape_url);
@@ -306,57 +306,95 @@ impl BlockPage {
                 None,
             )
         };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-        if let Some(url) = location {
-            // Rendered from a validated URL with escaped values, so it is a valid header value.
-            if let Ok(v) = HeaderValue::from_maybe_shared(url) {
-                h.insert(LOCATION, v);
+        Answer {
+            status,
+            content_type,
+            location,
+            reason: Some(ctx.reason),
+            request_id: ctx.request_id,
+            body,
+        }
+    }
+
+    /// [`BlockPage::answer`] as a response for hyper.
+    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Bytes> {
+        self.answer(ctx, json).into_response()
+    }
+}
+
+/// One of icp-gate's own answers (block page, redirect, 400, 502, 504): status, headers and
+/// body, written by hyper ([`Answer::into_response`]) or by the HTTP/1.1 fast path
+/// ([`Answer::headers`]).
+#[derive(Debug)]
+pub struct Answer<'c> {
+    pub status: StatusCode,
+    content_type: &'static str,
+    /// A URL rendered from a validated template with escaped values.
+    location: Option<Bytes>,
+    /// Sent as `icp-gate-reason` (every block, and 400s).
+    reason: Option<Reason>,
+    request_id: &'c str,
+    pub body: Bytes,
+}
+
+impl Answer<'_> {
+    /// The headers, in order: `content-type`, `location`, `cache-control` and `icp-gate-reason`
+    /// (with a reason), `x-request-id`.
+    pub fn headers(&self) -> impl Iterator<Item = (HeaderName, &[u8])> {
+        let location = self.location.as_deref().map(|l| (LOCATION, l));
+        let reason = self.reason.into_iter().flat_map(|r| {
+            [
+                (CACHE_CONTROL, &b"no-store"[..]),
+                (REASON_HEADER, r.as_str().as_bytes()),
+            ]
+        });
+        [(CONTENT_TYPE, self.content_type.as_bytes())]
+            .into_iter()
+            .chain(location)
+            .chain(reason)
+            .chain([(REQUEST_ID_HEADER, self.request_id.as_bytes())])
+    }
+
+    pub fn into_response(self) -> Response<Bytes> {
+        let mut headers = HeaderMap::with_capacity(5);
+        for (name, value) in self.headers() {
+            // Static texts, hex request ids and escaped URLs are always valid header values.
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.insert(name, v);
             }
         }
-        common_headers(&mut resp, ctx.reason, ctx.request_id);
+        let mut resp = Response::new(self.body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = headers;
         resp
     }
 }
 
 /// A plain-text error answer made by icp-gate itself (400 for protocol errors, 502/504 for origin
 /// trouble), carrying the same identifying headers as the block page.
-pub fn error_response(
-    status: StatusCode,
-    reason: Option<Reason>,
-    request_id: &str,
-) -> Response<Bytes> {
+pub fn error_answer(status: StatusCode, reason: Option<Reason>, request_id: &str) -> Answer<'_> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
-    let mut resp = Response::new(Bytes::from(text));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    match reason {
-        Some(reason) => common_headers(&mut resp, reason, request_id),
-        None => set_request_id(&mut resp, request_id),
+    Answer {
+        status,
+        content_type: "text/plain; charset=utf-8",
+        location: None,
+        reason,
+        request_id,
+        body: Bytes::from(text),
     }
-    resp
 }
 
-fn common_headers<B>(resp: &mut Response<B>, reason: Reason, request_id: &str) {
-    let h = resp.headers_mut();
-    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
-    set_request_id(resp, request_id);
-}
-
-fn set_request_id<B>(resp: &mut Response<B>, request_id: &str) {
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
-    }
+/// [`error_answer`] as a response for hyper.
+pub fn error_response(
+    status: StatusCode,
+    reason: Option<Reason>,
+    request_id: &str,
+) -> Response<Bytes> {
+    error_answer(status, reason, request_id).into_response()
 }
 
 fn json_body(ctx: &BlockContext<'_>) -> Bytes {

@@ -12,9 +12,9 @@
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http::Response;
 use httparse::{Header, Status};
+
+use crate::block_page::Answer;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
@@ -181,30 +181,29 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes one of icp-gate's own answers (block page, 400, 502, 504) as hyper would: the
-/// response's headers, `connection: close` when the connection ends after it, `content-length`,
-/// `date`, then the body unless the request was `HEAD`.
-pub fn write_own_response(out: &mut Vec<u8>, resp: &Response<Bytes>, head: bool, close: bool) {
-    let status = resp.status();
+/// Writes one of icp-gate's own answers (block page, 400, 502, 504) as hyper would: its
+/// headers, `connection: close` when the connection ends after it, `content-length`, `date`, then
+/// the body unless the request was `HEAD`.
+pub fn write_answer(out: &mut Vec<u8>, answer: &Answer<'_>, head: bool, close: bool) {
+    let status = answer.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in resp.headers() {
-        push_header(out, name.as_str().as_bytes(), value.as_bytes());
+    for (name, value) in answer.headers() {
+        push_header(out, name.as_str().as_bytes(), value);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
-    let body = resp.body();
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(answer.body.len()).as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
     out.extend_from_slice(&http_date());
     out.extend_from_slice(b"\r\n\r\n");
     if !head {
-        out.extend_from_slice(body);
+        out.extend_from_slice(&answer.body);
     }
 }
 
@@ -585,20 +584,24 @@ mod tests {
     }
 
     #[test]
-    fn own_response_is_written_like_hyper_writes_it() {
-        let mut resp = Response::new(Bytes::from_static(b"blocked"));
-        *resp.status_mut() = StatusCode::FORBIDDEN;
-        resp.headers_mut()
-            .insert("icp-gate-reason", "unfiled".parse().unwrap());
+    fn own_answer_is_written_like_hyper_writes_it() {
+        let answer = crate::block_page::error_answer(
+            StatusCode::BAD_REQUEST,
+            Some(crate::decision::Reason::InvalidHost),
+            "id1",
+        );
         let mut out = Vec::new();
-        write_own_response(&mut out, &resp, false, true);
+        write_answer(&mut out, &answer, false, true);
         let text = String::from_utf8(out).unwrap();
-        assert!(text.starts_with(
-            "HTTP/1.1 403 Forbidden\r\nicp-gate-reason: unfiled\r\nconnection: close\r\ncontent-length: 7\r\ndate: "
-        ));
-        assert!(text.ends_with(" GMT\r\n\r\nblocked"), "{text}");
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\nicp-gate-reason: invalid_host\r\nx-request-id: id1\r\nconnection: close\r\ncontent-length: 16\r\ndate: "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with(" GMT\r\n\r\n400 Bad Request\n"), "{text}");
         let mut out = Vec::new();
-        write_own_response(&mut out, &resp, true, false);
+        write_answer(&mut out, &answer, true, false);
         assert!(String::from_utf8(out).unwrap().ends_with(" GMT\r\n\r\n"));
     }
 

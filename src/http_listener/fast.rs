@@ -12,7 +12,7 @@ use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{ConnCtx, log};
-use crate::block_page::{BlockContext, error_response};
+use crate::block_page::{BlockContext, error_answer};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ExchangeError, Outgoing};
@@ -37,7 +37,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
-    let mut out = Vec::new();
+    // Room for a head and the built-in block page without growing.
+    let mut out = Vec::with_capacity(4096);
     // The next request head must be complete by then: armed when the connection opens and after
     // each answer (an idle keep-alive connection closes after `header_read_timeout`, as with
     // hyper). One timer per connection, moved rather than re-created.
@@ -67,11 +68,9 @@ where
                 }
             }
             Step::Handoff => return Some(buf),
-            Step::Answer(request) => {
-                if io.write_all(&out).await.is_err() {
-                    return None;
-                }
+            Step::Answer(mut request) => {
                 let status = request.status;
+                request.close |= io.write_all(&out).await.is_err();
                 request.finish(ctx, status)
             }
             Step::Forward(request, forward) => {
@@ -105,12 +104,12 @@ where
                 }
             }
         };
-        let (len, close) = request?;
-        buf.advance(len);
+        let done = request?;
+        buf.advance(done.len);
         head_timer
             .as_mut()
-            .reset(tokio::time::Instant::now() + limits.header_read_timeout);
-        if close || ctx.shared.drain.is_cancelled() {
+            .reset(tokio::time::Instant::from_std(done.at) + limits.header_read_timeout);
+        if done.close || ctx.shared.drain.is_cancelled() {
             return None;
         }
     }
@@ -123,7 +122,7 @@ async fn answer_upstream_error<S>(
     request: Request,
     kind: UpstreamError,
     out: &mut Vec<u8>,
-) -> Option<(usize, bool)>
+) -> Option<Finished>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -133,11 +132,10 @@ where
         UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
     };
     out.clear();
-    let resp = error_response(status, None, request.id.as_str());
-    http1::write_own_response(out, &resp, request.head_request, request.close);
-    if io.write_all(out).await.is_err() {
-        return None;
-    }
+    let answer = error_answer(status, None, request.id.as_str());
+    http1::write_answer(out, &answer, request.head_request, request.close);
+    let mut request = request;
+    request.close |= io.write_all(out).await.is_err();
     request.finish(ctx, status.as_u16())
 }
 
@@ -170,9 +168,10 @@ struct Request {
 }
 
 impl Request {
-    /// Records the request; `Some((its length, whether the connection closes))`.
-    fn finish(self, ctx: &ConnCtx, status: u16) -> Option<(usize, bool)> {
-        let took = self.started.elapsed();
+    /// Records the request (metrics, access log).
+    fn finish(self, ctx: &ConnCtx, status: u16) -> Option<Finished> {
+        let now = Instant::now();
+        let took = now - self.started;
         ctx.spec
             .metrics
             .observe_duration(self.decision, took.as_secs_f64());
@@ -185,8 +184,19 @@ impl Request {
             &self.id,
             took,
         );
-        Some((self.len, self.close))
+        Some(Finished {
+            len: self.len,
+            close: self.close,
+            at: now,
+        })
     }
+}
+
+/// A request answered.
+struct Finished {
+    len: usize,
+    close: bool,
+    at: Instant,
 }
 
 struct Forward {
@@ -251,9 +261,9 @@ fn prepare(buf: &[u8], ctx: &ConnCtx, limits: &Limits, out: &mut Vec<u8>) -> Ste
                 reason: verdict.reason,
                 request_id: request.id.as_str(),
             };
-            let resp = runtime.block_page.response(&page, req.json);
-            request.status = resp.status().as_u16();
-            http1::write_own_response(out, &resp, request.head_request, request.close);
+            let answer = runtime.block_page.answer(&page, req.json);
+            request.status = answer.status.as_u16();
+            http1::write_answer(out, &answer, request.head_request, request.close);
             Step::Answer(request)
         }
         Some((route, origin)) => {
