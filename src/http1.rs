@@ -746,4 +746,94 @@ mod tests {
             assert_eq!(scan_all(body, 100), Err(BadResponse::Chunk), "{body:?}");
         }
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A valid chunked body: chunk sizes, optional extensions and trailers.
+        fn chunked_body() -> impl Strategy<Value = Vec<u8>> {
+            (
+                prop::collection::vec((0usize..300, any::<bool>()), 0..8),
+                prop::collection::vec("[a-z]{1,8}: [a-z0-9]{0,8}", 0..3),
+            )
+                .prop_map(|(chunks, trailers)| {
+                    let mut body = Vec::new();
+                    for (len, ext) in chunks.into_iter().filter(|(len, _)| *len > 0) {
+                        body.extend_from_slice(format!("{len:X}").as_bytes());
+                        if ext {
+                            body.extend_from_slice(b";name=\"v\"");
+                        }
+                        body.extend_from_slice(b"\r\n");
+                        body.extend(std::iter::repeat_n(b'x', len));
+                        body.extend_from_slice(b"\r\n");
+                    }
+                    body.extend_from_slice(b"0\r\n");
+                    for t in trailers {
+                        body.extend_from_slice(t.as_bytes());
+                        body.extend_from_slice(b"\r\n");
+                    }
+                    body.extend_from_slice(b"\r\n");
+                    body
+                })
+        }
+
+        proptest! {
+            /// However the bytes are split, the end is found exactly where the body ends.
+            #[test]
+            fn chunked_end_is_exact(body in chunked_body(), cuts in prop::collection::vec(1usize..64, 1..40)) {
+                let mut stream = body.clone();
+                stream.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+                let mut c = ChunkedEnd::default();
+                let (mut at, mut cut) = (0, cuts.iter().cycle());
+                loop {
+                    let step = (*cut.next().unwrap()).min(stream.len() - at);
+                    prop_assert!(step > 0, "ran past the end without finding it");
+                    let (n, done) = c.scan(&stream[at..at + step]).unwrap();
+                    at += n;
+                    if done {
+                        break;
+                    }
+                    prop_assert_eq!(n, step);
+                }
+                prop_assert_eq!(at, body.len());
+            }
+
+            /// Garbage never panics and never reads past what it was given.
+            #[test]
+            fn arbitrary_bytes_are_handled(data in prop::collection::vec(any::<u8>(), 0..512)) {
+                let mut c = ChunkedEnd::default();
+                if let Ok((n, _)) = c.scan(&data) {
+                    prop_assert!(n <= data.len());
+                }
+                let _ = parse_response(&data, false);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                if let RequestHead::Simple(req) = parse_request(&data, &mut headers) {
+                    prop_assert!(req.len <= data.len());
+                }
+            }
+
+            /// A simple request never carries a body or an upgrade past the fast path.
+            #[test]
+            fn simple_requests_have_no_framing_headers(
+                names in prop::collection::vec(prop::sample::select(vec![
+                    "Content-Length", "transfer-encoding", "UPGRADE", "Expect", "te", "X-Ok",
+                    "Accept", "Connection", "host",
+                ]), 0..6),
+            ) {
+                let mut raw = String::from("GET / HTTP/1.1\r\nHost: a.cn\r\n");
+                for n in &names {
+                    raw.push_str(&format!("{n}: 1\r\n"));
+                }
+                raw.push_str("\r\n");
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let simple = matches!(parse_request(raw.as_bytes(), &mut headers), RequestHead::Simple(_));
+                let framing = names.iter().any(|n| {
+                    ["content-length", "transfer-encoding", "upgrade", "expect", "te", "host", "connection"]
+                        .contains(&n.to_ascii_lowercase().as_str())
+                });
+                prop_assert_eq!(simple, !framing, "{}", raw);
+            }
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! The HTTP listener (`kind = "http"`): HTTP/1.1 with keep-alive and pipelining, and HTTP/2 with
-//! prior knowledge (h2c), on hyper. Every request is decided on its own — a kept-alive or
-//! multiplexed connection earns no trust from its first request.
+//! prior knowledge (h2c). Every request is decided on its own — a kept-alive or multiplexed
+//! connection earns no trust from its first request.
+//!
+//! Simple HTTP/1.1 requests are served by the hand-written fast path ([`fast`]); the first
+//! request that is not simple, and the rest of its connection, by hyper (here).
 //!
 //! Per request: find the host (SPEC §3), [`decide`], then answer with the block page, a 400 for a
 //! malformed request, or forward to the route's origin.
