@@ -97,7 +97,10 @@ where
         tokio::pin!(fast);
         let mut draining = false;
         loop {
+            // Biased: a connection answered at its first poll (one request, `Connection:
+            // close`) never registers the drain waiter or the watchdog's timer.
             tokio::select! {
+                biased;
                 rest = fast.as_mut() => break rest,
                 // A request in flight finishes (with `connection: close`); an idle connection
                 // closes now.

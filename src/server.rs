@@ -443,7 +443,14 @@ async fn accept_loop(
     // A listener bound to one address needs no getsockname(2) per connection to know it.
     let bound = (!local_addr.ip().is_unspecified()).then_some(local_addr);
     loop {
+        // Checked before each accept, so a steady stream of connections cannot keep the loop
+        // from seeing a stop; the select below is biased so that an accept that is ready at
+        // once never registers the two cancellation waiters.
+        if stop.is_cancelled() || shared.drain.is_cancelled() {
+            return;
+        }
         let accepted = tokio::select! {
+            biased;
             r = listener.accept() => r,
             _ = stop.cancelled() => return,
             _ = shared.drain.cancelled() => return,

@@ -79,6 +79,9 @@ pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
+/// Buffer growth per ClientHello read.
+const HELLO_READ: usize = 4096;
+
 /// What reading the ClientHello produced.
 enum Hello {
     Parsed(Parse),
@@ -99,7 +102,7 @@ pub async fn serve(
     let runtime = shared.runtime.load_full();
     let tls = &runtime.config.tls;
     let (prefix, mut tcp) = stream.into_parts();
-    let mut buf = BytesMut::with_capacity(4096.max(prefix.len()));
+    let mut buf = BytesMut::with_capacity(HELLO_READ.max(prefix.len()));
     buf.extend_from_slice(&prefix);
     let hello = read_client_hello(
         &mut tcp,
@@ -243,8 +246,10 @@ async fn read_client_hello(
                 done => return Hello::Parsed(done),
             }
             // Never buffer past the limit: the parser reports oversize once it is reached.
+            // Grown a read at a time: nearly every ClientHello fits the first 4 KiB, and
+            // reserving the whole limit up front cost a second allocation per connection.
             let room = max.saturating_sub(buf.len()).max(1);
-            buf.reserve(room.min(16 * 1024));
+            buf.reserve(room.min(HELLO_READ));
             let mut limited = (&mut *tcp).take(room as u64);
             match limited.read_buf(buf).await {
                 Ok(0) | Err(_) if buf.is_empty() => return Hello::Nothing,
