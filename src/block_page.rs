@@ -9,7 +9,7 @@ use std::cell::Cell;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 
@@ -167,9 +167,9 @@ impl Template {
 
     /// This template with the slots that depend only on `reason` filled in and merged into the
     /// literal text around them.
-    fn for_reason(&self, reason: Reason, escape: fn(&mut BytesMut, &str)) -> Template {
+    fn for_reason(&self, reason: Reason, escape: fn(&mut Vec<u8>, &str)) -> Template {
         let mut pieces = Vec::new();
-        let mut text = BytesMut::new();
+        let mut text = Vec::new();
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => text.put_slice(t),
@@ -177,7 +177,7 @@ impl Template {
                     Some(fixed) => escape(&mut text, fixed),
                     None => {
                         if !text.is_empty() {
-                            pieces.push(Piece::Text(text.split().freeze()));
+                            pieces.push(Piece::Text(Bytes::from(std::mem::take(&mut text))));
                         }
                         pieces.push(Piece::Slot(*slot));
                     }
@@ -185,28 +185,39 @@ impl Template {
             }
         }
         if !text.is_empty() {
-            pieces.push(Piece::Text(text.freeze()));
+            pieces.push(Piece::Text(Bytes::from(text)));
         }
         Template::new(pieces)
     }
 
-    fn render(&self, ctx: &BlockContext<'_>, escape: fn(&mut BytesMut, &str)) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.literal_len + 256);
+    fn render(&self, ctx: &BlockContext<'_>, escape: fn(&mut Vec<u8>, &str)) -> Bytes {
+        let mut out = Vec::with_capacity(self.literal_len + 256);
+        self.render_into(&mut out, ctx, escape);
+        Bytes::from(out)
+    }
+
+    /// Appends the filled-in template to `out`.
+    fn render_into(
+        &self,
+        out: &mut Vec<u8>,
+        ctx: &BlockContext<'_>,
+        escape: fn(&mut Vec<u8>, &str),
+    ) {
+        out.reserve(self.literal_len + 256);
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => out.put_slice(t),
-                Piece::Slot(Slot::Host) => escape(&mut out, ctx.host),
-                Piece::Slot(Slot::RequestId) => escape(&mut out, ctx.request_id),
+                Piece::Slot(Slot::Host) => escape(out, ctx.host),
+                Piece::Slot(Slot::RequestId) => escape(out, ctx.request_id),
                 // Digits, '-', ':', 'T' and 'Z': nothing to escape in HTML or a URL.
                 Piece::Slot(Slot::Time) => out.put_slice(&now_rfc3339()),
                 Piece::Slot(slot) => {
                     if let Some(fixed) = reason_text(*slot, ctx.reason) {
-                        escape(&mut out, fixed);
+                        escape(out, fixed);
                     }
                 }
             }
         }
-        out.freeze()
     }
 }
 
@@ -254,7 +265,7 @@ pub struct BlockPage {
     redirects: Option<Vec<Template>>,
 }
 
-fn per_reason(template: &Template, escape: fn(&mut BytesMut, &str)) -> Vec<Template> {
+fn per_reason(template: &Template, escape: fn(&mut Vec<u8>, &str)) -> Vec<Template> {
     Reason::ALL
         .iter()
         .enumerate()
@@ -287,24 +298,31 @@ impl BlockPage {
 
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
     pub fn answer<'c>(&self, ctx: &BlockContext<'c>, json: bool) -> Answer<'c> {
+        let mut body = Vec::new();
+        let head = self.answer_in(ctx, json, &mut body).head();
+        head.with_body(Bytes::from(body))
+    }
+
+    /// [`BlockPage::answer`] with the body rendered into `body` (cleared first), a buffer the
+    /// caller reuses from one answer to the next.
+    pub fn answer_in<'c, 'b>(
+        &self,
+        ctx: &BlockContext<'c>,
+        json: bool,
+        body: &'b mut Vec<u8>,
+    ) -> Answer<'c, &'b [u8]> {
+        body.clear();
         let i = ctx.reason as usize;
-        let (status, content_type, body, location) = if let Some(redirects) = &self.redirects {
+        let (status, content_type, location) = if let Some(redirects) = &self.redirects {
+            body.extend_from_slice(b"blocked: see Location\n");
             let url = redirects[i].render(ctx, escape_url);
-            (
-                StatusCode::FOUND,
-                "text/plain; charset=utf-8",
-                Bytes::from_static(b"blocked: see Location\n"),
-                Some(url),
-            )
+            (StatusCode::FOUND, "text/plain; charset=utf-8", Some(url))
         } else if json {
-            (self.status, "application/json", json_body(ctx), None)
+            json_body(body, ctx);
+            (self.status, "application/json", None)
         } else {
-            (
-                self.status,
-                "text/html; charset=utf-8",
-                self.pages[i].render(ctx, escape_html),
-                None,
-            )
+            self.pages[i].render_into(body, ctx, escape_html);
+            (self.status, "text/html; charset=utf-8", None)
         };
         Answer {
             status,
@@ -312,7 +330,7 @@ impl BlockPage {
             location,
             reason: Some(ctx.reason),
             request_id: ctx.request_id,
-            body,
+            body: &body[..],
         }
     }
 
@@ -326,7 +344,7 @@ impl BlockPage {
 /// body, written by hyper ([`Answer::into_response`]) or by the HTTP/1.1 fast path
 /// ([`Answer::headers`]).
 #[derive(Debug)]
-pub struct Answer<'c> {
+pub struct Answer<'c, B = Bytes> {
     pub status: StatusCode,
     content_type: &'static str,
     /// A URL rendered from a validated template with escaped values.
@@ -334,10 +352,27 @@ pub struct Answer<'c> {
     /// Sent as `icp-gate-reason` (every block, and 400s).
     reason: Option<Reason>,
     request_id: &'c str,
-    pub body: Bytes,
+    pub body: B,
 }
 
-impl Answer<'_> {
+impl<'c, B> Answer<'c, B> {
+    /// The same answer with another body.
+    fn with_body<C>(self, body: C) -> Answer<'c, C> {
+        Answer {
+            status: self.status,
+            content_type: self.content_type,
+            location: self.location,
+            reason: self.reason,
+            request_id: self.request_id,
+            body,
+        }
+    }
+
+    /// The status and headers, without the body.
+    fn head(self) -> Answer<'c, ()> {
+        self.with_body(())
+    }
+
     /// The headers, in order: `content-type`, `location`, `cache-control` and `icp-gate-reason`
     /// (with a reason), `x-request-id`.
     pub fn headers(&self) -> impl Iterator<Item = (HeaderName, &[u8])> {
@@ -354,7 +389,9 @@ impl Answer<'_> {
             .chain(reason)
             .chain([(REQUEST_ID_HEADER, self.request_id.as_bytes())])
     }
+}
 
+impl Answer<'_> {
     pub fn into_response(self) -> Response<Bytes> {
         let mut headers = HeaderMap::with_capacity(5);
         for (name, value) in self.headers() {
@@ -397,17 +434,17 @@ pub fn error_response(
     error_answer(status, reason, request_id).into_response()
 }
 
-fn json_body(ctx: &BlockContext<'_>) -> Bytes {
+fn json_body(out: &mut Vec<u8>, ctx: &BlockContext<'_>) {
     let body = serde_json::json!({
         "host": ctx.host,
         "reason": ctx.reason.as_str(),
         "request_id": ctx.request_id,
     });
-    Bytes::from(body.to_string())
+    // Writing a JSON value into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &body);
 }
 
-/// Copies `s`, escaping the five HTML specials; runs without one are copied in one piece.
-fn escape_html(out: &mut BytesMut, s: &str) {
+fn escape_html(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, b) in bytes.iter().enumerate() {
@@ -427,7 +464,7 @@ fn escape_html(out: &mut BytesMut, s: &str) {
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
-fn escape_url(out: &mut BytesMut, s: &str) {
+fn escape_url(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

@@ -181,10 +181,10 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes one of icp-gate's own answers (block page, 400, 502, 504) as hyper would: its
-/// headers, `connection: close` when the connection ends after it, `content-length`, `date`, then
-/// the body unless the request was `HEAD`.
-pub fn write_answer(out: &mut Vec<u8>, answer: &Answer<'_>, head: bool, close: bool) {
+/// Writes the head of one of icp-gate's own answers (block page, 400, 502, 504) as hyper would:
+/// its headers, `connection: close` when the connection ends after it, `content-length` of its
+/// body and `date`. The body follows, unless the request was `HEAD`.
+pub fn write_answer_head<B: AsRef<[u8]>>(out: &mut Vec<u8>, answer: &Answer<'_, B>, close: bool) {
     let status = answer.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -198,13 +198,14 @@ pub fn write_answer(out: &mut Vec<u8>, answer: &Answer<'_>, head: bool, close: b
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(answer.body.len()).as_bytes());
+    out.extend_from_slice(
+        itoa::Buffer::new()
+            .format(answer.body.as_ref().len())
+            .as_bytes(),
+    );
     out.extend_from_slice(b"\r\ndate: ");
     out.extend_from_slice(&http_date());
     out.extend_from_slice(b"\r\n\r\n");
-    if !head {
-        out.extend_from_slice(&answer.body);
-    }
 }
 
 /// How an origin response's body is delimited (RFC 9112 §6.3).
@@ -584,14 +585,14 @@ mod tests {
     }
 
     #[test]
-    fn own_answer_is_written_like_hyper_writes_it() {
+    fn own_answer_head_is_written_like_hyper_writes_it() {
         let answer = crate::block_page::error_answer(
             StatusCode::BAD_REQUEST,
             Some(crate::decision::Reason::InvalidHost),
             "id1",
         );
         let mut out = Vec::new();
-        write_answer(&mut out, &answer, false, true);
+        write_answer_head(&mut out, &answer, true);
         let text = String::from_utf8(out).unwrap();
         assert!(
             text.starts_with(
@@ -599,10 +600,8 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.ends_with(" GMT\r\n\r\n400 Bad Request\n"), "{text}");
-        let mut out = Vec::new();
-        write_answer(&mut out, &answer, true, false);
-        assert!(String::from_utf8(out).unwrap().ends_with(" GMT\r\n\r\n"));
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+        assert_eq!(&answer.body[..], b"400 Bad Request\n");
     }
 
     fn fin(raw: &[u8], head: bool) -> Final {

@@ -3,7 +3,7 @@
 //! its body bytes unchanged, with the framing checked so the connection is reused only when the
 //! response ended exactly where its framing said.
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use tracing::debug;
 use super::connect;
 use super::pool::{Parked, Pool};
 use crate::http1::{self, BadResponse, ChunkedEnd, Framing, ResponseHead};
+use crate::io::write_all_two;
 use crate::metrics::UpstreamError;
 
 /// Longest origin response head accepted.
@@ -115,7 +116,7 @@ impl RawOrigins {
         // Past this point the client has (part of) a response: any failure closes it.
         let mut body = Body::new(framing);
         let (take, mut done) = body.take(&conn.buf).map_err(cut(status))?;
-        write_two(client, &client_head, &conn.buf[..take])
+        write_all_two(client, &client_head, &conn.buf[..take])
             .await
             .map_err(cut(status))?;
         conn.buf.advance(take);
@@ -277,24 +278,6 @@ impl Body {
             Body::UntilClose => Ok((data.len(), false)),
         }
     }
-}
-
-/// Writes `a` then `b`, in one system call when the socket takes both.
-async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let mut a = a;
-    let mut b = b;
-    while !a.is_empty() {
-        let n = w
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
-    }
-    w.write_all(b).await
 }
 
 #[cfg(test)]

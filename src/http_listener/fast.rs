@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use http::uri::Authority;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::{ConnCtx, log};
 use crate::block_page::{BlockContext, error_answer};
@@ -18,7 +18,7 @@ use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ExchangeError, Outgoing};
 use crate::host::{self, Host};
 use crate::http1::{self, MAX_HEADERS, RequestHead};
-use crate::io::{InFlight, Watched};
+use crate::io::{InFlight, Watched, write_all_two};
 use crate::logging::RequestId;
 use crate::metrics::UpstreamError;
 use crate::server::Runtime;
@@ -37,8 +37,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
-    // Room for a head and the built-in block page without growing.
-    let mut out = Vec::with_capacity(4096);
+    // Heads (answers, origin requests) and, beside them, the body of a block answer; both
+    // reused from one request to the next.
+    let mut out = Vec::with_capacity(1024);
+    let mut body = Vec::new();
     // The next request head must be complete by then: armed when the connection opens and after
     // each answer (an idle keep-alive connection closes after `header_read_timeout`, as with
     // hyper). One timer per connection, moved rather than re-created.
@@ -49,7 +51,7 @@ where
             Step::Partial
         } else {
             out.clear();
-            prepare(&buf, ctx, limits, &mut out)
+            prepare(&buf, ctx, limits, &mut out, &mut body)
         };
         let request = match step {
             Step::Partial => {
@@ -70,7 +72,7 @@ where
             Step::Handoff => return Some(buf),
             Step::Answer(mut request) => {
                 let status = request.status;
-                request.close |= io.write_all(&out).await.is_err();
+                request.close |= write_all_two(io, &out, &body).await.is_err();
                 request.finish(ctx, status)
             }
             Step::Forward(request, forward) => {
@@ -133,9 +135,14 @@ where
     };
     out.clear();
     let answer = error_answer(status, None, request.id.as_str());
-    http1::write_answer(out, &answer, request.head_request, request.close);
+    http1::write_answer_head(out, &answer, request.close);
+    let body = if request.head_request {
+        &[][..]
+    } else {
+        &answer.body[..]
+    };
     let mut request = request;
-    request.close |= io.write_all(out).await.is_err();
+    request.close |= write_all_two(io, out, body).await.is_err();
     request.finish(ctx, status.as_u16())
 }
 
@@ -144,7 +151,7 @@ enum Step {
     Partial,
     /// hyper serves this request and the rest of the connection.
     Handoff,
-    /// The answer is in `out`.
+    /// The answer is in `out` (head) and `body`.
     Answer(Request),
     /// The request for the origin is in `out`.
     Forward(Request, Forward),
@@ -204,10 +211,16 @@ struct Forward {
     idempotent: bool,
 }
 
-/// Decides the request at the start of `buf` and writes what to send (answer or origin
-/// request) into `out`. Nothing is counted or logged for a request handed to hyper, which
+/// Decides the request at the start of `buf` and writes what to send into `out` (the answer's
+/// head, its body into `body`, or the origin request). Nothing is counted or logged for a request handed to hyper, which
 /// decides it again.
-fn prepare(buf: &[u8], ctx: &ConnCtx, limits: &Limits, out: &mut Vec<u8>) -> Step {
+fn prepare(
+    buf: &[u8],
+    ctx: &ConnCtx,
+    limits: &Limits,
+    out: &mut Vec<u8>,
+    body: &mut Vec<u8>,
+) -> Step {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let req = match http1::parse_request(buf, &mut headers) {
         RequestHead::Partial => return Step::Partial,
@@ -261,9 +274,12 @@ fn prepare(buf: &[u8], ctx: &ConnCtx, limits: &Limits, out: &mut Vec<u8>) -> Ste
                 reason: verdict.reason,
                 request_id: request.id.as_str(),
             };
-            let answer = runtime.block_page.answer(&page, req.json);
+            let answer = runtime.block_page.answer_in(&page, req.json, body);
             request.status = answer.status.as_u16();
-            http1::write_answer(out, &answer, request.head_request, request.close);
+            http1::write_answer_head(out, &answer, request.close);
+            if request.head_request {
+                body.clear();
+            }
             Step::Answer(request)
         }
         Some((route, origin)) => {
