@@ -237,9 +237,6 @@ pub struct Final {
     pub framing: Framing,
     /// The origin connection may carry another request after this response.
     pub reusable: bool,
-    /// The head as the client gets it, without the final blank line (added with `connection:
-    /// close` when needed by [`finish_client_head`]).
-    pub client_head: Vec<u8>,
 }
 
 /// Why an origin response can't be relayed: the client gets a 502 and the connection is dropped.
@@ -268,7 +265,13 @@ const RESPONSE_HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Parses the origin's response at the start of `buf`. `head_request`: the request was `HEAD`.
-pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, BadResponse> {
+/// For a final response, `out` receives the head as the client gets it, without the final blank
+/// line (added, with `connection: close` when needed, by [`finish_client_head`]).
+pub fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, BadResponse> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
@@ -289,6 +292,8 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Ba
     let mut chunked = None;
     let mut close = version == 0;
     let mut has_date = false;
+    // `Connection` names a header to drop (rare: usually only `keep-alive` or `close`).
+    let mut lists_headers = false;
     for h in headers {
         if h.name.eq_ignore_ascii_case("content-length") {
             let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
@@ -302,9 +307,14 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Ba
                 chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             }
         } else if h.name.eq_ignore_ascii_case("connection") {
-            close |= tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"close"));
-            if version == 0 && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"keep-alive")) {
-                close = false;
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    close &= version != 0;
+                } else {
+                    lists_headers = true;
+                }
             }
         } else if h.name.eq_ignore_ascii_case("date") {
             has_date = true;
@@ -324,18 +334,19 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Ba
     let conflicting = chunked.is_some() && length.is_some();
     let reusable = !close && !conflicting && framing != Framing::UntilClose;
 
-    let mut out = Vec::with_capacity(len + 64);
+    out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let listed = |name: &str| {
-        headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|h| tokens(h.value))
-            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+        lists_headers
+            && headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|h| tokens(h.value))
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
     for h in headers {
         let name = h.name;
@@ -345,7 +356,7 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Ba
             || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
             || listed(name);
         if !drop {
-            push_header(&mut out, name.as_bytes(), h.value);
+            push_header(out, name.as_bytes(), h.value);
         }
     }
     if !has_date {
@@ -358,7 +369,6 @@ pub fn parse_response(buf: &[u8], head_request: bool) -> Result<ResponseHead, Ba
         status,
         framing,
         reusable,
-        client_head: out,
     }))
 }
 
@@ -605,10 +615,19 @@ mod tests {
     }
 
     fn fin(raw: &[u8], head: bool) -> Final {
-        match parse_response(raw, head) {
-            Ok(ResponseHead::Final(f)) => f,
+        fin_head(raw, head).0
+    }
+
+    fn fin_head(raw: &[u8], head: bool) -> (Final, Vec<u8>) {
+        let mut out = b"stale".to_vec();
+        match parse_response(raw, head, &mut out) {
+            Ok(ResponseHead::Final(f)) => (f, out),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn parse(raw: &[u8]) -> Result<ResponseHead, BadResponse> {
+        parse_response(raw, false, &mut Vec::new())
     }
 
     #[test]
@@ -628,12 +647,13 @@ mod tests {
             false,
         );
         assert_eq!((f.framing, f.reusable), (Framing::Chunked, true));
-        let f = fin(
+        let (f, head) = fin_head(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             false,
         );
         assert_eq!((f.framing, f.reusable), (Framing::Chunked, false));
-        assert!(!String::from_utf8_lossy(&f.client_head).contains("Content-Length"));
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && !head.contains("Content-Length"));
         let f = fin(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false);
         assert_eq!((f.framing, f.reusable), (Framing::UntilClose, false));
         let f = fin(b"HTTP/1.1 200 OK\r\n\r\n", false);
@@ -665,39 +685,32 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 1,1\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
         ] {
-            assert_eq!(
-                parse_response(raw, false).err(),
-                Some(BadResponse::ContentLength)
-            );
+            assert_eq!(parse(raw).err(), Some(BadResponse::ContentLength));
         }
         assert_eq!(
-            parse_response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", false).err(),
+            parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").err(),
             Some(BadResponse::UnaskedSwitch)
         );
         assert_eq!(
-            parse_response(b"HTTX/1.1 200 OK\r\n\r\n", false).err(),
+            parse(b"HTTX/1.1 200 OK\r\n\r\n").err(),
             Some(BadResponse::Head)
         );
         assert!(matches!(
-            parse_response(
-                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200",
-                false
-            ),
+            parse(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200"),
             Ok(ResponseHead::Interim { len: 40 })
         ));
         assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\n", false),
+            parse(b"HTTP/1.1 200 OK\r\n"),
             Ok(ResponseHead::Partial)
         ));
     }
 
     #[test]
     fn client_head_drops_hop_by_hop_and_listed_headers() {
-        let f = fin(
+        let (_, mut head) = fin_head(
             b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\nX-Secret: 1\r\nUpgrade: h2c\r\nDate: Sun, 29 Nov 2026 08:56:34 GMT\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n",
             false,
         );
-        let mut head = f.client_head;
         finish_client_head(&mut head, true);
         assert_eq!(
             String::from_utf8(head).unwrap(),
@@ -805,7 +818,7 @@ mod tests {
                 if let Ok((n, _)) = c.scan(&data) {
                     prop_assert!(n <= data.len());
                 }
-                let _ = parse_response(&data, false);
+                let _ = parse(&data);
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 if let RequestHead::Simple(req) = parse_request(&data, &mut headers) {
                     prop_assert!(req.len <= data.len());

@@ -28,6 +28,8 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct RawConn {
     stream: TcpStream,
     buf: BytesMut,
+    /// The response head as the client gets it, rewritten for each response.
+    client_head: Vec<u8>,
 }
 
 impl Parked for RawConn {
@@ -110,13 +112,12 @@ impl RawOrigins {
         let status = head.status;
         let framing = head.framing;
         let close = req.close || framing == Framing::UntilClose;
-        let mut client_head = head.client_head;
-        http1::finish_client_head(&mut client_head, close);
+        http1::finish_client_head(&mut conn.client_head, close);
 
         // Past this point the client has (part of) a response: any failure closes it.
         let mut body = Body::new(framing);
         let (take, mut done) = body.take(&conn.buf).map_err(cut(status))?;
-        write_all_two(client, &client_head, &conn.buf[..take])
+        write_all_two(client, &conn.client_head, &conn.buf[..take])
             .await
             .map_err(cut(status))?;
         conn.buf.advance(take);
@@ -184,6 +185,7 @@ impl RawOrigins {
             Ok(stream) => Ok(RawConn {
                 stream,
                 buf: BytesMut::with_capacity(READ_CHUNK),
+                client_head: Vec::new(),
             }),
             Err(e) => {
                 debug!(%origin, error = %e, "origin connect failed");
@@ -217,7 +219,8 @@ enum Failed {
 async fn read_head(conn: &mut RawConn, head_request: bool) -> Result<http1::Final, Failed> {
     loop {
         if !conn.buf.is_empty() {
-            match http1::parse_response(&conn.buf, head_request).map_err(Failed::Bad)? {
+            let parsed = http1::parse_response(&conn.buf, head_request, &mut conn.client_head);
+            match parsed.map_err(Failed::Bad)? {
                 ResponseHead::Final(head) => {
                     conn.buf.advance(head.len);
                     return Ok(head);
