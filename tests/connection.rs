@@ -246,3 +246,81 @@ async fn connection_limit_refuses_the_extra_connection() {
     let (status, _, _) = http1(gate.http, "GET", "/", &[("host", "filed.cn")], b"").await;
     assert_eq!(status, 200, "capacity comes back when connections close");
 }
+
+/// A client that pipelines requests and stops reading the answers is closed after
+/// `idle_timeout` like any idle connection: a write the client never drains holds nothing open.
+#[tokio::test]
+async fn client_that_stops_reading_is_closed() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(
+        origin.addr,
+        "[limits]\nidle_timeout = \"1s\"\nheader_read_timeout = \"500ms\"",
+    ))
+    .await;
+    let sent = 3000;
+    let mut s = TcpStream::connect(gate.http).await.unwrap();
+    let burst = "GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n".repeat(sent);
+    // Far more answer bytes (~7 MB) than the socket buffers hold, so icp-gate's writes stall.
+    let (mut rd, mut wr) = s.split();
+    let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(burst.as_bytes())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = read_for_bytes(&mut rd, Duration::from_secs(5)).await;
+    let answered = statuses(&text).len();
+    assert!(
+        answered < sent,
+        "all {sent} answered: the connection was kept"
+    );
+}
+
+/// Reads until EOF, an error, or `wait` without the stream ending (then panics: still open).
+async fn read_for_bytes(rd: &mut tokio::net::tcp::ReadHalf<'_>, wait: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    tokio::time::timeout(wait, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("connection still open");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// An origin that stalls in the middle of a body does not hold the client connection past
+/// `idle_timeout`.
+#[tokio::test]
+async fn origin_stalled_mid_body_is_cut_off() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let gate = Gate::start(&config(
+        addr,
+        "[limits]\nidle_timeout = \"1s\"\nheader_read_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gate.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+    let (mut rd, _wr) = s.split();
+    let text = read_for_bytes(&mut rd, Duration::from_secs(5)).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with("only ten.."),
+        "{text}"
+    );
+}

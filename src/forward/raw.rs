@@ -99,16 +99,19 @@ impl RawOrigins {
     }
 
     /// Sends `req` and relays the response to `client`. `timeout` bounds the wait for the
-    /// response head, connecting included.
+    /// response head, connecting included; `on_head` runs once the head has arrived, before
+    /// anything is written to the client.
     pub async fn exchange<W: AsyncWrite + Unpin>(
         &self,
         req: &Outgoing<'_>,
         timeout: Duration,
         client: &mut W,
+        on_head: impl FnOnce(),
     ) -> Result<Relayed, ExchangeError> {
         let (mut conn, head) = tokio::time::timeout(timeout, self.head(req))
             .await
             .map_err(|_| ExchangeError::Upstream(UpstreamError::Timeout))??;
+        on_head();
         let status = head.status;
         let framing = head.framing;
         let close = req.close || framing == Framing::UntilClose;
@@ -361,7 +364,7 @@ mod tests {
         };
         let mut client = Vec::new();
         let res = raw
-            .exchange(&req, Duration::from_secs(5), &mut client)
+            .exchange(&req, Duration::from_secs(5), &mut client, || {})
             .await;
         (res, String::from_utf8(client).unwrap())
     }
@@ -525,7 +528,7 @@ mod tests {
             close: false,
         };
         let res = raw
-            .exchange(&req, Duration::from_millis(200), &mut Vec::new())
+            .exchange(&req, Duration::from_millis(200), &mut Vec::new(), || {})
             .await;
         assert!(matches!(
             res,

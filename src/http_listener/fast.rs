@@ -71,11 +71,12 @@ where
             }
             Step::Handoff => return Some(buf),
             Step::Answer(mut request) => {
+                request.in_flight = None;
                 let status = request.status;
                 request.close |= write_all_two(io, &out, &body).await.is_err();
                 request.finish(ctx, status)
             }
-            Step::Forward(request, forward) => {
+            Step::Forward(mut request, forward) => {
                 let outgoing = Outgoing {
                     origin: &forward.origin,
                     head: &out,
@@ -85,14 +86,16 @@ where
                 };
                 let timeout = request.runtime.config.limits.origin_response_timeout;
                 let raw = &request.runtime.raw_origins;
-                match raw.exchange(&outgoing, timeout, io).await {
+                let in_flight = request.in_flight.take();
+                match raw
+                    .exchange(&outgoing, timeout, io, || drop(in_flight))
+                    .await
+                {
                     Ok(relayed) => {
-                        let mut request = request;
                         request.close |= relayed.close;
                         request.finish(ctx, relayed.status)
                     }
                     Err(ExchangeError::Broken { status }) => {
-                        let mut request = request;
                         request.close = true;
                         request.finish(ctx, status)
                     }
@@ -171,7 +174,10 @@ struct Request {
     id: RequestId,
     started: Instant,
     runtime: Arc<Runtime>,
-    _in_flight: InFlight,
+    /// Held while the request is being decided and, when forwarded, until the origin's head
+    /// arrives; dropped before anything is written, as on hyper's path, so a client that stops
+    /// reading is closed by the idle watchdog.
+    in_flight: Option<InFlight>,
 }
 
 impl Request {
@@ -265,7 +271,7 @@ fn prepare(
         id: RequestId::next(),
         started,
         runtime: runtime.clone(),
-        _in_flight: ctx.activity.request(),
+        in_flight: Some(ctx.activity.request()),
     };
     match forward {
         None => {
