@@ -8,6 +8,7 @@
 //! Per request: find the host (SPEC §3), [`decide`], then answer with the block page, a 400 for a
 //! malformed request, or forward to the route's origin.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,9 @@ struct ConnCtx {
     proxied: OnceLock<OriginClient>,
     /// The client address as appended to `X-Forwarded-For`.
     client_ip: OnceLock<HeaderValue>,
+    /// The fast path is between reading a request and finishing its answer: draining lets it
+    /// finish.
+    answering: AtomicBool,
 }
 
 /// Serves one client connection until it closes, idles out or the process drains: the fast
@@ -83,6 +87,7 @@ where
         activity: activity.clone(),
         proxied: OnceLock::new(),
         client_ip: OnceLock::new(),
+        answering: AtomicBool::new(false),
     });
     let mut io = Watched::new(io, activity.clone());
     let dog = watchdog(
@@ -105,7 +110,7 @@ where
                 // A request in flight finishes (with `connection: close`); an idle connection
                 // closes now.
                 _ = drain.cancelled(), if !draining => {
-                    if activity.is_idle() {
+                    if !ctx.answering.load(Ordering::Relaxed) {
                         return;
                     }
                     draining = true;

@@ -118,11 +118,6 @@ impl Activity {
         self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// No request in flight.
-    pub fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) == 0
-    }
-
     fn busy(&self) -> bool {
         self.moved.swap(false, Ordering::Relaxed) || self.in_flight.load(Ordering::Relaxed) > 0
     }

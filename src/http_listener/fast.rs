@@ -4,6 +4,7 @@
 //! returns the bytes it has read, and hyper serves them and the rest of the connection.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
@@ -53,6 +54,8 @@ where
             out.clear();
             prepare(&buf, ctx, limits, &mut out, &mut body)
         };
+        let answering = !matches!(step, Step::Partial | Step::Handoff);
+        ctx.answering.store(answering, Ordering::Relaxed);
         let request = match step {
             Step::Partial => {
                 if buf.len() >= limits.max_header_bytes {
@@ -109,6 +112,7 @@ where
                 }
             }
         };
+        ctx.answering.store(false, Ordering::Relaxed);
         let done = request?;
         buf.advance(done.len);
         head_timer
