@@ -5,14 +5,13 @@
 //! and specialised per reason (the reason and advice texts filled in), so rendering a page is the
 //! host, the request id and the time between a few buffer appends.
 
-use std::cell::Cell;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 
+use crate::clock;
 use crate::config::BlockPageConfig;
 use crate::decision::Reason;
 
@@ -210,7 +209,7 @@ impl Template {
                 Piece::Slot(Slot::Host) => escape(out, ctx.host),
                 Piece::Slot(Slot::RequestId) => escape(out, ctx.request_id),
                 // Digits, '-', ':', 'T' and 'Z': nothing to escape in HTML or a URL.
-                Piece::Slot(Slot::Time) => out.put_slice(&now_rfc3339()),
+                Piece::Slot(Slot::Time) => out.put_slice(&clock::rfc3339()),
                 Piece::Slot(slot) => {
                     if let Some(fixed) = reason_text(*slot, ctx.reason) {
                         escape(out, fixed);
@@ -233,27 +232,6 @@ fn reason_text(slot: Slot, reason: Reason) -> Option<&'static str> {
         Slot::AdviceEn => Some(advice_en),
         Slot::Host | Slot::RequestId | Slot::Time => None,
     }
-}
-
-/// The current time as RFC 3339 to the second, formatted at most once a second per thread.
-fn now_rfc3339() -> [u8; 20] {
-    thread_local! {
-        static LAST: Cell<(u64, [u8; 20])> = const { Cell::new((u64::MAX, [0; 20])) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    LAST.with(|last| {
-        let (at, text) = last.get();
-        if at == secs {
-            return text;
-        }
-        let mut text = [b'0'; 20];
-        let formatted = humantime::format_rfc3339_seconds(now).to_string();
-        let n = formatted.len().min(20);
-        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
-        last.set((secs, text));
-        text
-    })
 }
 
 /// The compiled block answer for the current config: the page (or redirect) specialised for
@@ -568,7 +546,9 @@ mod tests {
             let text = body(p.response(&ctx, false));
             let (time, rest) = text.split_once('|').unwrap();
             let parsed = humantime::parse_rfc3339(time).expect("an RFC 3339 time");
-            let age = SystemTime::now().duration_since(parsed).unwrap_or_default();
+            let age = std::time::SystemTime::now()
+                .duration_since(parsed)
+                .unwrap_or_default();
             assert!(age.as_secs() < 60, "{time} is not now");
             let (zh, _) = reason_texts(reason);
             let (_, advice) = advice_texts(reason);

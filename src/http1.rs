@@ -9,12 +9,10 @@
 //! hyper uses); this module only decides what is simple enough, writes the heads, and frames
 //! origin responses. It does no I/O.
 
-use std::cell::Cell;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use httparse::{Header, Status};
 
 use crate::block_page::Answer;
+use crate::clock;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
@@ -204,7 +202,7 @@ pub fn write_answer_head<B: AsRef<[u8]>>(out: &mut Vec<u8>, answer: &Answer<'_, 
             .as_bytes(),
     );
     out.extend_from_slice(b"\r\ndate: ");
-    out.extend_from_slice(&http_date());
+    out.extend_from_slice(&clock::http_date());
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -361,7 +359,7 @@ pub fn parse_response(
     }
     if !has_date {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(&http_date());
+        out.extend_from_slice(&clock::http_date());
         out.extend_from_slice(b"\r\n");
     }
     Ok(ResponseHead::Final(Final {
@@ -483,27 +481,6 @@ impl ChunkedEnd {
         }
         Ok(next)
     }
-}
-
-/// The current time as an HTTP date, formatted once a second per thread.
-fn http_date() -> [u8; 29] {
-    thread_local! {
-        static LAST: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    LAST.with(|last| {
-        let (at, text) = last.get();
-        if at == secs {
-            return text;
-        }
-        let mut text = [b' '; 29];
-        let formatted = httpdate::fmt_http_date(now);
-        let n = formatted.len().min(29);
-        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
-        last.set((secs, text));
-        text
-    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod block_page;
 pub mod clienthello;
+pub mod clock;
 pub mod config;
 pub mod decision;
 pub mod demo_origin;

@@ -222,8 +222,8 @@ struct Forward {
 }
 
 /// Decides the request at the start of `buf` and writes what to send into `out` (the answer's
-/// head, its body into `body`, or the origin request). Nothing is counted or logged for a request handed to hyper, which
-/// decides it again.
+/// head, its body into `body`, or the origin request). Nothing is counted or logged for a
+/// request handed to hyper, which decides it again.
 fn prepare(
     buf: &[u8],
     ctx: &ConnCtx,
