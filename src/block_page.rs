@@ -277,7 +277,7 @@ impl BlockPage {
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
     pub fn answer<'c>(&self, ctx: &BlockContext<'c>, json: bool) -> Answer<'c> {
         let mut body = Vec::new();
-        let head = self.answer_in(ctx, json, &mut body).head();
+        let head = self.answer_in(ctx, json, &mut body).with_body(());
         head.with_body(Bytes::from(body))
     }
 
@@ -344,11 +344,6 @@ impl<'c, B> Answer<'c, B> {
             request_id: self.request_id,
             body,
         }
-    }
-
-    /// The status and headers, without the body.
-    fn head(self) -> Answer<'c, ()> {
-        self.with_body(())
     }
 
     /// The headers, in order: `content-type`, `location`, `cache-control` and `icp-gate-reason`
@@ -422,6 +417,7 @@ fn json_body(out: &mut Vec<u8>, ctx: &BlockContext<'_>) {
     let _ = serde_json::to_writer(out, &body);
 }
 
+/// Copies `s`, escaping the five HTML specials; runs without one are copied in one piece.
 fn escape_html(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut start = 0;

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::config::{Limits, Origin, ProxyProtocolVersion};
+use crate::http1;
 use crate::metrics::UpstreamError;
 use crate::proxy_protocol;
 
@@ -141,17 +142,14 @@ fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>) {
 /// `Connection: upgrade` with an `Upgrade` header (WebSocket and friends).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        .flat_map(|v| http1::tokens(v.as_bytes()))
 }
 
 /// Headers that describe one hop (RFC 9110 §7.6.1), never forwarded. With `keep_upgrade` the
@@ -167,6 +165,15 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// A hop-by-hop header by name (any case): one of [`HOP_BY_HOP`] or `Upgrade`. The HTTP fast
+/// path applies the same list to the raw headers it reads.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case(header::UPGRADE.as_str())
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
+}
+
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass over the names instead of nine hash lookups.
     let any = headers
@@ -180,13 +187,10 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // only the others skips a parse and an allocation per message.
         let listed: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
-                !t.eq_ignore_ascii_case("close")
-                    && !t.eq_ignore_ascii_case("upgrade")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+                !t.eq_ignore_ascii_case(b"close")
+                    && std::str::from_utf8(t).is_ok_and(|t| !is_hop_by_hop(t))
             })
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in listed {
             headers.remove(name);

@@ -12,7 +12,7 @@
 use httparse::{Header, Status};
 
 use crate::block_page::Answer;
-use crate::clock;
+use crate::{clock, forward};
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
@@ -58,20 +58,9 @@ impl Simple<'_, '_> {
     }
 }
 
-/// Request headers that make a request not simple: a body, a protocol switch, an interim
-/// response, or hop-by-hop semantics the fast path does not implement.
-const NOT_SIMPLE: [&str; 10] = [
-    "content-length",
-    "transfer-encoding",
-    "upgrade",
-    "expect",
-    "te",
-    "trailer",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+/// Request headers that make a request not simple besides the hop-by-hop ones
+/// ([`forward::is_hop_by_hop`]): a body, or an interim response to wait for.
+const NOT_SIMPLE: [&str; 2] = ["content-length", "expect"];
 
 /// Parses the request at the start of `buf`.
 pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> RequestHead<'h, 'b> {
@@ -108,7 +97,9 @@ pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> Re
             }
         } else if name.eq_ignore_ascii_case("accept") {
             json |= names_json(h.value);
-        } else if NOT_SIMPLE.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+        } else if forward::is_hop_by_hop(name)
+            || NOT_SIMPLE.iter().any(|n| name.eq_ignore_ascii_case(n))
+        {
             return RequestHead::Other;
         }
     }
@@ -134,7 +125,7 @@ pub fn names_json(value: &[u8]) -> bool {
 }
 
 /// The comma-separated tokens of a header value, trimmed, empty ones skipped.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
         .map(|t| t.trim_ascii())
@@ -142,29 +133,25 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// Writes the request as the origin gets it: the same request line in HTTP/1.1, every header
-/// but `Connection`, and with `forwarded_for` the client appended to `X-Forwarded-For`.
+/// but `Connection`, and with `forwarded_for` the client appended to `X-Forwarded-For` (earlier
+/// values joined into one header, last).
 pub fn write_origin_request(out: &mut Vec<u8>, req: &Simple<'_, '_>, forwarded_for: Option<&[u8]>) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut xff: Option<Vec<u8>> = None;
+    let is_xff = |h: &Header<'_>| h.name.eq_ignore_ascii_case("x-forwarded-for");
     for h in req.headers {
-        if h.name.eq_ignore_ascii_case("connection") {
-            continue;
-        }
-        if forwarded_for.is_some() && h.name.eq_ignore_ascii_case("x-forwarded-for") {
-            let joined = xff.get_or_insert_with(Vec::new);
-            joined.extend_from_slice(h.value);
-            joined.extend_from_slice(b", ");
+        if h.name.eq_ignore_ascii_case("connection") || (forwarded_for.is_some() && is_xff(h)) {
             continue;
         }
         push_header(out, h.name.as_bytes(), h.value);
     }
     if let Some(client) = forwarded_for {
         out.extend_from_slice(b"x-forwarded-for: ");
-        if let Some(earlier) = &xff {
-            out.extend_from_slice(earlier);
+        for h in req.headers.iter().filter(|h| is_xff(h)) {
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b", ");
         }
         out.extend_from_slice(client);
         out.extend_from_slice(b"\r\n");
@@ -249,18 +236,6 @@ pub enum BadResponse {
     #[error("invalid chunked encoding")]
     Chunk,
 }
-
-/// Response headers never passed on (RFC 9110 §7.6.1), besides those `Connection` lists.
-const RESPONSE_HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
 
 /// Parses the origin's response at the start of `buf`. `head_request`: the request was `HEAD`.
 /// For a final response, `out` receives the head as the client gets it, without the final blank
@@ -348,9 +323,9 @@ pub fn parse_response(
     };
     for h in headers {
         let name = h.name;
-        let drop = RESPONSE_HOP_BY_HOP
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
+        // Transfer-Encoding stays: the body passes through in the framing it names.
+        let te = name.eq_ignore_ascii_case("transfer-encoding");
+        let drop = (forward::is_hop_by_hop(name) && !te)
             || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
             || listed(name);
         if !drop {

@@ -73,9 +73,8 @@ where
                 }
             }
             Step::Handoff => return Some(buf),
-            Step::Answer(mut request) => {
+            Step::Answer(mut request, status) => {
                 request.in_flight = None;
-                let status = request.status;
                 request.close |= write_all_two(io, &out, &body).await.is_err();
                 request.finish(ctx, status)
             }
@@ -87,8 +86,8 @@ where
                     head_request: request.head_request,
                     close: request.close,
                 };
-                let timeout = request.runtime.config.limits.origin_response_timeout;
-                let raw = &request.runtime.raw_origins;
+                let timeout = forward.runtime.config.limits.origin_response_timeout;
+                let raw = &forward.runtime.raw_origins;
                 let in_flight = request.in_flight.take();
                 match raw
                     .exchange(&outgoing, timeout, io, || drop(in_flight))
@@ -158,8 +157,8 @@ enum Step {
     Partial,
     /// hyper serves this request and the rest of the connection.
     Handoff,
-    /// The answer is in `out` (head) and `body`.
-    Answer(Request),
+    /// The answer, with this status, is in `out` (head) and `body`.
+    Answer(Request, u16),
     /// The request for the origin is in `out`.
     Forward(Request, Forward),
 }
@@ -171,13 +170,11 @@ struct Request {
     head_request: bool,
     /// The connection closes after the answer.
     close: bool,
-    status: u16,
     host: String,
     decision: Decision,
     reason: Reason,
     id: RequestId,
     started: Instant,
-    runtime: Arc<Runtime>,
     /// Held while the request is being decided and, when forwarded, until the origin's head
     /// arrives; dropped before anything is written, as on hyper's path, so a client that stops
     /// reading is closed by the idle watchdog.
@@ -219,6 +216,8 @@ struct Finished {
 struct Forward {
     origin: Authority,
     idempotent: bool,
+    /// For the origin pool and timeout: the config the request was decided under.
+    runtime: Arc<Runtime>,
 }
 
 /// Decides the request at the start of `buf` and writes what to send into `out` (the answer's
@@ -244,7 +243,8 @@ fn prepare(
         return Step::Handoff;
     };
     let started = Instant::now();
-    let runtime = ctx.shared.runtime.load_full();
+    // Borrowed for the decision; only a forward keeps its own reference.
+    let runtime = ctx.shared.runtime.load();
     let input = match &host {
         Host::Name(name) => HostInput::Name(name),
         Host::Ip(ip) => HostInput::Ip(*ip),
@@ -264,17 +264,15 @@ fn prepare(
         },
     };
     ctx.spec.metrics.request(verdict.decision, verdict.reason);
-    let mut request = Request {
+    let request = Request {
         len: req.len,
         head_request: req.is_head(),
         close: req.close || ctx.shared.drain.is_cancelled(),
-        status: 0,
         host: host.to_text().into_owned(),
         decision: verdict.decision,
         reason: verdict.reason,
         id: RequestId::next(),
         started,
-        runtime: runtime.clone(),
         in_flight: Some(ctx.activity.request()),
     };
     match forward {
@@ -285,12 +283,12 @@ fn prepare(
                 request_id: request.id.as_str(),
             };
             let answer = runtime.block_page.answer_in(&page, req.json, body);
-            request.status = answer.status.as_u16();
+            let status = answer.status.as_u16();
             http1::write_answer_head(out, &answer, request.close);
             if request.head_request {
                 body.clear();
             }
-            Step::Answer(request)
+            Step::Answer(request, status)
         }
         Some((route, origin)) => {
             let forwarded_for = route.x_forwarded_for.then(|| {
@@ -304,6 +302,7 @@ fn prepare(
                 Forward {
                     origin,
                     idempotent: req.is_idempotent(),
+                    runtime: Arc::clone(&runtime),
                 },
             )
         }
