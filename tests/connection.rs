@@ -261,10 +261,9 @@ async fn client_that_stops_reading_is_closed() {
     let mut s = TcpStream::connect(gate.http).await.unwrap();
     let burst = "GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n".repeat(sent);
     // Far more answer bytes (~7 MB) than the socket buffers hold, so icp-gate's writes stall.
-    let (mut rd, mut wr) = s.split();
-    let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(burst.as_bytes())).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(burst.as_bytes())).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let text = read_for_bytes(&mut rd, Duration::from_secs(5)).await;
+    let text = read_until_closed(&mut s, Duration::from_secs(5)).await;
     let answered = statuses(&text).len();
     assert!(
         answered < sent,
@@ -272,42 +271,11 @@ async fn client_that_stops_reading_is_closed() {
     );
 }
 
-/// Reads until EOF, an error, or `wait` without the stream ending (then panics: still open).
-async fn read_for_bytes(rd: &mut tokio::net::tcp::ReadHalf<'_>, wait: Duration) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    tokio::time::timeout(wait, async {
-        loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .expect("connection still open");
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// An origin that stalls in the middle of a body does not hold the client connection past
 /// `idle_timeout`.
 #[tokio::test]
 async fn origin_stalled_mid_body_is_cut_off() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
-                    .await;
-                tokio::time::sleep(Duration::from_secs(60)).await;
-            });
-        }
-    });
+    let addr = raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..").await;
     let gate = Gate::start(&config(
         addr,
         "[limits]\nidle_timeout = \"1s\"\nheader_read_timeout = \"500ms\"",
@@ -317,8 +285,7 @@ async fn origin_stalled_mid_body_is_cut_off() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
         .await
         .unwrap();
-    let (mut rd, _wr) = s.split();
-    let text = read_for_bytes(&mut rd, Duration::from_secs(5)).await;
+    let text = read_until_closed(&mut s, Duration::from_secs(5)).await;
     assert!(
         text.starts_with("HTTP/1.1 200") && text.ends_with("only ten.."),
         "{text}"

@@ -574,23 +574,8 @@ GET /last HTTP/1.1\r\nHost: unfiled.cn\r\nConnection: close\r\n\r\n";
 /// stays usable; the origin connection is not reused.
 #[tokio::test]
 async fn malformed_origin_response_is_502() {
-    use tokio::io::AsyncReadExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-                    )
-                    .await;
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
+    let addr =
+        raw_origin(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd").await;
     let gate = Gate::start(&config(addr, "")).await;
     let resp = raw(
         gate.http,

@@ -304,7 +304,7 @@ impl Drop for OriginBody {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use hyper::server::conn::http1 as server;
@@ -332,7 +332,9 @@ mod tests {
     }
 
     /// An origin on loopback that runs `serve` on each connection and counts the connections.
-    async fn counting_origin<F, Fut>(serve: F) -> (Authority, Arc<AtomicUsize>)
+    pub(in crate::forward) async fn counting_origin<F, Fut>(
+        serve: F,
+    ) -> (Authority, Arc<AtomicUsize>)
     where
         F: Fn(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,

@@ -288,6 +288,7 @@ impl Body {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pool::tests::counting_origin;
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -308,41 +309,33 @@ mod tests {
     /// An origin that answers each request head on a connection with the next of `answers`,
     /// counting connections.
     async fn scripted(answers: Vec<&'static [u8]>, after: After) -> (Authority, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                let answers = answers.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let heads = answers.len() + usize::from(after == After::CloseOnNextRequest);
-                    for i in 0..heads {
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            let mut chunk = [0u8; 1024];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                        buf.drain(..end);
-                        let Some(answer) = answers.get(i) else { return };
-                        if s.write_all(answer).await.is_err() {
-                            return;
+        counting_origin(move |mut s| {
+            let answers = answers.clone();
+            async move {
+                let mut buf = Vec::new();
+                let heads = answers.len() + usize::from(after == After::CloseOnNextRequest);
+                for i in 0..heads {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let mut chunk = [0u8; 1024];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                     }
-                    if after == After::Hold {
-                        let _ = s.read(&mut [0u8; 1]).await;
-                        std::future::pending::<()>().await;
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    let Some(answer) = answers.get(i) else { return };
+                    if s.write_all(answer).await.is_err() {
+                        return;
                     }
-                });
+                }
+                if after == After::Hold {
+                    let _ = s.read(&mut [0u8; 1]).await;
+                    std::future::pending::<()>().await;
+                }
             }
-        });
-        (addr.to_string().parse().unwrap(), accepted)
+        })
+        .await
     }
 
     fn origins() -> RawOrigins {

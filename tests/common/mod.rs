@@ -158,6 +158,24 @@ async fn origin_answer(
     }
 }
 
+/// A raw origin on loopback: answers the first request on each connection with `answer`, byte
+/// for byte, then sends nothing more and holds the connection until the other side closes it.
+pub async fn raw_origin(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+                while let Ok(1..) = s.read(&mut buf).await {}
+            });
+        }
+    });
+    addr
+}
+
 /// A running icp-gate with its temporary folder.
 pub struct Gate {
     pub server: ServerHandle,
@@ -288,6 +306,23 @@ pub async fn read_for(stream: &mut TcpStream, wait: Duration) -> String {
         }
     })
     .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads until the server closes the connection; panics if it is still open after `wait`.
+pub async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(wait, async {
+        let mut buf = [0u8; 65536];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("connection still open");
     String::from_utf8_lossy(&out).into_owned()
 }
 
