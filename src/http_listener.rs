@@ -31,7 +31,7 @@ use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ForwardOptions, OriginBody, OriginClient};
 use crate::host::{self, Host};
 use crate::http1;
-use crate::io::{Activity, Prefixed, Watched, watchdog};
+use crate::io::{Activity, Prefixed, SendLast, Watched, watchdog};
 use crate::logging::{Access, RequestId};
 use crate::metrics::UpstreamError;
 use crate::relay;
@@ -75,7 +75,7 @@ struct ConnCtx {
 /// path ([`fast`]) while requests are simple, then hyper for the rest of the connection.
 pub async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: Arc<Shared>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + SendLast + Unpin + Send + 'static,
 {
     let limits = shared.runtime.load().config.limits.clone();
     let activity = Arc::new(Activity::default());

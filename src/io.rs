@@ -91,6 +91,62 @@ pub async fn write_all_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8])
     w.write_all(b).await
 }
 
+/// Writes `a` then `b` as the last bytes before the connection closes (a `Connection: close`
+/// answer, a TLS alert). The first attempt tells the kernel more follows ([`SendLast`]), so the
+/// FIN of the close right after leaves in the same segment as the end of the answer: one segment
+/// and one ACK fewer per connection. What the socket does not take at once is written as usual.
+///
+/// The caller must close the connection straight after; until then the tail may stay queued.
+pub async fn write_all_last<W>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()>
+where
+    W: AsyncWrite + SendLast + Unpin,
+{
+    let n = w.send_last(a, b);
+    let from_a = n.min(a.len());
+    write_all_two(w, &a[from_a..], &b[n - from_a..]).await
+}
+
+/// Streams that can queue their last bytes for the FIN to carry.
+pub trait SendLast {
+    /// Sends what the socket takes at once of `a` then `b`, without blocking, holding the tail
+    /// back for the FIN; returns how many bytes it took (0 when it cannot do this).
+    fn send_last(&self, a: &[u8], b: &[u8]) -> usize;
+}
+
+impl SendLast for tokio::net::TcpStream {
+    #[cfg(target_os = "linux")]
+    fn send_last(&self, a: &[u8], b: &[u8]) -> usize {
+        // MSG_MORE corks the tail; close(2) then sets FIN on the queued segment and sends it.
+        // Bypassing tokio's readiness is harmless: a socket that is full says EAGAIN, and the
+        // ordinary write after this one waits for it.
+        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        socket2::SockRef::from(self)
+            .send_vectored_with_flags(&bufs, libc::MSG_MORE)
+            .unwrap_or(0)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn send_last(&self, _: &[u8], _: &[u8]) -> usize {
+        0
+    }
+}
+
+impl<S: SendLast> SendLast for Prefixed<S> {
+    fn send_last(&self, a: &[u8], b: &[u8]) -> usize {
+        self.inner.send_last(a, b)
+    }
+}
+
+impl<S: SendLast> SendLast for Watched<S> {
+    fn send_last(&self, a: &[u8], b: &[u8]) -> usize {
+        let n = self.inner.send_last(a, b);
+        if n > 0 {
+            self.activity.mark_moved();
+        }
+        n
+    }
+}
+
 /// What a connection has been doing, for the idle watchdog: bytes moved since the last check,
 /// requests in flight, and whether a first request has arrived.
 #[derive(Default)]
@@ -240,6 +296,73 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "hello world");
+    }
+
+    /// Segments this socket has received, from the kernel's TCP_INFO.
+    #[cfg(target_os = "linux")]
+    fn segments_in(s: &tokio::net::TcpStream) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes into it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the descriptor is open for the call; `info` and `len` outlive it.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        info.tcpi_segs_in
+    }
+
+    /// Writes `head` and `body` as an answer (the last one or not), closes, and returns what the
+    /// client read up to the FIN and how many segments that took.
+    #[cfg(target_os = "linux")]
+    async fn answer_and_close(last: bool, head: &[u8], body: &[u8]) -> (Vec<u8>, u32) {
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        // As on accepted sockets, which inherit it from the listener.
+        server.set_nodelay(true).unwrap();
+        let write = async move {
+            if last {
+                write_all_last(&mut server, head, body).await.unwrap();
+            } else {
+                write_all_two(&mut server, head, body).await.unwrap();
+            }
+        };
+        let mut got = Vec::new();
+        let (_, read) = tokio::join!(write, client.read_to_end(&mut got));
+        read.unwrap();
+        (got, segments_in(&client))
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn last_answer_carries_the_fin() {
+        let (plain, plain_segments) =
+            answer_and_close(false, b"HTTP/1.1 403 \r\n\r\n", b"page").await;
+        let (last, last_segments) = answer_and_close(true, b"HTTP/1.1 403 \r\n\r\n", b"page").await;
+        assert_eq!(plain, b"HTTP/1.1 403 \r\n\r\npage");
+        assert_eq!(last, plain);
+        // SYN-ACK, answer, FIN — or SYN-ACK, answer with the FIN.
+        assert_eq!((plain_segments, last_segments), (3, 2));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn last_answer_larger_than_the_socket_takes_arrives_whole() {
+        let body: Vec<u8> = (0..16 << 20).map(|i| (i % 251) as u8).collect();
+        let (got, _) = answer_and_close(true, b"head", &body).await;
+        assert_eq!(got.len(), 4 + body.len());
+        assert!(got[4..] == body[..], "body differs");
     }
 
     #[tokio::test(start_paused = true)]

@@ -30,7 +30,7 @@ use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward;
 use crate::host::{self, Host};
 use crate::http_listener::wants_json;
-use crate::io::Prefixed;
+use crate::io::{Prefixed, write_all_last};
 use crate::logging::{Access, RequestId};
 use crate::proxy_protocol;
 use crate::relay;
@@ -217,9 +217,9 @@ pub async fn serve(
             }
             None => match tls.block {
                 TlsBlock::Alert => {
-                    // Closing right after sends the FIN; a shutdown(2) first would only add a
-                    // syscall.
-                    let _ = tcp.write_all(&ACCESS_DENIED_ALERT).await;
+                    // Closing right after sends the FIN, in the alert's segment; a shutdown(2)
+                    // first would only add a syscall.
+                    let _ = write_all_last(&mut tcp, &ACCESS_DENIED_ALERT, &[]).await;
                 }
                 TlsBlock::Reset => {
                     // SO_LINGER 0: close sends RST instead of FIN.

@@ -19,7 +19,7 @@ use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ExchangeError, Outgoing};
 use crate::host::{self, Host};
 use crate::http1::{self, MAX_HEADERS, RequestHead};
-use crate::io::{InFlight, Watched, write_all_two};
+use crate::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
 use crate::logging::RequestId;
 use crate::metrics::UpstreamError;
 use crate::server::Runtime;
@@ -35,7 +35,7 @@ pub(super) async fn serve<S>(
     limits: &Limits,
 ) -> Option<BytesMut>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + SendLast + Unpin,
 {
     let mut buf = BytesMut::with_capacity(INITIAL_BUFFER);
     // Heads (answers, origin requests) and, beside them, the body of a block answer; both
@@ -75,7 +75,7 @@ where
             Step::Handoff => return Some(buf),
             Step::Answer(mut request, status) => {
                 request.in_flight = None;
-                request.close |= write_all_two(io, &out, &body).await.is_err();
+                request.close |= write_answer(io, &out, &body, request.close).await.is_err();
                 request.finish(ctx, status)
             }
             Step::Forward(mut request, forward) => {
@@ -132,7 +132,7 @@ async fn answer_upstream_error<S>(
     out: &mut Vec<u8>,
 ) -> Option<Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + SendLast + Unpin,
 {
     ctx.spec.metrics.upstream_error(kind);
     let status = match kind {
@@ -148,8 +148,25 @@ where
         &answer.body[..]
     };
     let mut request = request;
-    request.close |= write_all_two(io, out, body).await.is_err();
+    request.close |= write_answer(io, out, body, request.close).await.is_err();
     request.finish(ctx, status.as_u16())
+}
+
+/// Writes an answer; the last one on the connection so that the FIN goes with it.
+async fn write_answer<S>(
+    io: &mut Watched<S>,
+    head: &[u8],
+    body: &[u8],
+    last: bool,
+) -> std::io::Result<()>
+where
+    S: AsyncWrite + SendLast + Unpin,
+{
+    if last {
+        write_all_last(io, head, body).await
+    } else {
+        write_all_two(io, head, body).await
+    }
 }
 
 enum Step {
