@@ -358,6 +358,51 @@ async fn real_client_hellos_with_an_unfiled_name_are_refused_however_fragmented(
     );
 }
 
+/// Many clients at once, filed and unfiled interleaved, each writing its whole ClientHello as
+/// soon as it is connected: every refused one gets the alert and the close (the FIN sent with
+/// the alert), every filed one reaches the origin byte for byte, and each is counted once.
+#[tokio::test]
+async fn a_burst_of_filed_and_refused_connections_is_answered_on_each() {
+    let (origin_addr, seen) = recording_origin().await;
+    let (gate, addr) = start(&tls_config(origin_addr, origin_addr, "")).await;
+    let filed = std::fs::read(testdata("clienthello/openssl.bin")).unwrap();
+    let unfiled = replace(&filed, b"www.filed-example", b"www.unfil-example");
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let hello = if i % 2 == 0 { &unfiled } else { &filed }.clone();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&hello).await.unwrap();
+                if i % 2 == 1 {
+                    s.shutdown().await.unwrap();
+                }
+                read_until_closed(&mut s, Duration::from_secs(5)).await
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let answer = client.await.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(answer.as_bytes(), [0x15, 3, 3, 0, 2, 2, 49], "client {i}");
+        } else {
+            assert_eq!(answer, "origin reply after half-close", "client {i}");
+        }
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(seen.len(), 32);
+    assert!(
+        seen.iter().all(|got| got == &filed),
+        "bytes changed in passthrough"
+    );
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_tls_connections_total{decision="allow",listener="tls",reason="filed"} 32"#,
+        r#"icp_gate_tls_connections_total{decision="block",listener="tls",reason="unfiled"} 32"#,
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+}
+
 #[tokio::test]
 async fn malformed_oversize_slow_and_non_tls_are_closed() {
     let (origin_addr, seen) = recording_origin().await;
