@@ -454,9 +454,9 @@ def start_origin(env: Env, bulk_bytes: int) -> Proc:
                     str(w / "origin.crt")], check=True, capture_output=True)
     with open(w / "big.bin", "wb") as f:  # sparse: reading it costs no disk
         f.truncate(bulk_bytes)
-    # Read once, so the page cache holds it: the first read of each page costs the origin (on
-    # the load generator's core) a page allocation, and that first transfer ran at about half
-    # the speed of the others — whichever contender went first paid for it.
+    # Read once, so the page cache holds it: otherwise the first read of each page costs the
+    # origin (on the load generator's core) a page allocation, which slowed the run's first bulk
+    # transfer — always icp-gate's, as it goes first.
     with open(w / "big.bin", "rb") as f:
         while f.read(8 << 20):
             pass
