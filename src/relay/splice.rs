@@ -103,7 +103,8 @@ async fn pump(
     read: &AtomicU64,
     activity: &Activity,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUF];
+    // Read into spare capacity: never zeroed, as the relay only writes out what was read.
+    let mut buf = Vec::with_capacity(COPY_BUF);
     let mut pipe = Lazy::NotYet;
     let mut splicing = false;
     loop {
@@ -120,7 +121,10 @@ async fn pump(
                     Err(e) => return Err(e),
                 }
             }
-            _ => src.read(&mut buf).await?,
+            _ => {
+                buf.clear();
+                src.read_buf(&mut buf).await?
+            }
         };
         if n == 0 {
             break;
