@@ -14,6 +14,7 @@ use http::{Response, StatusCode};
 use crate::clock;
 use crate::config::BlockPageConfig;
 use crate::decision::Reason;
+use crate::metrics::UpstreamError;
 
 /// The page used when `block_page.template` is not set.
 const BUILT_IN_TEMPLATE: &str = include_str!("../config/block.html");
@@ -399,6 +400,16 @@ pub fn error_answer(status: StatusCode, reason: Option<Reason>, request_id: &str
 }
 
 /// [`error_answer`] as a response for hyper.
+/// The answer when the origin failed before sending a response (SPEC §4): 504 when it did not
+/// answer in time, 502 otherwise.
+pub fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_> {
+    let status = match kind {
+        UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
+    };
+    error_answer(status, None, request_id)
+}
+
 pub fn error_response(
     status: StatusCode,
     reason: Option<Reason>,

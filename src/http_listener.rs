@@ -25,7 +25,7 @@ use tracing::debug;
 
 mod fast;
 
-use crate::block_page::{BlockContext, error_response};
+use crate::block_page::{BlockContext, error_response, upstream_error_answer};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ForwardOptions, OriginBody, OriginClient};
@@ -33,7 +33,6 @@ use crate::host::{self, Host};
 use crate::http1;
 use crate::io::{Activity, Prefixed, SendLast, Watched, watchdog};
 use crate::logging::{Access, RequestId};
-use crate::metrics::UpstreamError;
 use crate::relay;
 use crate::server::{Endpoints, ListenerSpec, Shared};
 
@@ -297,12 +296,10 @@ async fn forward_request(
         }
         Err(kind) => {
             ctx.spec.metrics.upstream_error(kind);
-            let status = match kind {
-                UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
-            };
             debug!(%origin, kind = kind.as_str(), "origin error");
-            error_response(status, None, id.as_str()).map(own)
+            upstream_error_answer(kind, id.as_str())
+                .into_response()
+                .map(own)
         }
     }
 }

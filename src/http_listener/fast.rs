@@ -8,12 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
-use http::StatusCode;
 use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::{ConnCtx, log};
-use crate::block_page::{BlockContext, error_answer};
+use crate::block_page::{BlockContext, upstream_error_answer};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
 use crate::forward::{self, ExchangeError, Outgoing};
@@ -56,7 +55,7 @@ where
         };
         let answering = !matches!(step, Step::Partial | Step::Handoff);
         ctx.answering.store(answering, Ordering::Relaxed);
-        let request = match step {
+        let done = match step {
             Step::Partial => {
                 if buf.len() >= limits.max_header_bytes {
                     // hyper answers 431.
@@ -112,7 +111,6 @@ where
             }
         };
         ctx.answering.store(false, Ordering::Relaxed);
-        let done = request?;
         buf.advance(done.len);
         head_timer
             .as_mut()
@@ -127,29 +125,25 @@ where
 async fn answer_upstream_error<S>(
     io: &mut Watched<S>,
     ctx: &ConnCtx,
-    request: Request,
+    mut request: Request,
     kind: UpstreamError,
     out: &mut Vec<u8>,
-) -> Option<Finished>
+) -> Finished
 where
     S: AsyncRead + AsyncWrite + SendLast + Unpin,
 {
     ctx.spec.metrics.upstream_error(kind);
-    let status = match kind {
-        UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
-    };
     out.clear();
-    let answer = error_answer(status, None, request.id.as_str());
+    let answer = upstream_error_answer(kind, request.id.as_str());
+    let status = answer.status.as_u16();
     http1::write_answer_head(out, &answer, request.close);
     let body = if request.head_request {
         &[][..]
     } else {
         &answer.body[..]
     };
-    let mut request = request;
     request.close |= write_answer(io, out, body, request.close).await.is_err();
-    request.finish(ctx, status.as_u16())
+    request.finish(ctx, status)
 }
 
 /// Writes an answer; the last one on the connection so that the FIN goes with it.
@@ -200,7 +194,7 @@ struct Request {
 
 impl Request {
     /// Records the request (metrics, access log).
-    fn finish(self, ctx: &ConnCtx, status: u16) -> Option<Finished> {
+    fn finish(self, ctx: &ConnCtx, status: u16) -> Finished {
         let now = Instant::now();
         let took = now - self.started;
         ctx.spec
@@ -215,11 +209,11 @@ impl Request {
             &self.id,
             took,
         );
-        Some(Finished {
+        Finished {
             len: self.len,
             close: self.close,
             at: now,
-        })
+        }
     }
 }
 
