@@ -347,6 +347,16 @@ mod tests {
         origin: &Authority,
         method: &str,
     ) -> (Result<Relayed, ExchangeError>, String) {
+        get_within(raw, origin, method, Duration::from_secs(5)).await
+    }
+
+    /// A request, with `timeout` for the response head.
+    async fn get_within(
+        raw: &RawOrigins,
+        origin: &Authority,
+        method: &str,
+        timeout: Duration,
+    ) -> (Result<Relayed, ExchangeError>, String) {
         let head = format!("{method} / HTTP/1.1\r\nhost: a.cn\r\n\r\n");
         let req = Outgoing {
             origin,
@@ -356,9 +366,7 @@ mod tests {
             close: false,
         };
         let mut client = Vec::new();
-        let res = raw
-            .exchange(&req, Duration::from_secs(5), &mut client, || {})
-            .await;
+        let res = raw.exchange(&req, timeout, &mut client, || {}).await;
         (res, String::from_utf8(client).unwrap())
     }
 
@@ -513,16 +521,7 @@ mod tests {
         ));
 
         let (origin, _) = scripted(vec![], After::Hold).await;
-        let req = Outgoing {
-            origin: &origin,
-            head: b"GET / HTTP/1.1\r\nhost: a.cn\r\n\r\n",
-            idempotent: true,
-            head_request: false,
-            close: false,
-        };
-        let res = raw
-            .exchange(&req, Duration::from_millis(200), &mut Vec::new(), || {})
-            .await;
+        let (res, _) = get_within(&raw, &origin, "GET", Duration::from_millis(200)).await;
         assert!(matches!(
             res,
             Err(ExchangeError::Upstream(UpstreamError::Timeout))

@@ -296,34 +296,28 @@ pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
 /// Reads what arrives on `stream` until it closes or `wait` passes.
 pub async fn read_for(stream: &mut TcpStream, wait: Duration) -> String {
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(wait, async {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
+    let _ = tokio::time::timeout(wait, read_to_close(stream, &mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads until the server closes the connection; panics if it is still open after `wait`.
 pub async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> String {
     let mut out = Vec::new();
-    tokio::time::timeout(wait, async {
-        let mut buf = [0u8; 65536];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .expect("connection still open");
+    tokio::time::timeout(wait, read_to_close(stream, &mut out))
+        .await
+        .expect("connection still open");
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Appends what `stream` sends until it closes (or fails).
+async fn read_to_close(stream: &mut TcpStream, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
 }
 
 /// The status codes of every HTTP/1.1 response in `text`, in order.
