@@ -90,6 +90,7 @@ fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Err
     }
     let rt = rt.build()?;
     rt.block_on(async move {
+        tokio::spawn(icp_gate::io::metronome());
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

@@ -216,7 +216,6 @@ impl ServerHandle {
     pub async fn start(config: Config, listeners: Listeners) -> Result<ServerHandle, ServerError> {
         let metrics = Metrics::new();
         let runtime = Runtime::new(config)?;
-        tokio::spawn(crate::io::metronome());
         let shared = Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             registry: Arc::new(Registry::new(Snapshot::empty())),
