@@ -399,7 +399,6 @@ pub fn error_answer(status: StatusCode, reason: Option<Reason>, request_id: &str
     }
 }
 
-/// [`error_answer`] as a response for hyper.
 /// The answer when the origin failed before sending a response (SPEC §4): 504 when it did not
 /// answer in time, 502 otherwise.
 pub fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_> {
@@ -410,6 +409,7 @@ pub fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_
     error_answer(status, None, request_id)
 }
 
+/// [`error_answer`] as a response for hyper.
 pub fn error_response(
     status: StatusCode,
     reason: Option<Reason>,

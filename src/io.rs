@@ -224,7 +224,7 @@ pub async fn watchdog(activity: Arc<Activity>, first_request: Duration, idle: Du
 /// config (the shortest, `origin_connect_timeout`, is 3 s).
 const METRONOME_TICK: Duration = Duration::from_secs(1);
 
-/// Keeps a timer due within [`METRONOME_TICK`] in the runtime it runs on, forever.
+/// Keeps a timer due within `METRONOME_TICK` (1 s) in the runtime it runs on, forever.
 ///
 /// tokio wakes its I/O driver (an eventfd write, and one more `epoll_wait` return) whenever a
 /// timer is registered with a deadline before the driver's next planned wake-up, even while the
