@@ -10,9 +10,10 @@
 //! proxy), the clients and origins on the bench thread. After criterion's runs, a paired
 //! comparison alternates blocks of both relays (8 rounds, `ICP_GATE_RELAY_ROUNDS`) and prints
 //! per workload the median time per iteration, the relay thread's CPU time (getrusage
-//! RUSAGE_THREAD, user + system: splice's work is in the kernel) per iteration and per byte, and
-//! the splice / copy ratios with their range over the rounds: on a shared machine, drift weighs
-//! on both alike there.
+//! RUSAGE_THREAD, user + system: splice's work is in the kernel) per iteration and per byte, the
+//! whole process's (RUSAGE_SELF: the relay, its clients and origins — a relay's choices can move
+//! work to its peers), and the splice / copy ratios with their range over the rounds: on a shared
+//! machine, drift weighs on both alike there.
 //!
 //! `cargo bench --bench relay`; `-- nothing` skips criterion and runs only the paired
 //! comparison; `ICP_GATE_RELAY_ORDER=tcp-first` puts the TCP relay first.
@@ -52,15 +53,16 @@ impl Variant {
     }
 }
 
-/// User and system CPU time of the calling thread.
-fn thread_cpu() -> (Duration, Duration) {
+/// User + system CPU time of the calling thread (`RUSAGE_THREAD`) or of the whole process
+/// (`RUSAGE_SELF`).
+fn cpu_time(who: libc::c_int) -> Duration {
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is a valid, writable rusage for the call to fill in.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let rc = unsafe { libc::getrusage(who, &mut ru) };
     assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
     let d = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    (d(ru.ru_utime), d(ru.ru_stime))
+    d(ru.ru_utime) + d(ru.ru_stime)
 }
 
 /// The relay thread: a current-thread runtime that only accepts tunnels and relays them.
@@ -120,12 +122,10 @@ impl RelayThread {
 
     /// The relay thread's CPU time so far.
     async fn cpu(&self) -> Duration {
-        let (user, sys) = self
-            .handle
-            .spawn(async { thread_cpu() })
+        self.handle
+            .spawn(async { cpu_time(libc::RUSAGE_THREAD) })
             .await
-            .expect("cpu probe");
-        user + sys
+            .expect("cpu probe")
     }
 }
 
@@ -321,17 +321,20 @@ impl Bench {
         }
     }
 
-    /// Runs `iters` iterations of `w` through `v`: wall time and the relay thread's CPU time.
-    fn measure(&self, w: Workload, v: Variant, iters: u64) -> (Duration, Duration) {
+    /// Runs `iters` iterations of `w` through `v`: wall time, the relay thread's CPU time and
+    /// the whole process's (relay, clients and origins).
+    fn measure(&self, w: Workload, v: Variant, iters: u64) -> [Duration; 3] {
         let addr = self.addrs[&(w, v)];
         self.rt.block_on(async {
-            let cpu = self.relay.cpu().await;
+            let relay = self.relay.cpu().await;
+            let all = cpu_time(libc::RUSAGE_SELF);
             let wall = match w {
                 Workload::Bulk => bulk(addr, iters, &self.data).await,
                 Workload::PingPong => ping_pong(addr, iters).await,
                 Workload::Short => short_tunnels(addr, iters).await,
             };
-            (wall, self.relay.cpu().await - cpu)
+            let relay = self.relay.cpu().await - relay;
+            [wall, relay, cpu_time(libc::RUSAGE_SELF) - all]
         })
     }
 
@@ -355,7 +358,7 @@ impl Bench {
             };
             for &v in &self.order {
                 group.bench_function(v.name(), |b| {
-                    b.iter_custom(|iters| self.measure(w, v, iters).0)
+                    b.iter_custom(|iters| self.measure(w, v, iters)[0])
                 });
             }
             group.finish();
@@ -367,54 +370,54 @@ impl Bench {
     fn paired(&self, rounds: usize) {
         println!();
         println!(
-            "paired comparison: {rounds} rounds of alternating blocks per workload; relay CPU = the relay thread's user + system time"
+            "paired comparison: {rounds} rounds of alternating blocks per workload; relay CPU = the relay thread's user + system time, all CPU = the whole process's (relay, clients, origins)"
         );
         println!(
-            "{:<16} {:<19} {:>12} {:>16} {:>14} {:>12}",
-            "workload", "relay", "median/iter", "rate", "CPU/iter", "CPU ns/byte"
+            "{:<16} {:<19} {:>12} {:>16} {:>14} {:>12} {:>14}",
+            "workload", "relay", "median/iter", "rate", "CPU/iter", "CPU ns/byte", "all CPU/iter"
         );
         for w in Workload::ALL {
-            let mut per: BTreeMap<Variant, Vec<(f64, f64)>> = BTreeMap::new();
+            let mut per: BTreeMap<Variant, Vec<[f64; 3]>> = BTreeMap::new();
             for round in 0..rounds {
                 let mut order = self.order.clone();
                 if round % 2 == 1 {
                     order.reverse();
                 }
                 for v in order {
-                    let (wall, cpu) = self.measure(w, v, w.block());
                     let n = w.block() as f64;
-                    per.entry(v)
-                        .or_default()
-                        .push((wall.as_secs_f64() / n, cpu.as_secs_f64() / n));
+                    let per_iter = self.measure(w, v, w.block()).map(|d| d.as_secs_f64() / n);
+                    per.entry(v).or_default().push(per_iter);
                 }
             }
             for (v, samples) in &per {
-                let time = median(samples.iter().map(|s| s.0).collect());
-                let cpu = median(samples.iter().map(|s| s.1).collect());
+                let [time, cpu, all] =
+                    [0, 1, 2].map(|i| median(samples.iter().map(|s| s[i]).collect()));
                 println!(
-                    "{:<16} {:<19} {:>9.1} µs {:>16} {:>11.1} µs {:>12.3}",
+                    "{:<16} {:<19} {:>9.1} µs {:>16} {:>11.1} µs {:>12.3} {:>11.1} µs",
                     w.group().trim_start_matches("relay_"),
                     v.name(),
                     time * 1e6,
                     w.rate(time),
                     cpu * 1e6,
-                    cpu * 1e9 / w.bytes() as f64
+                    cpu * 1e9 / w.bytes() as f64,
+                    all * 1e6
                 );
             }
             let (copy, tcp) = (&per[&Variant::Copy], &per[&Variant::Tcp]);
-            let ratios = |f: fn(&(f64, f64)) -> f64| {
-                let r: Vec<f64> = tcp.iter().zip(copy).map(|(t, c)| f(t) / f(c)).collect();
+            let ratios = |i: usize| {
+                let r: Vec<f64> = tcp.iter().zip(copy).map(|(t, c)| t[i] / c[i]).collect();
                 let (lo, hi) = r
                     .iter()
                     .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
                 format!("{:.2}x ({lo:.2}-{hi:.2})", median(r))
             };
             println!(
-                "{:<16} {:<19} time {}, CPU {}",
+                "{:<16} {:<19} time {}, CPU {}, all CPU {}",
                 "",
                 "splice / copy",
-                ratios(|s| s.0),
-                ratios(|s| s.1)
+                ratios(0),
+                ratios(1),
+                ratios(2)
             );
         }
     }
