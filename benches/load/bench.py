@@ -919,6 +919,16 @@ def rounds_table(results: list[Result]) -> list[str]:
     return lines
 
 
+def congestion_control() -> str:
+    """The system's default TCP congestion control: with `bbr` every sender paces itself with
+    timers, which on loopback moves the TLS bulk figures (see the README, "TLS bulk")."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def machine_lines(env: Env, args, load_before: str) -> list[str]:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -934,7 +944,8 @@ def machine_lines(env: Env, args, load_before: str) -> list[str]:
         f"- date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; command: "
         f"`{os.environ.get('ICP_LOAD_COMMAND') or 'bench.py ' + ' '.join(sys.argv[1:])}`",
         f"- machine: {os.cpu_count()} × {cpu}, {platform.platform()}; load average before: "
-        f"{load_before}, after: {' '.join(open('/proc/loadavg').read().split()[:3])}",
+        f"{load_before}, after: {' '.join(open('/proc/loadavg').read().split()[:3])}; "
+        f"TCP congestion control: {congestion_control()}",
         f"- icp-gate {rev}{' (src/ modified)' if dirty else ''}, nginx {ver(['nginx', '-v'])}, "
         f"HAProxy {ver(['haproxy', '-v'])}, wrk {ver(['wrk', '-v'])}, "
         f"curl {ver(['curl', '--version'])}, Python {platform.python_version()}",
