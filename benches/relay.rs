@@ -65,6 +65,11 @@ fn cpu_time(who: libc::c_int) -> Duration {
     d(ru.ru_utime) + d(ru.ru_stime)
 }
 
+/// What a measurement returns, by index: wall time, the relay thread's CPU, the whole process's.
+const WALL: usize = 0;
+const RELAY: usize = 1;
+const ALL: usize = 2;
+
 /// The relay thread: a current-thread runtime that only accepts tunnels and relays them.
 struct RelayThread {
     handle: Handle,
@@ -322,7 +327,7 @@ impl Bench {
     }
 
     /// Runs `iters` iterations of `w` through `v`: wall time, the relay thread's CPU time and
-    /// the whole process's (relay, clients and origins).
+    /// the whole process's (relay, clients and origins), indexed by [`WALL`], [`RELAY`], [`ALL`].
     fn measure(&self, w: Workload, v: Variant, iters: u64) -> [Duration; 3] {
         let addr = self.addrs[&(w, v)];
         self.rt.block_on(async {
@@ -358,7 +363,7 @@ impl Bench {
             };
             for &v in &self.order {
                 group.bench_function(v.name(), |b| {
-                    b.iter_custom(|iters| self.measure(w, v, iters)[0])
+                    b.iter_custom(|iters| self.measure(w, v, iters)[WALL])
                 });
             }
             group.finish();
@@ -391,7 +396,7 @@ impl Bench {
             }
             for (v, samples) in &per {
                 let [time, cpu, all] =
-                    [0, 1, 2].map(|i| median(samples.iter().map(|s| s[i]).collect()));
+                    [WALL, RELAY, ALL].map(|i| median(samples.iter().map(|s| s[i]).collect()));
                 println!(
                     "{:<16} {:<19} {:>9.1} µs {:>16} {:>11.1} µs {:>12.3} {:>11.1} µs",
                     w.group().trim_start_matches("relay_"),
@@ -415,9 +420,9 @@ impl Bench {
                 "{:<16} {:<19} time {}, CPU {}, all CPU {}",
                 "",
                 "splice / copy",
-                ratios(0),
-                ratios(1),
-                ratios(2)
+                ratios(WALL),
+                ratios(RELAY),
+                ratios(ALL)
             );
         }
     }
