@@ -293,8 +293,18 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def cpu_ns(pids: list[int]) -> dict[str, int]:
-    """ns on CPU per thread ('pid/tid'), first field of /proc/PID/task/TID/schedstat."""
+@dataclass
+class Counters:
+    """One thread's counters: on-CPU ns (schedstat), user and system clock ticks (stat fields
+    14 and 15) and voluntary context switches (status), each read from /proc."""
+    ns: int
+    utime: int
+    stime: int
+    sleeps: int
+
+
+def thread_counters(pids: list[int]) -> dict[str, Counters]:
+    """Counters per thread ('pid/tid') of all the given processes."""
     out = {}
     for pid in pids:
         try:
@@ -302,18 +312,30 @@ def cpu_ns(pids: list[int]) -> dict[str, int]:
         except OSError:
             continue
         for tid in tids:
+            d = f"/proc/{pid}/task/{tid}"
             try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    out[f"{pid}/{tid}"] = int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
+                with open(f"{d}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+                with open(f"{d}/stat") as f:
+                    stat = f.read()
+                utime, stime = (int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13])
+                with open(f"{d}/status") as f:
+                    sleeps = next(int(line.split()[1]) for line in f
+                                  if line.startswith("voluntary_ctxt_switches:"))
+            except (OSError, ValueError, IndexError, StopIteration):
+                continue
+            out[f"{pid}/{tid}"] = Counters(ns, utime, stime, sleeps)
     return out
 
 
-def cpu_delta_ns(before: dict[str, int], after: dict[str, int]) -> int:
-    """Threads that appeared count from zero; threads that exited in between are lost (icp-gate
-    keeps its threads, nginx and HAProxy never spawn any, so this is negligible)."""
-    return sum(v - before.get(k, 0) for k, v in after.items())
+def counters_delta(before: dict[str, Counters], after: dict[str, Counters]) -> Counters:
+    """Summed over threads. Threads that appeared count from zero; threads that exited in
+    between are lost (icp-gate keeps its threads, nginx and HAProxy never spawn any, so this is
+    negligible)."""
+    zero = Counters(0, 0, 0, 0)
+    d = [(v, before.get(k, zero)) for k, v in after.items()]
+    return Counters(sum(a.ns - b.ns for a, b in d), sum(a.utime - b.utime for a, b in d),
+                    sum(a.stime - b.stime for a, b in d), sum(a.sleeps - b.sleeps for a, b in d))
 
 
 def memory(pids: list[int]) -> tuple[float, float]:
@@ -333,6 +355,14 @@ def memory(pids: list[int]) -> tuple[float, float]:
         except (OSError, ValueError):
             pass
     return hwm / 1024, pss / 1024
+
+
+def tcp_out_segments() -> int:
+    """TCP segments sent by the whole machine (`Tcp: OutSegs` of /proc/net/snmp). On loopback
+    each is also received once, so its delta per operation is the operation's packet count."""
+    with open("/proc/net/snmp") as f:
+        head, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[head.index("OutSegs")])
 
 
 def core_busy_ns(core: str) -> tuple[int, int]:
@@ -771,12 +801,29 @@ class Result:
     errors: int = 0
     share_4xx: float | None = None
     noise_pct: float | None = None  # share of core 0 used by something else
+    user_pct: float | None = None  # share of the CPU time spent in user mode
+    sleeps_per_op: float | None = None  # voluntary context switches (wake-ups) per operation
+    segs_per_op: float | None = None  # TCP segments sent on the machine per operation
+    syscalls_per_op: float | None = None  # from the separate --syscalls pass
     outcomes: dict = field(default_factory=dict)
     failure: str | None = None
 
     @property
     def rate(self) -> float | None:
         return self.ops / self.seconds if self.seconds else None
+
+    @property
+    def user_us_per_op(self) -> float | None:
+        """CPU µs/op split by the user/system tick shares (ticks are samples, the total is
+        exact)."""
+        if self.cpu_us_per_op is None or self.user_pct is None:
+            return None
+        return self.cpu_us_per_op * self.user_pct / 100
+
+    @property
+    def kernel_us_per_op(self) -> float | None:
+        u = self.user_us_per_op
+        return None if u is None else self.cpu_us_per_op - u
 
 
 def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -> Result:
@@ -808,21 +855,29 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
             res.failure = "bulk warm-up transfer failed"
             return res
         pids = proc.pids()
+        segs0 = tcp_out_segments()
         busy0, _ = core_busy_ns(CORE_SERVER)
-        cpu0 = cpu_ns(pids)
+        cpu0 = thread_counters(pids)
         t0 = time.monotonic()
         out = run_client(scen, port, reg, args.duration, args.bulk_bytes)
         wall = time.monotonic() - t0
-        cpu1 = cpu_ns(proc.pids())
+        delta = counters_delta(cpu0, thread_counters(proc.pids()))
         busy1, _ = core_busy_ns(CORE_SERVER)
-        used = cpu_delta_ns(cpu0, cpu1)
+        segs1 = tcp_out_segments()
+        used = delta.ns
         res.ops, res.seconds = out["ops"], out["seconds"]
         res.p50_ms, res.p99_ms, res.errors = out["p50_ms"], out["p99_ms"], out["errors"]
         res.share_4xx = out.get("share_4xx")
         res.outcomes = out.get("outcomes", {})
         res.cpu_us_per_op = used / 1000 / res.ops if res.ops else None
+        ticks = delta.utime + delta.stime
+        res.user_pct = delta.utime / ticks * 100 if ticks else None
+        res.sleeps_per_op = delta.sleeps / res.ops if res.ops else None
+        res.segs_per_op = (segs1 - segs0) / res.ops if res.ops else None
         res.noise_pct = max(0.0, (busy1 - busy0 - used) / (wall * 1e9) * 100)
         res.rss_mib, res.pss_mib = memory(proc.pids())
+        if args.syscalls and proc.alive():
+            res.syscalls_per_op = count_syscalls(env, scen, port, reg, proc.pids(), args)
         if not proc.alive():
             res.failure = "exited during the run"
         return res
@@ -832,6 +887,43 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
     finally:
         proc.stop()
         shutil.rmtree(env.work / "state" / tag, ignore_errors=True)  # icp-gate's registry state
+
+
+SYSCALL_EVENT = "raw_syscalls:sys_enter"
+
+
+def perf_can_count() -> str | None:
+    """None when `perf stat` can count system calls here, else why not."""
+    if not shutil.which("perf"):
+        return "perf not found (Debian: linux-perf)"
+    r = subprocess.run(["perf", "stat", "-x,", "-e", SYSCALL_EVENT, "--", "true"],
+                       capture_output=True, text=True)
+    return None if r.returncode == 0 else f"perf stat -e {SYSCALL_EVENT}: {r.stderr.strip()}"
+
+
+def count_syscalls(env: Env, scen: Scenario, port: int, reg: Registry, pids: list[int],
+                   args) -> float | None:
+    """System calls per operation, from a second, shorter run of the same load under
+    `perf stat` (a tracepoint hit per call slows the contender by a few %, so the timed
+    measurement never runs under it). Bulk: an eighth of the file."""
+    out_file = env.work / "tmp" / "perf-syscalls.csv"
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", SYSCALL_EVENT, "-o", str(out_file),
+                             "-p", ",".join(map(str, pids))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)  # attached before the load starts
+        if scen.client == "bulk":
+            out = run_bulk(port, reg, args.bulk_bytes, first=args.bulk_bytes // 8)
+        else:
+            out = run_client(scen, port, reg, min(3.0, args.duration), args.bulk_bytes)
+    finally:
+        perf.send_signal(signal.SIGINT)  # perf prints its counts on SIGINT
+        perf.wait(timeout=10)
+    for line in out_file.read_text().splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[2].startswith(SYSCALL_EVENT) and f[0].isdigit():
+            return int(f[0]) / out["ops"] if out["ops"] else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -870,8 +962,9 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
                 lines.append(f"| {who} | FAILED: {fails[0]} | | | | | | | | |")
             continue
         a = {k: med([getattr(r, k) for r in rs]) for k in
-             ("rate", "p50_ms", "p99_ms", "cpu_us_per_op", "rss_mib", "pss_mib", "ready_s",
-              "noise_pct")}
+             ("rate", "p50_ms", "p99_ms", "cpu_us_per_op", "user_us_per_op",
+              "kernel_us_per_op", "sleeps_per_op", "segs_per_op", "syscalls_per_op", "rss_mib",
+              "pss_mib", "ready_s", "noise_pct")}
         agg[who] = a
         errs = sum(r.errors for r in rs)
         lines.append(f"| {who} | {fmt(a['rate'], ',.0f')} | {fmt(a['p50_ms'], '.2f')} "
@@ -889,6 +982,7 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
                              f"| {ratio(g['cpu_us_per_op'], b['cpu_us_per_op'])} "
                              f"| {ratio(g['rss_mib'], b['rss_mib'])} | {ratio(g['pss_mib'], b['pss_mib'])} "
                              f"| {ratio(g['ready_s'], b['ready_s'])} | | |")
+    lines += [""] + work_table(unit, agg)
     # sanity notes (never assertions): answers of the wrong kind make a row meaningless
     notes = []
     for r in results:
@@ -904,15 +998,39 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
     return lines + [""]
 
 
+def work_table(unit: str, agg: dict[str, dict]) -> list[str]:
+    """Where each contender's CPU per operation goes (medians over rounds): user and kernel
+    time, wake-ups, and the TCP segments the operation put on loopback (all peers, from
+    /proc/net/snmp). Equal segments and sleeps with unequal kernel time would point at the
+    proxy; equal kernel time says the proxies do the same kernel work."""
+    lines = [f"Work per {unit}:", "",
+             "| contender | CPU µs | user µs | kernel µs | sleeps | TCP segments | syscalls |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    keys = ("cpu_us_per_op", "user_us_per_op", "kernel_us_per_op", "sleeps_per_op",
+            "segs_per_op", "syscalls_per_op")
+    for who, a in agg.items():
+        lines.append(f"| {who} | " + " | ".join(fmt(a[k], ".2f") for k in keys) + " |")
+    g = agg.get("icp-gate")
+    for who in ANCHORS:
+        b = agg.get(who)
+        if g and b:
+            # a ratio of wake-ups is noise when the anchor hardly sleeps (a saturated core)
+            cells = [ratio(g[k], b[k]) if k != "sleeps_per_op" or (b[k] or 0) >= 0.05 else "–"
+                     for k in keys]
+            lines.append(f"| *icp-gate ÷ {who}* | " + " | ".join(cells) + " |")
+    return lines
+
+
 def rounds_table(results: list[Result]) -> list[str]:
     lines = ["| scenario | N | round | contender | ops/s | p50 ms | p99 ms | CPU µs/op "
-             "| RSS MiB | ready s | 4xx | core-0 noise % | outcome |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| user % | sleeps/op | RSS MiB | ready s | 4xx | core-0 noise % | outcome |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         oc = r.failure or (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "ok")
         lines.append(f"| {r.scenario} | {r.n:,} | {r.round} | {r.contender} | {fmt(r.rate, ',.0f')} "
                      f"| {fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} "
-                     f"| {fmt(r.cpu_us_per_op, '.2f')} | {fmt(r.rss_mib, '.1f')} "
+                     f"| {fmt(r.cpu_us_per_op, '.2f')} | {fmt(r.user_pct, '.0f')} "
+                     f"| {fmt(r.sleeps_per_op, '.2f')} | {fmt(r.rss_mib, '.1f')} "
                      f"| {fmt(r.ready_s, '.2f')} "
                      f"| {'–' if r.share_4xx is None else format(r.share_4xx, '.0%')} "
                      f"| {fmt(r.noise_pct, '.0f')} | {oc} |")
@@ -981,6 +1099,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep generated data and logs here (default: a temporary dir, removed)")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="after each measurement, count the contender's system calls per "
+                         "operation in a second, shorter run under `perf stat` (needs perf)")
     a = ap.parse_args()
     a.sizes = [int(x.replace("_", "")) for x in (a.sizes or ("1000" if a.quick
                                                                 else "1000,1000000")).split(",")]
@@ -1033,6 +1154,8 @@ def main() -> None:
     if busy:
         raise SystemExit(f"ports {busy} are in use: is another run going on?")
 
+    if args.syscalls and (why := perf_can_count()):
+        raise SystemExit(f"--syscalls: {why}")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="icp-gate-load."))
     for sub in ("logs", "tmp", "state"):
         (work / sub).mkdir(parents=True, exist_ok=True)

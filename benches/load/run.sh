@@ -5,6 +5,7 @@
 #   benches/load/run.sh                  # full: every scenario, N = 1 000 and 1 000 000, 2 rounds
 #   benches/load/run.sh --quick          # smoke test: N = 1 000, one round, 3 s per measurement
 #   benches/load/run.sh --scenarios http --sizes 1000 --rounds 3
+#   benches/load/run.sh --syscalls      # also count system calls per operation (installs perf)
 #   benches/load/run.sh --help           # every option of bench.py
 #
 # Own options: --no-install (never call apt), --no-build (use the existing release binary).
@@ -14,12 +15,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
-install=1 build=1 args=()
+install=1 build=1 syscalls=0 args=()
 for a in "$@"; do
     case "$a" in
         --no-install) install=0 ;;
         --no-build) build=0 ;;
         -h | --help) exec python3 "$here/bench.py" --help ;;
+        --syscalls) syscalls=1; args+=("$a") ;;
         *) args+=("$a") ;;
     esac
 done
@@ -35,6 +37,7 @@ need openssl openssl
 need taskset util-linux
 need python3 python3
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing+=(libnginx-mod-stream)
+[ $syscalls = 0 ] || need perf linux-perf
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ $install = 0 ]; then
