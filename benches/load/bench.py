@@ -357,6 +357,10 @@ def memory(pids: list[int]) -> tuple[float, float]:
     return hwm / 1024, pss / 1024
 
 
+# Fewest user + system clock ticks (10 ms each) for which the user/kernel split is reported.
+MIN_SPLIT_TICKS = 20
+
+
 def tcp_out_segments() -> int:
     """TCP segments sent by the whole machine (`Tcp: OutSegs` of /proc/net/snmp). On loopback
     each is also received once, so its delta per operation is the operation's packet count."""
@@ -871,7 +875,8 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         res.outcomes = out.get("outcomes", {})
         res.cpu_us_per_op = used / 1000 / res.ops if res.ops else None
         ticks = delta.utime + delta.stime
-        res.user_pct = delta.utime / ticks * 100 if ticks else None
+        # The split is sampled per clock tick: below MIN_SPLIT_TICKS it says nothing.
+        res.user_pct = delta.utime / ticks * 100 if ticks >= MIN_SPLIT_TICKS else None
         res.sleeps_per_op = delta.sleeps / res.ops if res.ops else None
         res.segs_per_op = (segs1 - segs0) / res.ops if res.ops else None
         res.noise_pct = max(0.0, (busy1 - busy0 - used) / (wall * 1e9) * 100)
