@@ -1181,7 +1181,8 @@ def main() -> None:
                     # One transfer straight from the origin first (not measured): the first
                     # proxied bulk transfer after a connection-heavy scenario — always icp-gate's,
                     # as it goes first — ran up to twice the CPU per MiB of later ones.
-                    run_bulk(PORTS["ORIGIN_TLS"], regs[n], args.bulk_bytes)
+                    if run_bulk(PORTS["ORIGIN_TLS"], regs[n], args.bulk_bytes)["errors"]:
+                        log("the settling transfer straight from the origin failed")
                 batch = []
                 for rnd in range(1, args.rounds + 1):
                     for who in CONTENDERS:  # A B C A B C

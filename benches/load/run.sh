@@ -5,7 +5,7 @@
 #   benches/load/run.sh                  # full: every scenario, N = 1 000 and 1 000 000, 2 rounds
 #   benches/load/run.sh --quick          # smoke test: N = 1 000, one round, 3 s per measurement
 #   benches/load/run.sh --scenarios http --sizes 1000 --rounds 3
-#   benches/load/run.sh --syscalls      # also count system calls per operation (installs perf)
+#   benches/load/run.sh --syscalls       # also count system calls per operation (installs perf)
 #   benches/load/run.sh --help           # every option of bench.py
 #
 # Own options: --no-install (never call apt), --no-build (use the existing release binary).
