@@ -1028,14 +1028,16 @@ def work_table(unit: str, agg: dict[str, dict]) -> list[str]:
 
 def rounds_table(results: list[Result]) -> list[str]:
     lines = ["| scenario | N | round | contender | ops/s | p50 ms | p99 ms | CPU µs/op "
-             "| user % | sleeps/op | RSS MiB | ready s | 4xx | core-0 noise % | outcome |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| user % | sleeps/op | segments/op | syscalls/op | RSS MiB | ready s | 4xx "
+             "| core-0 noise % | outcome |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         oc = r.failure or (", ".join(f"{k} {v}" for k, v in sorted(r.outcomes.items())) or "ok")
         lines.append(f"| {r.scenario} | {r.n:,} | {r.round} | {r.contender} | {fmt(r.rate, ',.0f')} "
                      f"| {fmt(r.p50_ms, '.2f')} | {fmt(r.p99_ms, '.2f')} "
                      f"| {fmt(r.cpu_us_per_op, '.2f')} | {fmt(r.user_pct, '.0f')} "
-                     f"| {fmt(r.sleeps_per_op, '.2f')} | {fmt(r.rss_mib, '.1f')} "
+                     f"| {fmt(r.sleeps_per_op, '.2f')} | {fmt(r.segs_per_op, '.2f')} "
+                     f"| {fmt(r.syscalls_per_op, '.2f')} | {fmt(r.rss_mib, '.1f')} "
                      f"| {fmt(r.ready_s, '.2f')} "
                      f"| {'–' if r.share_4xx is None else format(r.share_4xx, '.0%')} "
                      f"| {fmt(r.noise_pct, '.0f')} | {oc} |")
