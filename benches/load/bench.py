@@ -609,6 +609,14 @@ def run_bulk(port: int, reg: Registry, size: int, first: int | None = None) -> d
             "errors": 0 if ok else 1}
 
 
+def run_short(scen: Scenario, port: int, reg: Registry, seconds: float, args) -> dict:
+    """A shorter run of the scenario's load, not the measurement (warm-up, the --syscalls pass):
+    `seconds` of it, or for bulk a transfer of an eighth of the file."""
+    if scen.client == "bulk":
+        return run_bulk(port, reg, args.bulk_bytes, first=args.bulk_bytes // 8)
+    return run_client(scen, port, reg, seconds, args.bulk_bytes)
+
+
 def run_client(scen: Scenario, port: int, reg: Registry, seconds: float, bulk: int) -> dict:
     if scen.client == "wrk":
         return run_wrk(port, scen, reg, seconds)
@@ -852,10 +860,8 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         if why is not None:
             res.failure = f"wrong answers: {why}"
             return res
-        # Warm-up, not measured; for bulk, a transfer of an eighth of the file.
-        if scen.client != "bulk":
-            run_client(scen, port, reg, args.warmup, args.bulk_bytes)
-        elif run_bulk(port, reg, args.bulk_bytes, first=args.bulk_bytes // 8)["errors"]:
+        # Warm-up, not measured.
+        if run_short(scen, port, reg, args.warmup, args)["errors"] and scen.client == "bulk":
             res.failure = "bulk warm-up transfer failed"
             return res
         pids = proc.pids()
@@ -868,18 +874,19 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         delta = counters_delta(cpu0, thread_counters(proc.pids()))
         busy1, _ = core_busy_ns(CORE_SERVER)
         segs1 = tcp_out_segments()
-        used = delta.ns
         res.ops, res.seconds = out["ops"], out["seconds"]
         res.p50_ms, res.p99_ms, res.errors = out["p50_ms"], out["p99_ms"], out["errors"]
         res.share_4xx = out.get("share_4xx")
         res.outcomes = out.get("outcomes", {})
-        res.cpu_us_per_op = used / 1000 / res.ops if res.ops else None
+        def per_op(total: float) -> float | None:
+            return total / res.ops if res.ops else None
+        res.cpu_us_per_op = per_op(delta.ns / 1000)
         ticks = delta.utime + delta.stime
         # The split is sampled per clock tick: below MIN_SPLIT_TICKS it says nothing.
         res.user_pct = delta.utime / ticks * 100 if ticks >= MIN_SPLIT_TICKS else None
-        res.sleeps_per_op = delta.sleeps / res.ops if res.ops else None
-        res.segs_per_op = (segs1 - segs0) / res.ops if res.ops else None
-        res.noise_pct = max(0.0, (busy1 - busy0 - used) / (wall * 1e9) * 100)
+        res.sleeps_per_op = per_op(delta.sleeps)
+        res.segs_per_op = per_op(segs1 - segs0)
+        res.noise_pct = max(0.0, (busy1 - busy0 - delta.ns) / (wall * 1e9) * 100)
         res.rss_mib, res.pss_mib = memory(proc.pids())
         if args.syscalls and proc.alive():
             res.syscalls_per_op = count_syscalls(env, scen, port, reg, proc.pids(), args)
@@ -910,17 +917,14 @@ def count_syscalls(env: Env, scen: Scenario, port: int, reg: Registry, pids: lis
                    args) -> float | None:
     """System calls per operation, from a second, shorter run of the same load under
     `perf stat` (a tracepoint hit per call slows the contender by a few %, so the timed
-    measurement never runs under it). Bulk: an eighth of the file."""
+    measurement never runs under it)."""
     out_file = env.work / "tmp" / "perf-syscalls.csv"
     perf = subprocess.Popen(["perf", "stat", "-x,", "-e", SYSCALL_EVENT, "-o", str(out_file),
                              "-p", ",".join(map(str, pids))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)  # attached before the load starts
-        if scen.client == "bulk":
-            out = run_bulk(port, reg, args.bulk_bytes, first=args.bulk_bytes // 8)
-        else:
-            out = run_client(scen, port, reg, min(3.0, args.duration), args.bulk_bytes)
+        out = run_short(scen, port, reg, min(3.0, args.duration), args)
     finally:
         perf.send_signal(signal.SIGINT)  # perf prints its counts on SIGINT
         perf.wait(timeout=10)
