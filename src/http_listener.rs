@@ -278,9 +278,13 @@ async fn forward_request(
                 let idle = limits.idle_timeout;
                 let stop = ctx.shared.drain.child_token();
                 let registered = tunnel_host.and_then(|host| {
-                    ctx.shared
-                        .tunnels
-                        .register(host, ctx.ends.dst.ip(), stop.clone())
+                    let registrable = host::registrable_domain(host)?;
+                    Some(ctx.shared.tunnels.register(
+                        host,
+                        registrable,
+                        ctx.ends.dst.ip(),
+                        stop.clone(),
+                    ))
                 });
                 ctx.shared.tasks.spawn(async move {
                     let _registered = registered;

@@ -1,6 +1,8 @@
 //! Destination routes: which origin serves a destination IP, and whether enforcement applies there.
 
 use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
 use std::net::IpAddr;
 
 use crate::config::RouteConfig;
@@ -10,18 +12,22 @@ pub type Route = RouteConfig;
 
 /// Routes indexed for longest-prefix match. A provider may list one route per tenant address, so
 /// lookups go through one hash probe per distinct prefix length instead of a scan of all routes.
+/// foldhash, not SipHash: every connection and request looks its destination up, and the keys
+/// come from the config, not from clients.
+type Nets<K> = HashMap<K, usize, RandomState>;
+
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
     /// Per address family: (prefix length, masked network → route index), longest first.
-    v4: Vec<(u8, HashMap<u32, usize>)>,
-    v6: Vec<(u8, HashMap<u128, usize>)>,
+    v4: Vec<(u8, Nets<u32>)>,
+    v6: Vec<(u8, Nets<u128>)>,
 }
 
 impl RouteTable {
     pub fn new(routes: Vec<Route>) -> RouteTable {
-        let mut v4: Vec<(u8, HashMap<u32, usize>)> = Vec::new();
-        let mut v6: Vec<(u8, HashMap<u128, usize>)> = Vec::new();
+        let mut v4: Vec<(u8, Nets<u32>)> = Vec::new();
+        let mut v6: Vec<(u8, Nets<u128>)> = Vec::new();
         for (i, r) in routes.iter().enumerate() {
             let len = r.dst.prefix_len();
             match r.dst.network() {
@@ -59,11 +65,11 @@ impl RouteTable {
     }
 }
 
-fn level<K>(levels: &mut Vec<(u8, HashMap<K, usize>)>, len: u8) -> &mut HashMap<K, usize> {
+fn level<K>(levels: &mut Vec<(u8, Nets<K>)>, len: u8) -> &mut Nets<K> {
     let pos = match levels.iter().position(|(l, _)| *l == len) {
         Some(pos) => pos,
         None => {
-            levels.push((len, HashMap::new()));
+            levels.push((len, Nets::default()));
             levels.len() - 1
         }
     };

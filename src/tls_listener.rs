@@ -131,10 +131,16 @@ pub async fn serve(
         }
         (Hello::Parsed(Parse::Incomplete) | Hello::Truncated, None) => HostInput::InvalidSni,
     };
-    let (decision, reason, protocol_error, route) = {
+    let (decision, reason, protocol_error, route, registrable) = {
         let snapshot = shared.registry.load();
         let v = decide(ends.dst.ip(), input, &snapshot, &runtime.policy);
-        (v.decision, v.reason, v.protocol_error, v.route)
+        (
+            v.decision,
+            v.reason,
+            v.protocol_error,
+            v.route,
+            v.registrable,
+        )
     };
     // Logged as the normalised name, or as sent when it did not parse.
     let sni = match &sni {
@@ -195,8 +201,11 @@ pub async fn serve(
             drop(runtime);
             // A tunnel a registry entry allowed closes when an update blocks its host.
             let stop = shared.drain.child_token();
-            let _registered = (reason == Reason::Filed)
-                .then(|| shared.tunnels.register(&sni, ends.dst.ip(), stop.clone()));
+            let _registered = registrable.filter(|_| reason == Reason::Filed).map(|r| {
+                shared
+                    .tunnels
+                    .register(&sni, r, ends.dst.ip(), stop.clone())
+            });
             let r = Box::pin(relay::relay_tcp(tcp, upstream, idle, stop)).await;
             spec.metrics.relayed[0].inc_by(r.client_to_origin);
             spec.metrics.relayed[1].inc_by(r.origin_to_client);
