@@ -1,21 +1,21 @@
 //! Destination routes: which origin serves a destination IP, and whether enforcement applies there.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use foldhash::fast::RandomState;
-use std::net::IpAddr;
 
 use crate::config::RouteConfig;
 
 /// A route as configured (`[[route]]`).
 pub type Route = RouteConfig;
 
-/// Routes indexed for longest-prefix match. A provider may list one route per tenant address, so
-/// lookups go through one hash probe per distinct prefix length instead of a scan of all routes.
-/// foldhash, not SipHash: every connection and request looks its destination up, and the keys
-/// come from the config, not from clients.
+/// Masked network → route index, for one prefix length. foldhash, not SipHash: every connection
+/// and request looks its destination up, and the keys come from the config, not from clients.
 type Nets<K> = HashMap<K, usize, RandomState>;
 
+/// Routes indexed for longest-prefix match. A provider may list one route per tenant address, so
+/// lookups go through one hash probe per distinct prefix length instead of a scan of all routes.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,

@@ -29,10 +29,9 @@ struct Tunnel {
 /// The open tunnels that a registry entry allowed.
 #[derive(Default)]
 pub struct LiveTunnels {
-    /// foldhash, not SipHash: a TLS tunnel registers and unregisters once each, and this index
-    /// was ~6 % of a tunnel's user-space instructions (callgrind). Keys are registrable domains
-    /// of filed names only, so clients cannot choose colliding keys beyond what the filing
-    /// system admits.
+    /// foldhash, not SipHash: every filed TLS tunnel registers and unregisters here on its
+    /// connection's path. Keys are registrable domains of filed names only, so clients cannot
+    /// choose colliding keys beyond what the filing system admits.
     by_registrable: DashMap<Arc<str>, Vec<Tunnel>, foldhash::fast::RandomState>,
     next_id: AtomicU64,
 }
