@@ -17,7 +17,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -91,8 +91,11 @@ enum Lazy {
     Unavailable,
 }
 
-/// One direction, until `src` ends; then `dst`'s write side is shut down. `read` counts the bytes
-/// taken from `src`; `activity` is marked whenever bytes move (for the idle watchdog).
+/// One direction, until `src` ends; then `dst`'s write side is shut down, unless the other
+/// direction has already ended: the relay then returns and closing `dst` sends the same FIN, so
+/// a `shutdown(2)` would only add a system call per tunnel. `ended` counts the directions that
+/// reached their end. `read` counts the bytes taken from `src`; `activity` is marked whenever
+/// bytes move (for the idle watchdog).
 ///
 /// Copies go through tokio's `poll_read`/`poll_write` (on the split halves), which, unlike
 /// `try_io`, clear readiness after a short read or write: a relayed message then costs no extra
@@ -101,6 +104,7 @@ async fn pump(
     mut src: ReadHalf<'_>,
     mut dst: WriteHalf<'_>,
     read: &AtomicU64,
+    ended: &AtomicU8,
     activity: &Activity,
 ) -> io::Result<()> {
     // Read into spare capacity: never zeroed, as the relay only writes out what was read.
@@ -142,6 +146,11 @@ async fn pump(
         // Readiness and try_io take nothing from tokio's cooperative budget (poll_read does):
         // without this, a spliced direction that always finds data would keep the worker.
         tokio::task::consume_budget().await;
+    }
+    // Both receive queues are empty now (each source read to its end), so the close sends a FIN,
+    // not a reset.
+    if ended.fetch_add(1, Ordering::Relaxed) == 1 {
+        return Ok(());
     }
     dst.shutdown().await
 }
@@ -200,13 +209,14 @@ pub(super) async fn relay(
     let (origin_read, origin_write) = origin.split();
     let from_client = AtomicU64::new(0);
     let from_origin = AtomicU64::new(0);
+    let ended = AtomicU8::new(0);
     // The same idle watchdog as every other connection.
     let activity = Arc::new(Activity::default());
     activity.mark_started();
     let both = async {
         tokio::try_join!(
-            pump(client_read, origin_write, &from_client, &activity),
-            pump(origin_read, client_write, &from_origin, &activity),
+            pump(client_read, origin_write, &from_client, &ended, &activity),
+            pump(origin_read, client_write, &from_origin, &ended, &activity),
         )
     };
     let end = tokio::select! {
