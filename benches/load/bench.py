@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -333,9 +333,8 @@ def counters_delta(before: dict[str, Counters], after: dict[str, Counters]) -> C
     between are lost (icp-gate keeps its threads, nginx and HAProxy never spawn any, so this is
     negligible)."""
     zero = Counters(0, 0, 0, 0)
-    d = [(v, before.get(k, zero)) for k, v in after.items()]
-    return Counters(sum(a.ns - b.ns for a, b in d), sum(a.utime - b.utime for a, b in d),
-                    sum(a.stime - b.stime for a, b in d), sum(a.sleeps - b.sleeps for a, b in d))
+    pairs = [(astuple(v), astuple(before.get(k, zero))) for k, v in after.items()]
+    return Counters(*(sum(a[i] - b[i] for a, b in pairs) for i in range(len(fields(Counters)))))
 
 
 def memory(pids: list[int]) -> tuple[float, float]:
