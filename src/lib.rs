@@ -26,3 +26,4 @@ pub mod routes;
 pub mod server;
 pub mod tls_listener;
 pub mod tunnels;
+pub mod workers;

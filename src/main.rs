@@ -12,6 +12,7 @@ use icp_gate::logging::{self, LogFormat};
 use icp_gate::registry;
 use icp_gate::routes::RouteTable;
 use icp_gate::server::{Listeners, Runtime, ServerHandle};
+use icp_gate::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -34,8 +35,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
         /// Worker threads (default: one per CPU).
-        #[arg(long)]
-        threads: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        threads: Option<u16>,
+        /// How several threads share the work (with --threads 1 there is one thread either way).
+        #[arg(long, value_enum, default_value = "per-thread")]
+        runtime: Shape,
     },
     /// Validate a config (and the files it names) and exit: 0 if good, 1 with the error.
     Check {
@@ -54,6 +58,16 @@ enum Command {
     },
 }
 
+/// The runtime shape for more than one thread.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Shape {
+    /// One current-thread runtime per thread, each accepting on its own `SO_REUSEPORT` socket;
+    /// a connection stays on the thread that accepted it (nginx's and Envoy's shape).
+    PerThread,
+    /// One tokio multi-thread runtime: threads share one socket and steal each other's tasks.
+    WorkStealing,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -61,7 +75,8 @@ fn main() -> ExitCode {
             config,
             log_format,
             threads,
-        } => run(&config, log_format, threads),
+            runtime,
+        } => run(&config, log_format, threads, runtime),
         Command::Check { config } => check(&config),
         Command::Explain { config, host, dst } => explain(&config, &host, dst),
     };
@@ -76,25 +91,37 @@ fn main() -> ExitCode {
 
 type Error = Box<dyn std::error::Error>;
 
-fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Error> {
+fn run(path: &Path, format: LogFormat, threads: Option<u16>, shape: Shape) -> Result<(), Error> {
     logging::init(format);
     let config = Config::load(path)?;
-    // One thread asked for: everything runs on this thread, with no wake-ups across threads.
-    let mut rt = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    let threads = threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    // One thread: everything runs on this thread, with no wake-ups across threads. Per-thread:
+    // this thread keeps the admin API, signals and reloads; the workers serve the data listeners.
+    let (mut rt, workers) = match (threads, shape) {
+        (1, _) => (tokio::runtime::Builder::new_current_thread(), None),
+        (n, Shape::PerThread) => (
+            tokio::runtime::Builder::new_current_thread(),
+            Some(Workers::start(n)?),
+        ),
+        (n, Shape::WorkStealing) => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.worker_threads(n);
+            (rt, None)
+        }
     };
-    rt.enable_all();
-    if let Some(n) = threads.filter(|&n| n > 1) {
-        rt.worker_threads(n);
-    }
-    let rt = rt.build()?;
-    rt.block_on(async move {
+    let rt = rt.enable_all().build()?;
+    let result = rt.block_on(async {
         tokio::spawn(icp_gate::io::metronome());
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let listeners = Listeners::bind(&config)?;
+        let listeners = match &workers {
+            Some(w) => Listeners::bind_for_workers(&config, w)?,
+            None => Listeners::bind(&config)?,
+        };
         let server = ServerHandle::start(config, listeners).await?;
         info!("ready");
         loop {
@@ -112,9 +139,16 @@ fn run(path: &Path, format: LogFormat, threads: Option<usize>) -> Result<(), Err
             }
         }
         server.shutdown().await;
+        Ok::<(), Error>(())
+    });
+    // Whatever the drain left on the workers ends with their runtimes.
+    if let Some(w) = workers {
+        w.stop();
+    }
+    if result.is_ok() {
         info!("stopped");
-        Ok(())
-    })
+    }
+    result
 }
 
 fn check(path: &Path) -> Result<(), Error> {

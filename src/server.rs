@@ -2,7 +2,7 @@
 //! and drains on shutdown. Connection handling itself lives in the listener modules.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,6 +12,7 @@ use bytes::Bytes;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -26,6 +27,7 @@ use crate::metrics::{ListenerMetrics, Metrics};
 use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::routes::RouteTable;
 use crate::tunnels::LiveTunnels;
+use crate::workers::Workers;
 use crate::{admin, demo_origin, http_listener, proxy_protocol, tls_listener};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,42 +126,74 @@ impl Shared {
 /// Sockets bound for a config, before anything is served on them. Binding port 0 picks a free
 /// port; [`ServerHandle::listener_addr`] tells which.
 pub struct Listeners {
-    data: Vec<(ListenerConfig, TcpListener)>,
+    /// Per data listener, one socket per place its accept loop runs.
+    data: Vec<(ListenerConfig, Vec<StdListener>)>,
     admin: Option<TcpListener>,
     demo_origin: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
+    placement: Placement,
+}
+
+/// Where data listeners accept and their connections run.
+#[derive(Clone)]
+enum Placement {
+    /// On the runtime that starts the server (one socket per listener).
+    Here,
+    /// On every worker, each with its own `SO_REUSEPORT` socket per listener: the kernel spreads
+    /// new connections over the workers by their address hash.
+    Workers(Arc<[Handle]>),
+}
+
+impl Placement {
+    fn sockets(&self) -> usize {
+        match self {
+            Placement::Here => 1,
+            Placement::Workers(h) => h.len(),
+        }
+    }
 }
 
 impl Listeners {
-    /// Binds every address in the config (must run inside a tokio runtime).
+    /// Binds every address in the config for serving on the current runtime (must run inside a
+    /// tokio runtime).
     pub fn bind(config: &Config) -> Result<Listeners, ServerError> {
+        Listeners::bind_at(config, Placement::Here)
+    }
+
+    /// Like [`Listeners::bind`], but data listeners are served by `workers`, one socket each.
+    pub fn bind_for_workers(config: &Config, workers: &Workers) -> Result<Listeners, ServerError> {
+        Listeners::bind_at(config, Placement::Workers(workers.handles().into()))
+    }
+
+    fn bind_at(config: &Config, placement: Placement) -> Result<Listeners, ServerError> {
         let mut data = Vec::new();
         for l in &config.listeners {
-            data.push((l.clone(), bind(&l.name, l.bind)?));
+            data.push((l.clone(), bind_group(&l.name, l.bind, placement.sockets())?));
         }
         let admin = match &config.admin {
-            Some(a) => Some(bind("admin", a.bind)?),
+            Some(a) => Some(bind("admin", a.bind, false)?),
             None => None,
         };
         let mut demo_origin = Vec::new();
         if let Some(demo) = &config.demo_origin {
             if let Some(addr) = demo.http {
-                demo_origin.push((bind("demo_origin", addr)?, None));
+                demo_origin.push((bind("demo_origin", addr, false)?, None));
             }
             if let Some((addr, cert, key)) = &demo.tls {
                 let acceptor = tls_listener::acceptor(cert, key)
                     .map_err(|e| ServerError::Tls(format!("demo_origin: {e}")))?;
-                demo_origin.push((bind("demo_origin", *addr)?, Some(acceptor)));
+                demo_origin.push((bind("demo_origin", *addr, false)?, Some(acceptor)));
             }
         }
         Ok(Listeners {
             data,
             admin,
             demo_origin,
+            placement,
         })
     }
 }
 
-fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+fn bind(name: &str, addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ServerError> {
     let err = |source| ServerError::Bind {
         name: name.to_string(),
         addr,
@@ -171,9 +205,33 @@ fn bind(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     }
     .map_err(err)?;
     socket.set_reuseaddr(true).map_err(err)?;
+    if reuseport {
+        socket.set_reuseport(true).map_err(err)?;
+    }
     socket.set_nodelay(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(4096).map_err(err)
+}
+
+/// `n` listening sockets on `addr`, handed over unregistered so that each accept loop registers
+/// its own with the runtime it runs on. Several share the address through `SO_REUSEPORT`; for
+/// port 0 the first picks the port and the others join it. One socket does without the option,
+/// so no other process can join it.
+fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>, ServerError> {
+    let err = |addr, source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let reuseport = n > 1;
+    let first = bind(name, addr, reuseport)?;
+    let addr = first.local_addr().map_err(|e| err(addr, e))?;
+    let mut group = vec![first.into_std().map_err(|e| err(addr, e))?];
+    for _ in 1..n {
+        let l = bind(name, addr, reuseport)?;
+        group.push(l.into_std().map_err(|e| err(addr, e))?);
+    }
+    Ok(group)
 }
 
 /// The listener config an accept loop serves with, replaceable on reload.
@@ -197,8 +255,8 @@ struct AcceptLoop {
     spec: Arc<ArcSwap<ListenerSpec>>,
     stop: CancellationToken,
     local_addr: SocketAddr,
-    /// Ends (closing the listening socket) once `stop` or the drain token is cancelled.
-    task: tokio::task::JoinHandle<()>,
+    /// One per socket; each ends (closing its socket) once `stop` or the drain token is cancelled.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A running server.
@@ -207,6 +265,7 @@ pub struct ServerHandle {
     /// Accept loops by identity (kept across reloads).
     loops: tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>,
     admin_addr: Option<SocketAddr>,
+    placement: Placement,
 }
 
 impl ServerHandle {
@@ -263,11 +322,12 @@ impl ServerHandle {
         let _ = shared.writer.set(writer);
         crate::host::warm_up();
 
+        let placement = listeners.placement;
         let mut loops = HashMap::new();
-        for (cfg, listener) in listeners.data {
+        for (cfg, sockets) in listeners.data {
             loops.insert(
                 ListenerKey::of(&cfg),
-                spawn_accept_loop(&shared, cfg, listener),
+                spawn_accept_loop(&shared, cfg, sockets, &placement),
             );
         }
         shared.ready.store(true, Ordering::Release);
@@ -275,6 +335,7 @@ impl ServerHandle {
             shared,
             loops: tokio::sync::Mutex::new(loops),
             admin_addr,
+            placement,
         })
     }
 
@@ -315,7 +376,8 @@ impl ServerHandle {
         let mut bound = Vec::new();
         for l in &runtime.config.listeners {
             if !loops.contains_key(&ListenerKey::of(l)) {
-                bound.push((l.clone(), bind(&l.name, l.bind)?));
+                let sockets = bind_group(&l.name, l.bind, self.placement.sockets())?;
+                bound.push((l.clone(), sockets));
             }
         }
         let new_config = runtime.config.clone();
@@ -331,10 +393,10 @@ impl ServerHandle {
                 }
             }
         }
-        for (cfg, listener) in bound {
+        for (cfg, sockets) in bound {
             loops.insert(
                 ListenerKey::of(&cfg),
-                spawn_accept_loop(&self.shared, cfg, listener),
+                spawn_accept_loop(&self.shared, cfg, sockets, &self.placement),
             );
         }
         loops.retain(|key, l| {
@@ -359,8 +421,8 @@ impl ServerHandle {
         // Every listening socket is closed before "draining" is logged: from then on a new
         // connection is refused by the kernel.
         let loops: Vec<AcceptLoop> = self.loops.lock().await.drain().map(|(_, l)| l).collect();
-        for l in loops {
-            let _ = l.task.await;
+        for task in loops.into_iter().flat_map(|l| l.tasks) {
+            let _ = task.await;
         }
         self.shared.tasks.close();
         let open = self.shared.connections.load(Ordering::Relaxed);
@@ -409,37 +471,59 @@ fn open_registry(config: &RegistryConfig) -> Result<(Store, Arc<Snapshot>), Serv
 fn spawn_accept_loop(
     shared: &Arc<Shared>,
     cfg: ListenerConfig,
-    listener: TcpListener,
+    sockets: Vec<StdListener>,
+    placement: &Placement,
 ) -> AcceptLoop {
-    let local_addr = listener.local_addr().unwrap_or(cfg.bind);
-    info!(listener = %cfg.name, kind = ?cfg.kind, addr = %local_addr, "listening");
+    let local_addr = sockets
+        .first()
+        .and_then(|s| s.local_addr().ok())
+        .unwrap_or(cfg.bind);
+    info!(listener = %cfg.name, kind = ?cfg.kind, addr = %local_addr, sockets = sockets.len(), "listening");
     let spec = Arc::new(ArcSwap::from_pointee(ListenerSpec {
         metrics: shared.metrics.listener(&cfg.name),
         config: cfg,
     }));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(accept_loop(
-        listener,
-        local_addr,
-        spec.clone(),
-        stop.clone(),
-        shared.clone(),
-    ));
+    let tasks = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let task = accept_loop(
+                socket,
+                local_addr,
+                spec.clone(),
+                stop.clone(),
+                shared.clone(),
+            );
+            match placement {
+                Placement::Here => tokio::spawn(task),
+                Placement::Workers(handles) => handles[i].spawn(task),
+            }
+        })
+        .collect();
     AcceptLoop {
         spec,
         stop,
         local_addr,
-        task,
+        tasks,
     }
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    socket: StdListener,
     local_addr: SocketAddr,
     spec: Arc<ArcSwap<ListenerSpec>>,
     stop: CancellationToken,
     shared: Arc<Shared>,
 ) {
+    // Registered here, with the runtime this loop (and every connection it spawns) runs on.
+    let listener = match TcpListener::from_std(socket) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(listener = %spec.load().config.name, addr = %local_addr, error = %e, "cannot register listening socket");
+            return;
+        }
+    };
     // A listener bound to one address needs no getsockname(2) per connection to know it.
     let bound = (!local_addr.ip().is_unspecified()).then_some(local_addr);
     loop {
@@ -597,7 +681,7 @@ mod tests {
     /// `connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
-        let listener = bind("test", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = bind("test", "127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();

@@ -1,4 +1,4 @@
-//! The real binary: `check`, `explain`, SIGHUP reload and SIGTERM drain.
+//! The real binary: `check`, `explain`, SIGHUP reload, SIGTERM drain and the runtime shapes.
 
 mod common;
 
@@ -206,4 +206,109 @@ async fn drain_has_a_hard_deadline() {
         took < Duration::from_millis(2500),
         "exited after {took:?}, before the 3 s origin answered"
     );
+}
+
+/// Listening TCP sockets of process `pid` on `port` (from /proc: the process's socket inodes,
+/// matched against the kernel's table of IPv4 sockets in state LISTEN).
+fn listening_sockets(pid: u32, port: u16) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[1].ends_with(&local) && f[3] == "0A" && inodes.iter().any(|i| i == f[9]))
+        .count()
+}
+
+/// Both runtime shapes with three threads. Per-thread: every worker accepts on its own
+/// `SO_REUSEPORT` socket (three on the port), connections spread over them are each decided
+/// and forwarded, a listener added by a reload gets a socket per worker too, and SIGTERM drains
+/// every worker. Work-stealing: one socket per listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_shapes_bind_a_socket_per_worker_and_serve_on_each() {
+    for (shape, sockets) in [("per-thread", 3), ("work-stealing", 1)] {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), origin.addr, "");
+        let mut proc = Proc::start_with(&path, &["--threads", "3", "--runtime", shape]);
+        let addr = proc.listener_addr();
+        proc.wait_for("ready");
+        assert_eq!(
+            listening_sockets(proc.pid(), addr.port()),
+            sockets,
+            "{shape}"
+        );
+
+        // 60 connections at once, each from its own port: the kernel hashes them over the
+        // sockets. Filed hosts go through the per-worker origin pools.
+        let answers = async |addr| {
+            let requests = (0..60).map(|i| {
+                tokio::spawn(async move {
+                    let host = if i % 2 == 0 { "filed.cn" } else { "unfiled.cn" };
+                    (
+                        host,
+                        http1(addr, "GET", "/", &[("host", host)], b"").await.0,
+                    )
+                })
+            });
+            let mut seen = Vec::new();
+            for r in requests.collect::<Vec<_>>() {
+                seen.push(r.await.unwrap());
+            }
+            seen
+        };
+        for (host, status) in answers(addr).await {
+            assert_eq!(
+                status,
+                if host == "filed.cn" { 200 } else { 403 },
+                "{shape}"
+            );
+        }
+
+        let text = std::fs::read_to_string(&path).unwrap()
+            + "\n[[listener]]\nname = \"second\"\nbind = \"127.0.0.1:0\"\nkind = \"http\"\n";
+        std::fs::write(&path, text).unwrap();
+        proc.signal(libc::SIGHUP);
+        let second: std::net::SocketAddr = proc.wait_for("listening")["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        proc.wait_for("config reloaded");
+        assert_eq!(
+            listening_sockets(proc.pid(), second.port()),
+            sockets,
+            "{shape}"
+        );
+        for (host, status) in answers(second).await {
+            assert_eq!(
+                status,
+                if host == "filed.cn" { 200 } else { 403 },
+                "{shape}"
+            );
+        }
+        assert_eq!(
+            listening_sockets(proc.pid(), addr.port()),
+            sockets,
+            "{shape}"
+        );
+
+        proc.signal(libc::SIGTERM);
+        proc.wait_for("draining");
+        assert_eq!(listening_sockets(proc.pid(), addr.port()), 0, "{shape}");
+        assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0), "{shape}");
+    }
 }

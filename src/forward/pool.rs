@@ -25,6 +25,7 @@ use tracing::debug;
 
 use super::connect;
 use crate::metrics::UpstreamError;
+use crate::workers;
 
 type Sender = SendRequest<Incoming>;
 
@@ -54,8 +55,12 @@ impl<C> Clone for Pool<C> {
     }
 }
 
+type IdleMap<C> = HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>;
+
 struct PoolInner<C> {
-    idle: Mutex<HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>>,
+    /// One map per worker thread ([`crate::workers`]): a connection is only reused on the thread
+    /// whose runtime drives its socket, so a reused connection never wakes another thread.
+    idle: Box<[Mutex<IdleMap<C>>]>,
     idle_timeout: Duration,
     /// Sweeper ticks so far; an idle connection remembers the tick it was parked at.
     tick: AtomicU64,
@@ -75,7 +80,7 @@ impl<C: Parked> Pool<C> {
     pub fn new(idle_timeout: Duration) -> Pool<C> {
         Pool {
             inner: Arc::new(PoolInner {
-                idle: Mutex::default(),
+                idle: (0..workers::count()).map(|_| Mutex::default()).collect(),
                 idle_timeout,
                 tick: AtomicU64::new(0),
                 sweeper_started: AtomicBool::new(false),
@@ -83,14 +88,10 @@ impl<C: Parked> Pool<C> {
         }
     }
 
-    fn idle(
-        &self,
-    ) -> MutexGuard<'_, HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>> {
-        // The map is consistent after any panic (pushes and pops only), so poison is harmless.
-        self.inner
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// This thread's idle map.
+    fn idle(&self) -> MutexGuard<'_, IdleMap<C>> {
+        let shards = &self.inner.idle;
+        lock(&shards[workers::index() % shards.len()])
     }
 
     /// The most recently parked connection to `origin` that is still usable.
@@ -140,18 +141,28 @@ impl<C: Parked> Pool<C> {
 
     fn sweep(&self) {
         let now = self.inner.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = self.idle();
-        for parked in idle.values_mut() {
-            parked.retain_mut(|c| now - c.parked_at <= IDLE_TICKS && c.conn.usable());
+        for shard in &self.inner.idle {
+            let mut idle = lock(shard);
+            for parked in idle.values_mut() {
+                parked.retain_mut(|c| now - c.parked_at <= IDLE_TICKS && c.conn.usable());
+            }
+            idle.retain(|_, parked| !parked.is_empty());
         }
-        idle.retain(|_, parked| !parked.is_empty());
     }
 
     /// Idle connections parked right now (for tests).
     #[cfg(test)]
     pub fn idle_count(&self) -> usize {
-        self.idle().values().map(Vec::len).sum()
+        let shards = self.inner.idle.iter();
+        shards
+            .map(|s| lock(s).values().map(Vec::len).sum::<usize>())
+            .sum()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps are consistent after any panic (pushes and pops only), so poison is harmless.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// hyper client connections to origins, for the requests hyper serves (bodies, upgrades, HTTP/2,
@@ -313,6 +324,46 @@ pub(super) mod tests {
     use std::future::Future;
     use std::sync::atomic::AtomicUsize;
     use tokio::net::{TcpListener, TcpStream};
+
+    struct Fake(u32);
+
+    impl Parked for Fake {
+        fn usable(&mut self) -> bool {
+            true
+        }
+    }
+
+    /// Runs `f` on `worker`'s thread and returns what it returned.
+    fn on<T: Send + 'static>(
+        worker: &tokio::runtime::Handle,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        worker.spawn(async move { tx.send(f()).unwrap() });
+        rx.recv().unwrap()
+    }
+
+    /// A connection parked on one worker is reused on that worker only: its socket is registered
+    /// with that worker's runtime.
+    #[test]
+    fn each_worker_reuses_its_own_connections() {
+        let workers = crate::workers::Workers::start(2).unwrap();
+        let [w0, w1] = workers.handles() else {
+            panic!("two workers")
+        };
+        let pool = Pool::<Fake>::new(Duration::from_secs(60));
+        let origin: Authority = "127.0.0.1:80".parse().unwrap();
+        let (p, o) = (pool.clone(), origin.clone());
+        on(w0, move || p.checkin(o, Fake(7)));
+        let (p, o) = (pool.clone(), origin.clone());
+        assert!(
+            on(w1, move || p.checkout(&o).is_none()),
+            "taken by worker 1"
+        );
+        let (p, o) = (pool.clone(), origin.clone());
+        assert_eq!(on(w0, move || p.checkout(&o).map(|c| c.0)), Some(7));
+        workers.stop();
+    }
 
     /// An origin on loopback that counts the connections it accepted.
     async fn origin() -> (Authority, Arc<AtomicUsize>) {

@@ -33,9 +33,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(config: &Path) -> Proc {
+        Proc::start_with(config, &[])
+    }
+
+    /// Like [`Proc::start`], with more `run` arguments.
+    pub fn start_with(config: &Path, args: &[&str]) -> Proc {
         let mut child = Command::new(BIN)
             .args(["run", "--log-format", "json", "--config"])
             .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -95,6 +101,10 @@ impl Proc {
             .unwrap()
             .parse()
             .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: i32) {

@@ -1,0 +1,116 @@
+//! Worker threads for the per-thread runtime shape: one current-thread tokio runtime per thread,
+//! each accepting on its own `SO_REUSEPORT` socket per listener (see `server::Listeners`), so a
+//! connection lives its whole life on the thread whose socket the kernel gave it to — no
+//! wake-ups across threads and no work stealing, the shape nginx's workers have.
+//!
+//! The process's main runtime keeps the admin API, signals and reloads; workers serve data
+//! listeners only.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+static COUNT: AtomicUsize = AtomicUsize::new(1);
+
+/// This thread's worker number; 0 on any thread that is not a worker.
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// How many workers the process runs: 1 unless [`Workers::start`] started more (the most
+/// started at once, should it be called again). Per-worker state (the origin keep-alive pools)
+/// is sharded by this.
+pub fn count() -> usize {
+    COUNT.load(Ordering::Relaxed)
+}
+
+/// Running worker threads.
+pub struct Workers {
+    handles: Vec<Handle>,
+    /// Dropping a sender ends its worker's runtime (and the tasks still on it).
+    stops: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Workers {
+    /// Starts `n` threads, each running a current-thread runtime (with the metronome, see
+    /// [`crate::io::metronome`]) until [`Workers::stop`].
+    pub fn start(n: usize) -> io::Result<Workers> {
+        let mut handles = Vec::with_capacity(n);
+        let mut stops = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let (stop, stopped) = oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("icp-gate-w{i}"))
+                .spawn(move || {
+                    INDEX.with(|c| c.set(i));
+                    rt.block_on(async {
+                        tokio::spawn(crate::io::metronome());
+                        let _ = stopped.await;
+                    });
+                })?;
+            stops.push((stop, thread));
+        }
+        COUNT.fetch_max(n, Ordering::Relaxed);
+        Ok(Workers {
+            handles,
+            stops: Mutex::new(stops),
+        })
+    }
+
+    /// One handle per worker, in worker order.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
+    }
+
+    /// Ends every worker's runtime, dropping the tasks left on it, and waits for the threads.
+    pub fn stop(&self) {
+        let stops = std::mem::take(&mut *self.stops.lock().unwrap_or_else(PoisonError::into_inner));
+        for (stop, thread) in stops {
+            drop(stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_worker_knows_its_number_and_stops() {
+        let workers = Workers::start(3).unwrap();
+        assert!(count() >= 3);
+        let seen: Vec<usize> = workers
+            .handles()
+            .iter()
+            .map(|h| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                h.spawn(async move { tx.send(index()).unwrap() });
+                rx.recv().unwrap()
+            })
+            .collect();
+        assert_eq!(seen, [0, 1, 2]);
+        assert_eq!(index(), 0, "the test thread is not a worker");
+        workers.stop();
+        // A stopped worker's runtime is gone: spawning on it does nothing.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        drop(workers.handles()[0].spawn(async move { tx.send(()).unwrap() }));
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err()
+        );
+    }
+}
