@@ -50,6 +50,7 @@ CONF = HERE / "conf"
 
 CORE_SERVER = "0"  # the contender's core
 CORE_CLIENT = "1"  # load generator and shared origin
+THREADS = 1  # --threads: workers per contender; above 1 nothing is pinned to a core
 
 PORTS = {
     "ORIGIN_HTTP": 18080,
@@ -60,8 +61,11 @@ CONTENDER_PORTS = {  # (http, tls) per contender: never reuse a port right after
     "icp-gate": (18110, 18111),
     "nginx": (18120, 18121),
     "haproxy": (18130, 18131),
+    "icp-gate-ws": (18140, 18141),
 }
 CONTENDERS = ["icp-gate", "nginx", "haproxy"]
+# With --threads N > 1 also icp-gate's other runtime shape: one work-stealing runtime.
+SHAPE_CONTENDER = "icp-gate-ws"
 ANCHORS = ["nginx", "haproxy"]
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
@@ -516,14 +520,21 @@ def start_contender(env: Env, who: str, kind: str, reg: Registry, tag: str) -> t
     http_port, tls_port = CONTENDER_PORTS[who]
     values = {"WORK": w, **PORTS, "PORT_HTTP": http_port, "PORT_TLS": tls_port}
     logfile = w / "logs" / f"{tag}.log"
-    if who == "icp-gate":
+    nginx_reuseport = THREADS > 1
+    values.update(WORKERS=THREADS,
+                  NGINX_AFFINITY="" if nginx_reuseport else "worker_cpu_affinity 01;",
+                  REUSEPORT=" reuseport" if nginx_reuseport else "",
+                  HAPROXY_CPUMAP="" if THREADS > 1 else "    cpu-map 1/1 0")
+    if who.startswith("icp-gate"):
         state = w / "state" / tag  # fresh every start: the seed is parsed like the others' maps
         shutil.rmtree(state, ignore_errors=True)
         values.update(STATE_DIR=state, NDJSON=reg.ndjson)
         conf = render(CONF / f"icp-gate-{kind}.toml", w / f"icp-gate-{kind}.toml", values)
         envv = dict(os.environ, RUST_LOG="warn")  # warn: the access log (info) is off
         argv = ["taskset", "-c", CORE_SERVER, str(env.binary), "run", "--config", str(conf),
-                "--threads", "1"]
+                "--threads", str(THREADS)]
+        if who == SHAPE_CONTENDER:
+            argv += ["--runtime", "work-stealing"]
         proc = Proc(who, argv, logfile, envv)
     elif who == "nginx":
         values.update(NGINX_MAP=reg.nginx_map, MAP_HASH_MAX=max(4096, 2 * reg.n),
@@ -560,7 +571,8 @@ def wait_ready(proc: Proc, port: int, timeout: float) -> float | None:
 
 
 def run_wrk(port: int, scen: Scenario, reg: Registry, seconds: float) -> dict:
-    argv = ["taskset", "-c", CORE_CLIENT, "wrk", "-t1", "-c50", f"-d{max(1, round(seconds))}s",
+    argv = ["taskset", "-c", CORE_CLIENT, "wrk", f"-t{THREADS}", "-c50",
+            f"-d{max(1, round(seconds))}s",
             "--timeout", "5s", "-s", str(HERE / "wrk.lua")]
     envv = dict(os.environ, ICP_HOSTS_FILE="")
     if scen.name in ("blocked", "newconn"):
@@ -885,7 +897,8 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         res.user_pct = delta.utime / ticks * 100 if ticks >= MIN_SPLIT_TICKS else None
         res.sleeps_per_op = per_op(delta.sleeps)
         res.segs_per_op = per_op(segs1 - segs0)
-        res.noise_pct = max(0.0, (busy1 - busy0 - delta.ns) / (wall * 1e9) * 100)
+        if THREADS == 1:
+            res.noise_pct = max(0.0, (busy1 - busy0 - delta.ns) / (wall * 1e9) * 100)
         res.rss_mib, res.pss_mib = memory(proc.pids())
         if args.syscalls and proc.alive():
             res.syscalls_per_op = count_syscalls(env, scen, port, reg, proc.pids(), args)
@@ -980,12 +993,12 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
                      f"| {fmt(a['rss_mib'], '.1f')} | {fmt(a['pss_mib'], '.1f')} "
                      f"| {fmt(a['ready_s'], '.2f')} | {errs}{' +' + str(len(fails)) + ' failed' if fails else ''} "
                      f"| {fmt(a['noise_pct'], '.0f')} |")
-    g = agg.get("icp-gate")
-    if g:
+    for mine in [c for c in agg if c.startswith("icp-gate")]:
+        g = agg[mine]
         for who in ANCHORS:
             b = agg.get(who)
             if b:
-                lines.append(f"| *icp-gate ÷ {who}* | {ratio(g['rate'], b['rate'])} "
+                lines.append(f"| *{mine} ÷ {who}* | {ratio(g['rate'], b['rate'])} "
                              f"| {ratio(g['p50_ms'], b['p50_ms'])} | {ratio(g['p99_ms'], b['p99_ms'])} "
                              f"| {ratio(g['cpu_us_per_op'], b['cpu_us_per_op'])} "
                              f"| {ratio(g['rss_mib'], b['rss_mib'])} | {ratio(g['pss_mib'], b['pss_mib'])} "
@@ -1018,14 +1031,15 @@ def work_table(unit: str, agg: dict[str, dict]) -> list[str]:
             "segs_per_op", "syscalls_per_op")
     for who, a in agg.items():
         lines.append(f"| {who} | " + " | ".join(fmt(a[k], ".2f") for k in keys) + " |")
-    g = agg.get("icp-gate")
-    for who in ANCHORS:
-        b = agg.get(who)
-        if g and b:
-            # a ratio of wake-ups is noise when the anchor hardly sleeps (a saturated core)
-            cells = [ratio(g[k], b[k]) if k != "sleeps_per_op" or (b[k] or 0) >= 0.05 else "–"
-                     for k in keys]
-            lines.append(f"| *icp-gate ÷ {who}* | " + " | ".join(cells) + " |")
+    for mine in [c for c in agg if c.startswith("icp-gate")]:
+        g = agg[mine]
+        for who in ANCHORS:
+            b = agg.get(who)
+            if b:
+                # a ratio of wake-ups is noise when the anchor hardly sleeps (a saturated core)
+                cells = [ratio(g[k], b[k]) if k != "sleeps_per_op" or (b[k] or 0) >= 0.05
+                         else "–" for k in keys]
+                lines.append(f"| *{mine} ÷ {who}* | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1077,8 +1091,14 @@ def machine_lines(env: Env, args, load_before: str) -> list[str]:
         f"- icp-gate {rev}{' (src/ modified)' if dirty else ''}, nginx {ver(['nginx', '-v'])}, "
         f"HAProxy {ver(['haproxy', '-v'])}, wrk {ver(['wrk', '-v'])}, "
         f"curl {ver(['curl', '--version'])}, Python {platform.python_version()}",
-        f"- contender on core {CORE_SERVER}; load generator and the shared origin (nginx) on core "
-        f"{CORE_CLIENT}; {args.rounds} round(s) of icp-gate, nginx, haproxy in turn, "
+        (f"- contender on core {CORE_SERVER}; load generator and the shared origin (nginx) on "
+         f"core {CORE_CLIENT}" if THREADS == 1 else
+         f"- {THREADS} workers per contender (icp-gate: `--threads {THREADS}`, "
+         f"{SHAPE_CONTENDER}: the same with `--runtime work-stealing`; nginx: "
+         f"`worker_processes {THREADS}` with `reuseport`; HAProxy: `nbthread {THREADS}`), wrk "
+         f"with {THREADS} threads; nothing pinned except the origin (one nginx worker, on "
+         f"core 1), so contenders and load generator share every core")
+        + f"; {args.rounds} round(s) of {', '.join(CONTENDERS)} in turn, "
         f"{args.duration:g} s per measurement after {args.warmup:g} s of warm-up; tables show "
         f"the median over rounds",
     ]
@@ -1103,7 +1123,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--duration", type=float, default=None,
                     help="seconds per measurement (default 10, --quick 3)")
     ap.add_argument("--warmup", type=float, default=None, help="default 2 (--quick 1)")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--contenders", default=None,
+                    help=f"default {','.join(CONTENDERS)} (--threads above 1: also "
+                         f"{SHAPE_CONTENDER})")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="workers per contender (default 1, each pinned to core 0); above 1 "
+                         "nothing is pinned and icp-gate's work-stealing shape runs too")
     ap.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "icp-gate")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep generated data and logs here (default: a temporary dir, removed)")
@@ -1126,27 +1151,39 @@ def parse_args() -> argparse.Namespace:
         unknown = [s for s in a.scenarios if s not in SCENARIO_BY_NAME]
         if unknown:
             ap.error(f"unknown scenario(s) {unknown}; known: {[s.name for s in SCENARIOS]}")
+    known = CONTENDERS + [SHAPE_CONTENDER]
+    if a.contenders is None:
+        a.contenders = ",".join(CONTENDERS[:1] + [SHAPE_CONTENDER] + CONTENDERS[1:]
+                                if a.threads > 1 else CONTENDERS)
     a.contenders = [c for c in a.contenders.split(",") if c]
-    if set(a.contenders) - set(CONTENDERS):
-        ap.error(f"contenders are {CONTENDERS}")
+    if set(a.contenders) - set(known):
+        ap.error(f"contenders are {known}")
+    if a.threads < 1:
+        ap.error("--threads must be at least 1")
     return a
 
 
 def set_name(a) -> str:
     """Results file label: quick, full, or what was picked (e.g. http-n1000)."""
+    threads = f"-t{a.threads}" if a.threads > 1 else ""
     if a.quick and a.scenario_arg == "all" and a.sizes == [1000]:
-        return "quick"
+        return "quick" + threads
     if a.scenario_arg == "all" and a.sizes == [1000, 1000000]:
-        return "full"
-    return f"{a.scenario_arg.replace(',', '+')}-n" + "-".join(str(n) for n in a.sizes)
+        return "full" + threads
+    return (f"{a.scenario_arg.replace(',', '+')}-n" + "-".join(str(n) for n in a.sizes)
+            + threads)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_tlsclient":
         return tls_client_main(sys.argv[2:])
-    global CONTENDERS
+    global CONTENDERS, THREADS, CORE_SERVER, CORE_CLIENT
     args = parse_args()
     CONTENDERS = args.contenders
+    THREADS = args.threads
+    if THREADS > 1:
+        everywhere = f"0-{os.cpu_count() - 1}"
+        CORE_SERVER = CORE_CLIENT = everywhere
     if not args.binary.exists():
         raise SystemExit(f"{args.binary}: not built (run.sh builds it)")
     for tool in ("nginx", "haproxy", "wrk", "curl", "openssl", "taskset"):
