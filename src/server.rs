@@ -497,7 +497,7 @@ fn spawn_accept_loop(
             );
             match placement {
                 Placement::Here => tokio::spawn(task),
-                Placement::Workers(handles) => handles[i].spawn(task),
+                Placement::Workers(handles) => handles[i % handles.len()].spawn(task),
             }
         })
         .collect();
