@@ -9,7 +9,6 @@
 use std::cell::Cell;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -37,7 +36,7 @@ pub fn count() -> usize {
 pub struct Workers {
     handles: Vec<Handle>,
     /// Dropping a sender ends its worker's runtime (and the tasks still on it).
-    stops: Mutex<Vec<(oneshot::Sender<()>, JoinHandle<()>)>>,
+    stops: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 impl Workers {
@@ -64,10 +63,7 @@ impl Workers {
             stops.push((stop, thread));
         }
         COUNT.fetch_max(n, Ordering::Relaxed);
-        Ok(Workers {
-            handles,
-            stops: Mutex::new(stops),
-        })
+        Ok(Workers { handles, stops })
     }
 
     /// One handle per worker, in worker order.
@@ -76,9 +72,8 @@ impl Workers {
     }
 
     /// Ends every worker's runtime, dropping the tasks left on it, and waits for the threads.
-    pub fn stop(&self) {
-        let stops = std::mem::take(&mut *self.stops.lock().unwrap_or_else(PoisonError::into_inner));
-        for (stop, thread) in stops {
+    pub fn stop(self) {
+        for (stop, thread) in self.stops {
             drop(stop);
             let _ = thread.join();
         }
@@ -104,10 +99,11 @@ mod tests {
             .collect();
         assert_eq!(seen, [0, 1, 2]);
         assert_eq!(index(), 0, "the test thread is not a worker");
+        let first = workers.handles()[0].clone();
         workers.stop();
         // A stopped worker's runtime is gone: spawning on it does nothing.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        drop(workers.handles()[0].spawn(async move { tx.send(()).unwrap() }));
+        drop(first.spawn(async move { tx.send(()).unwrap() }));
         assert!(
             rx.recv_timeout(std::time::Duration::from_millis(200))
                 .is_err()
