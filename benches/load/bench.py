@@ -520,11 +520,11 @@ def start_contender(env: Env, who: str, kind: str, reg: Registry, tag: str) -> t
     http_port, tls_port = CONTENDER_PORTS[who]
     values = {"WORK": w, **PORTS, "PORT_HTTP": http_port, "PORT_TLS": tls_port}
     logfile = w / "logs" / f"{tag}.log"
-    nginx_reuseport = THREADS > 1
+    unpinned = THREADS > 1  # then each nginx worker gets its own socket, as icp-gate's do
     values.update(WORKERS=THREADS,
-                  NGINX_AFFINITY="" if nginx_reuseport else "worker_cpu_affinity 01;",
-                  REUSEPORT=" reuseport" if nginx_reuseport else "",
-                  HAPROXY_CPUMAP="" if THREADS > 1 else "    cpu-map 1/1 0")
+                  NGINX_AFFINITY="" if unpinned else "worker_cpu_affinity 01;",
+                  REUSEPORT=" reuseport" if unpinned else "",
+                  HAPROXY_CPUMAP="" if unpinned else "    cpu-map 1/1 0")
     if who.startswith("icp-gate"):
         state = w / "state" / tag  # fresh every start: the seed is parsed like the others' maps
         shutil.rmtree(state, ignore_errors=True)
@@ -965,6 +965,14 @@ def ratio(a, b, spec=".2f"):
     return "–" if a is None or not b else f"{a / b:{spec}}×"
 
 
+def ratio_pairs(agg: dict[str, dict]):
+    """(icp-gate contender, its figures, anchor, its figures) for every ratio row of a table."""
+    for mine in [c for c in agg if c.startswith("icp-gate")]:
+        for who in ANCHORS:
+            if who in agg:
+                yield mine, agg[mine], who, agg[who]
+
+
 def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
     """Median over rounds per contender, then icp-gate's ratio to each anchor."""
     unit = scen.unit
@@ -993,16 +1001,12 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
                      f"| {fmt(a['rss_mib'], '.1f')} | {fmt(a['pss_mib'], '.1f')} "
                      f"| {fmt(a['ready_s'], '.2f')} | {errs}{' +' + str(len(fails)) + ' failed' if fails else ''} "
                      f"| {fmt(a['noise_pct'], '.0f')} |")
-    for mine in [c for c in agg if c.startswith("icp-gate")]:
-        g = agg[mine]
-        for who in ANCHORS:
-            b = agg.get(who)
-            if b:
-                lines.append(f"| *{mine} ÷ {who}* | {ratio(g['rate'], b['rate'])} "
-                             f"| {ratio(g['p50_ms'], b['p50_ms'])} | {ratio(g['p99_ms'], b['p99_ms'])} "
-                             f"| {ratio(g['cpu_us_per_op'], b['cpu_us_per_op'])} "
-                             f"| {ratio(g['rss_mib'], b['rss_mib'])} | {ratio(g['pss_mib'], b['pss_mib'])} "
-                             f"| {ratio(g['ready_s'], b['ready_s'])} | | |")
+    for mine, g, who, b in ratio_pairs(agg):
+        lines.append(f"| *{mine} ÷ {who}* | {ratio(g['rate'], b['rate'])} "
+                     f"| {ratio(g['p50_ms'], b['p50_ms'])} | {ratio(g['p99_ms'], b['p99_ms'])} "
+                     f"| {ratio(g['cpu_us_per_op'], b['cpu_us_per_op'])} "
+                     f"| {ratio(g['rss_mib'], b['rss_mib'])} | {ratio(g['pss_mib'], b['pss_mib'])} "
+                     f"| {ratio(g['ready_s'], b['ready_s'])} | | |")
     lines += [""] + work_table(unit, agg)
     # sanity notes (never assertions): answers of the wrong kind make a row meaningless
     notes = []
@@ -1031,15 +1035,11 @@ def work_table(unit: str, agg: dict[str, dict]) -> list[str]:
             "segs_per_op", "syscalls_per_op")
     for who, a in agg.items():
         lines.append(f"| {who} | " + " | ".join(fmt(a[k], ".2f") for k in keys) + " |")
-    for mine in [c for c in agg if c.startswith("icp-gate")]:
-        g = agg[mine]
-        for who in ANCHORS:
-            b = agg.get(who)
-            if b:
-                # a ratio of wake-ups is noise when the anchor hardly sleeps (a saturated core)
-                cells = [ratio(g[k], b[k]) if k != "sleeps_per_op" or (b[k] or 0) >= 0.05
-                         else "–" for k in keys]
-                lines.append(f"| *{mine} ÷ {who}* | " + " | ".join(cells) + " |")
+    for mine, g, who, b in ratio_pairs(agg):
+        # a ratio of wake-ups is noise when the anchor hardly sleeps (a saturated core)
+        cells = [ratio(g[k], b[k]) if k != "sleeps_per_op" or (b[k] or 0) >= 0.05 else "–"
+                 for k in keys]
+        lines.append(f"| *{mine} ÷ {who}* | " + " | ".join(cells) + " |")
     return lines
 
 
