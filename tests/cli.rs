@@ -181,6 +181,66 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     assert!(started.elapsed() < Duration::from_secs(8));
 }
 
+/// The `Max open files` soft and hard limits of a process.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_file_limit_is_raised_for_max_connections_or_warned_about() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 2 × 1000 + 256 spare descriptors.
+    let path = write_config(dir.path(), origin.addr, "[limits]\nmax_connections = 1000");
+    let start = |nofile: &str| {
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={nofile}"))
+            .args([BIN, "run", "--log-format", "json", "--config"])
+            .arg(&path);
+        let mut proc = Proc::spawn(prlimit);
+        let addr = proc.listener_addr();
+        proc.wait_for("ready");
+        (proc, addr)
+    };
+
+    let low = "the open-file limit is below 2 × limits.max_connections + 256; raise its hard \
+               limit (LimitNOFILE=, ulimit -Hn) or lower limits.max_connections";
+
+    // A hard limit with room: the soft limit is raised to what the config needs, no warning.
+    let (mut roomy, addr) = start("500:3000");
+    let raised = roomy.logged("raised the open-file limit");
+    assert_eq!(
+        (raised["from"].as_u64(), raised["to"].as_u64()),
+        (Some(500), Some(2256))
+    );
+    assert_eq!(open_file_limits(roomy.pid()), (2256, 3000));
+    assert!(roomy.seen(low).is_none());
+    let (status, _, _) = http1(addr, "GET", "/", &[("host", "filed.cn")], b"").await;
+    assert_eq!(status, 200);
+    roomy.signal(libc::SIGTERM);
+    assert_eq!(roomy.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // Too low a hard limit: raised as far as it goes, and the operator is told what is needed.
+    let (mut tight, _) = start("500:1000");
+    assert_eq!(open_file_limits(tight.pid()), (1000, 1000));
+    let warned = tight.logged(low);
+    assert_eq!(
+        (warned["open_files"].as_u64(), warned["needed"].as_u64()),
+        (Some(1000), Some(2256))
+    );
+    assert_eq!(warned["level"], "WARN");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_has_a_hard_deadline() {
     let origin = Origin::start().await;

@@ -38,10 +38,18 @@ impl Proc {
 
     /// Like [`Proc::start`], with more `run` arguments.
     pub fn start_with(config: &Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["run", "--log-format", "json", "--config"])
             .arg(config)
-            .args(args)
+            .args(args);
+        Proc::spawn(command)
+    }
+
+    /// Runs `command`, which must start icp-gate with `--log-format json` (itself, or through a
+    /// wrapper that execs it, so the pid is icp-gate's).
+    pub fn spawn(mut command: Command) -> Proc {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
@@ -81,10 +89,15 @@ impl Proc {
 
     /// Like [`Proc::wait_for`], but an already-received line counts too.
     pub fn logged(&mut self, msg: &str) -> serde_json::Value {
-        match self.seen.iter().find(|l| l["msg"] == msg) {
+        match self.seen(msg) {
             Some(line) => line.clone(),
             None => self.wait_for(msg),
         }
+    }
+
+    /// A line whose `msg` is `msg` among those already received.
+    pub fn seen(&self, msg: &str) -> Option<&serde_json::Value> {
+        self.seen.iter().find(|l| l["msg"] == msg)
     }
 
     pub fn admin_addr(&mut self) -> SocketAddr {
