@@ -1,0 +1,430 @@
+//! The shipped deployment (`deploy/`): the systemd unit, its service user and the production
+//! config, checked against each other, by systemd's own analyser, and by running the real binary
+//! the way the unit runs it — as an unprivileged user holding only `CAP_NET_BIND_SERVICE`.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::fs::{PermissionsExt, chown};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::{BIN, Proc};
+use common::{Origin, http1, read_for, testdata};
+use icp_gate::config::Config;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const UNIT: &str = include_str!("../deploy/icp-gate.service");
+const CONFIG: &str = include_str!("../deploy/icp-gate.toml");
+const SYSUSERS: &str = include_str!("../deploy/icp-gate.sysusers");
+
+/// Where the README installs the binary and the config, as the unit names them.
+const INSTALLED_BIN: &str = "/usr/local/bin/icp-gate";
+const INSTALLED_CONFIG: &str = "/etc/icp-gate/icp-gate.toml";
+const CONFIG_DIR: &str = "/etc/icp-gate";
+
+/// `nobody` / `nogroup`: stands in for the service user, which only exists once installed.
+const NOBODY: u32 = 65534;
+
+/// The values of `key` in the unit's `[Service]` section, in order (systemd allows repeats).
+fn service(key: &str) -> Vec<&'static str> {
+    let mut section = "";
+    let mut values = Vec::new();
+    for line in UNIT.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = line;
+            continue;
+        }
+        if section == "[Service]"
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == key
+        {
+            values.push(v.trim());
+        }
+    }
+    values
+}
+
+fn one(key: &str) -> &'static str {
+    match service(key).as_slice() {
+        [value] => value,
+        other => panic!("[Service] {key}= should be set once, is {other:?}"),
+    }
+}
+
+fn argv(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+/// An `icp-gate` command line of the unit, run here: the installed paths become the test
+/// binary and `config`.
+fn unit_command(line: &str, config: &Path) -> Vec<String> {
+    let argv = argv(line);
+    assert_eq!(argv[0], INSTALLED_BIN, "{line}");
+    let mut out = vec![BIN.to_string()];
+    out.extend(argv[1..].iter().map(|arg| match *arg {
+        INSTALLED_CONFIG => config.display().to_string(),
+        other => other.to_string(),
+    }));
+    out
+}
+
+fn seconds(value: &str) -> u64 {
+    let digits = value.strip_suffix('s').unwrap_or(value);
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("not whole seconds: {value}"))
+}
+
+/// The production config with its files under `etc` (admin token written there) instead of
+/// /etc/icp-gate, and loaded by the library, so the test reads it as the binary does.
+fn load_config(etc: &Path) -> Config {
+    std::fs::write(etc.join("admin.token"), "deploy-test-token\n").unwrap();
+    let path = etc.join("icp-gate.toml");
+    std::fs::write(
+        &path,
+        CONFIG.replace(CONFIG_DIR, &etc.display().to_string()),
+    )
+    .unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("deploy/icp-gate.toml: {e}"))
+}
+
+#[test]
+fn unit_config_and_service_user_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = load_config(dir.path());
+
+    // The user systemd-sysusers creates is the one the unit runs as.
+    let user = SYSUSERS
+        .lines()
+        .find_map(|l| l.strip_prefix("u "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("a `u` line in deploy/icp-gate.sysusers");
+    assert_eq!(one("User"), user);
+    assert_eq!(one("Group"), user);
+
+    // Start, reload and stop run the commands the README documents, on the installed config.
+    let check = [INSTALLED_BIN, "check", "--config", INSTALLED_CONFIG];
+    assert_eq!(argv(one("ExecStartPre")), check);
+    assert_eq!(
+        argv(one("ExecStart"))[..4],
+        [INSTALLED_BIN, "run", "--config", INSTALLED_CONFIG]
+    );
+    let reload = service("ExecReload");
+    assert_eq!(reload.len(), 2, "{reload:?}");
+    assert_eq!(
+        argv(reload[0]),
+        check,
+        "a bad config fails `systemctl reload`"
+    );
+    assert_eq!(argv(reload[1]), ["/bin/kill", "-s", "HUP", "$MAINPID"]);
+    assert_eq!(one("KillSignal"), "SIGTERM");
+
+    // The drain ends before systemd's SIGKILL.
+    let stop = Duration::from_secs(seconds(one("TimeoutStopSec")));
+    assert!(
+        stop > config.limits.drain_timeout,
+        "TimeoutStopSec {stop:?} must exceed limits.drain_timeout {:?}",
+        config.limits.drain_timeout
+    );
+
+    // Two descriptors per proxied connection (client and origin).
+    let nofile: usize = one("LimitNOFILE").parse().unwrap();
+    assert!(
+        nofile >= 2 * config.limits.max_connections,
+        "LimitNOFILE {nofile} < 2 × limits.max_connections {}",
+        config.limits.max_connections
+    );
+
+    // The registry lives in the only directory the unit lets the service write.
+    let state = Path::new("/var/lib").join(one("StateDirectory"));
+    assert!(
+        config.registry.state_dir.starts_with(&state),
+        "registry.state_dir {} is outside the unit's StateDirectory {}",
+        config.registry.state_dir.display(),
+        state.display()
+    );
+    assert_eq!(Path::new(one("WorkingDirectory")), state);
+    assert_eq!(one("ProtectSystem"), "strict");
+
+    // Listening below 1024 as a plain user takes exactly this capability.
+    assert!(config.listeners.iter().any(|l| l.bind.port() < 1024));
+    assert_eq!(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(one("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
+
+    // Files the config reads are under the config directory the README installs.
+    let admin = config.admin.as_ref().expect("an [admin] section");
+    let token = admin.token_file.as_deref();
+    assert!(
+        token.is_some_and(|t| t.starts_with(dir.path())),
+        "{token:?}"
+    );
+    assert!(config.demo_origin.is_none(), "no demo origin in production");
+}
+
+#[test]
+fn unit_and_service_user_pass_systemds_own_tools() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("systemd-analyze not installed: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("icp-gate.service");
+    std::fs::write(&unit, UNIT.replace(INSTALLED_BIN, BIN)).unwrap();
+
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "warnings: {stderr}");
+
+    // Exposure at most 2.0 of 10 ("OK"): the sandbox options are in effect, not misspelt.
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        security.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&security.stdout),
+        String::from_utf8_lossy(&security.stderr)
+    );
+
+    // The service user, created in an empty root as systemd-sysusers would at install.
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let sysusers = dir.path().join("icp-gate.conf");
+    std::fs::write(&sysusers, SYSUSERS).unwrap();
+    let created = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.display()))
+        .arg(&sysusers)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let fields: Vec<&str> = passwd.trim().split(':').collect();
+    assert_eq!(fields[0], one("User"), "{passwd}");
+    assert_eq!(
+        fields[5..],
+        ["/var/lib/icp-gate", "/usr/sbin/nologin"],
+        "{passwd}"
+    );
+}
+
+/// A free port below 1024 on 127.0.0.1 (only root can check by binding it).
+fn privileged_port(not: u16) -> u16 {
+    let start = 600 + (std::process::id() % 300) as u16;
+    (start..1024)
+        .chain(600..start)
+        .find(|&port| port != not && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+        .expect("a free port below 1024")
+}
+
+/// `line` of the unit, run as `nobody` holding `capabilities` (the unit's
+/// `AmbientCapabilities=` value, or "" for none), the other privileges dropped as the unit does.
+fn as_service_user(line: &str, config: &Path, capabilities: &str) -> Command {
+    let caps: String = capabilities
+        .split_whitespace()
+        .map(|cap| format!(",+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let mut command = Command::new("setpriv");
+    command
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--no-new-privs",
+            &format!("--inh-caps=-all{caps}"),
+            &format!("--ambient-caps=-all{caps}"),
+            &format!("--bounding-set=-all{caps}"),
+            "--",
+        ])
+        .args(unit_command(line, config));
+    command
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The production config, its addresses moved to loopback and its route to test origins, in a
+/// folder laid out like the installed one with the unit's ownership and modes.
+struct Installed {
+    _root: tempfile::TempDir,
+    config: PathBuf,
+    state: PathBuf,
+    http: SocketAddr,
+    tls: SocketAddr,
+}
+
+fn install(http_origin: SocketAddr, tls_origin: SocketAddr) -> Installed {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc");
+    let state = root.path().join("state");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    chmod(root.path(), 0o755);
+    chmod(&etc, 0o755);
+    // StateDirectory=icp-gate, StateDirectoryMode=0750: owned by the service user.
+    chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    chmod(&state, 0o750);
+    // The token: readable by the service's group only.
+    let token = etc.join("admin.token");
+    std::fs::write(&token, "deploy-test-token\n").unwrap();
+    chown(&token, Some(0), Some(NOBODY)).unwrap();
+    chmod(&token, 0o640);
+
+    let http_port = privileged_port(0);
+    let tls_port = privileged_port(http_port);
+    let http = SocketAddr::from((Ipv4Addr::LOCALHOST, http_port));
+    let tls = SocketAddr::from((Ipv4Addr::LOCALHOST, tls_port));
+    let text = CONFIG
+        .replace(CONFIG_DIR, &etc.display().to_string())
+        .replace("/var/lib/icp-gate", &state.display().to_string())
+        .replace("0.0.0.0:80\"", &format!("{http}\""))
+        .replace("0.0.0.0:443\"", &format!("{tls}\""))
+        .replace("127.0.0.1:9090", "127.0.0.1:0")
+        .replace("203.0.113.0/24", "127.0.0.0/8")
+        .replace("10.0.0.10:80\"", &format!("{http_origin}\""))
+        .replace("10.0.0.10:443\"", &format!("{tls_origin}\""));
+    let settings = text.lines().filter(|l| !l.trim_start().starts_with('#'));
+    for line in settings {
+        for production in [
+            "0.0.0.0",
+            "9090",
+            "203.0.113.",
+            "10.0.0.10",
+            "\"/etc/",
+            "\"/var/lib",
+        ] {
+            assert!(!line.contains(production), "not moved to the test: {line}");
+        }
+    }
+    let config = etc.join("icp-gate.toml");
+    std::fs::write(&config, text).unwrap();
+    chmod(&config, 0o644);
+    Installed {
+        _root: root,
+        config,
+        state,
+        http,
+        tls,
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_the_unit_runs_it() {
+    if !is_root() {
+        eprintln!("needs root to switch to the service user: skipped");
+        return;
+    }
+    let origin = Origin::start().await;
+    let tls_origin = common::raw_origin(b"tls origin").await;
+    let installed = install(origin.addr, tls_origin);
+    let config = &installed.config;
+    let caps = one("AmbientCapabilities");
+
+    // ExecStartPre: the check passes as the service user.
+    let check = as_service_user(one("ExecStartPre"), config, caps)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+
+    // Without the unit's capability the service cannot take its ports, and says which one.
+    let denied = as_service_user(one("ExecStart"), config, "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&installed.http.to_string()) && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+
+    // ExecStart with AmbientCapabilities=CAP_NET_BIND_SERVICE.
+    let mut gate = Proc::spawn(as_service_user(one("ExecStart"), config, caps));
+    let admin = gate.admin_addr();
+    gate.wait_for("ready");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gate.pid())).unwrap();
+    assert!(
+        status.contains(&format!("Uid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}")),
+        "{status}"
+    );
+
+    // A fresh install has no filings: everything is blocked.
+    let filed = [("host", "www.filed-example.com.cn")];
+    let (code, _, _) = http1(installed.http, "GET", "/", &filed, b"").await;
+    assert_eq!(code, 403);
+    let hello = std::fs::read(testdata("clienthello/chromium.bin")).unwrap();
+    let mut tls = TcpStream::connect(installed.tls).await.unwrap();
+    tls.write_all(&hello).await.unwrap();
+    let answer = read_for(&mut tls, Duration::from_secs(3)).await;
+    assert_eq!(
+        answer.as_bytes(),
+        [0x15, 3, 3, 0, 2, 2, 49],
+        "access_denied"
+    );
+
+    // The filing system pushes a filing; it is durable in the state directory, written by the
+    // service user, and enforced at once on both listeners.
+    let entry = r#"{"domain":"filed-example.com.cn","icp":"京ICP备12345678号-1","status":"filed","access_here":true}"#;
+    let auth = [
+        ("host", "admin"),
+        ("authorization", "Bearer deploy-test-token"),
+    ];
+    let (code, _, body) = http1(
+        admin,
+        "PUT",
+        "/v1/registry/entries/filed-example.com.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let written = std::fs::read_dir(installed.state.join("registry")).unwrap();
+    for file in written {
+        let meta = file.unwrap().metadata().unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), NOBODY);
+    }
+    let (code, _, body) = http1(installed.http, "GET", "/a", &filed, b"").await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "origin saw www.filed-example.com.cn/a")
+    );
+    let mut tls = TcpStream::connect(installed.tls).await.unwrap();
+    tls.write_all(&hello).await.unwrap();
+    let answer = read_for(&mut tls, Duration::from_secs(1)).await;
+    assert_eq!(answer, "tls origin");
+
+    // ExecReload: the check, then SIGHUP; the service keeps its ports and serves.
+    let reload = service("ExecReload");
+    let check = as_service_user(reload[0], config, caps).output().unwrap();
+    assert!(check.status.success(), "{check:?}");
+    gate.signal(libc::SIGHUP);
+    gate.wait_for("config reloaded");
+    let (code, _, _) = http1(installed.http, "GET", "/b", &filed, b"").await;
+    assert_eq!(code, 200);
+
+    // KillSignal: drained and exited 0 well inside TimeoutStopSec.
+    gate.signal(libc::SIGTERM);
+    let stop = Duration::from_secs(seconds(one("TimeoutStopSec")));
+    assert_eq!(gate.wait_exit(stop), Some(0));
+}
