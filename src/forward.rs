@@ -133,16 +133,49 @@ fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>) {
         *req.uri_mut() = Uri::from(path);
     }
     *req.version_mut() = Version::HTTP_11;
+    if opts.upgrade
+        && let Some(offer) = upgrade_offer(req.headers())
+    {
+        req.headers_mut().insert(header::UPGRADE, offer);
+    }
     remove_hop_by_hop(req.headers_mut(), opts.upgrade);
     if let Some(client) = opts.forwarded_for {
         append_forwarded_for(req.headers_mut(), client);
     }
 }
 
-/// `Connection: upgrade` with an `Upgrade` header (WebSocket and friends).
+/// `Connection: upgrade` with an `Upgrade` header offering a protocol the origin may switch to
+/// (WebSocket and friends; see [`upgrade_offer`]).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+        && upgrade_offer(headers).is_some()
+}
+
+/// The protocols of the client's `Upgrade` header that are passed on: all but `h2c`, or `None`
+/// when nothing is left. A switched connection is relayed without being looked at again, and
+/// HTTP/2 carries requests for any host (each stream names its own `:authority`), so an upgrade
+/// to h2c on a request for a filed host would carry requests for unfiled ones past the decision
+/// ("h2c smuggling"). Without it the client carries on in HTTP/1.1, each request decided (RFC
+/// 9110 §7.8 lets a server ignore `Upgrade`); HTTP/2 itself is served by icp-gate, per stream.
+fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut offer = Vec::new();
+    for value in headers.get_all(header::UPGRADE) {
+        for protocol in http1::tokens(value.as_bytes()) {
+            let name = protocol.split(|&b| b == b'/').next().unwrap_or(protocol);
+            if name.trim_ascii().eq_ignore_ascii_case(b"h2c") {
+                continue;
+            }
+            if !offer.is_empty() {
+                offer.extend_from_slice(b", ");
+            }
+            offer.extend_from_slice(protocol);
+        }
+    }
+    if offer.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&offer).ok()
 }
 
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
@@ -263,6 +296,43 @@ mod tests {
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
         assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn h2c_is_never_offered_to_the_origin() {
+        let upgrade = |conn: &str, up: &str| {
+            let h = headers(&[("connection", conn), ("upgrade", up)]);
+            (is_upgrade(&h), upgrade_offer(&h))
+        };
+        let offer = |v: &'static str| Some(HeaderValue::from_static(v));
+        assert_eq!(
+            upgrade("Upgrade, HTTP2-Settings", "h2c"),
+            (false, None),
+            "h2c alone: no upgrade"
+        );
+        assert_eq!(upgrade("upgrade", "H2C/1.0"), (false, None));
+        assert_eq!(
+            upgrade("Upgrade, HTTP2-Settings", "h2c, websocket"),
+            (true, offer("websocket"))
+        );
+        assert_eq!(
+            upgrade("upgrade", "websocket , h2c,foo/2"),
+            (true, offer("websocket, foo/2"))
+        );
+        assert_eq!(upgrade("upgrade", "websocket"), (true, offer("websocket")));
+        assert!(!upgrade("keep-alive", "websocket").0);
+
+        // Not an upgrade: Upgrade, Connection and the HTTP2-Settings it lists go.
+        let mut h = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+            ("x-kept", "yes"),
+        ]);
+        let upgrade = is_upgrade(&h);
+        remove_hop_by_hop(&mut h, upgrade);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     #[test]

@@ -410,6 +410,99 @@ async fn websocket_style_upgrade_is_relayed() {
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
 
+/// An origin that speaks h2c the way the "h2c smuggling" trick needs: it switches any request
+/// that offers `Upgrade: h2c`, then keeps every byte that follows; other requests get `plain`.
+/// Returns its address and everything it received.
+async fn h2c_origin() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                log.lock().unwrap().extend_from_slice(&head);
+                let offers_h2c = String::from_utf8_lossy(&head)
+                    .to_ascii_lowercase()
+                    .contains("upgrade: h2c");
+                if !offers_h2c {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
+                        .await;
+                }
+                let switched = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n";
+                if offers_h2c && s.write_all(switched).await.is_err() {
+                    return;
+                }
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_cannot_carry_requests_past_the_decision() {
+    let (origin, received) = h2c_origin().await;
+    let gate = Gate::start(&config(origin, "")).await;
+    let mut s = TcpStream::connect(gate.http).await.unwrap();
+    // A filed host asks to switch to h2c; were it switched, what follows would be relayed to
+    // the origin unread: here an HTTP/1.1 request for an unfiled host stands in for the HTTP/2
+    // streams a real client would send.
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: filed.cn\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_until(&mut s, b"plain").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut s, b"\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).to_ascii_lowercase();
+    assert!(seen.contains("host: filed.cn"), "{seen}");
+    for never in ["unfiled", "upgrade", "h2c", "http2-settings"] {
+        assert!(!seen.contains(never), "origin saw {never:?}: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn an_upgrade_offering_h2c_among_others_offers_only_the_others() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "")).await;
+    let mut s = TcpStream::connect(gate.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: filed.cn\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c, echo\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_until(&mut s, b"\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let seen = origin.last().headers;
+    assert_eq!(seen["upgrade"], "echo");
+    assert!(!seen.contains_key("http2-settings"), "{seen:?}");
+}
+
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {
     use tokio::io::AsyncReadExt;
     let mut out = Vec::new();
