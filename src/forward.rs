@@ -78,6 +78,29 @@ pub fn proxied_origin_client(
     origin_client(limits, Some(proxy_protocol::encode(version, client, dst)))
 }
 
+/// Why a forwarded request got no response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardError {
+    /// The origin failed: answered 502 or 504 and counted by kind.
+    Upstream(UpstreamError),
+    /// The client's request body broke off or was malformed (a bad chunk) while it was being
+    /// sent: answered 400, and not counted against the origin.
+    ClientBody,
+}
+
+impl From<UpstreamError> for ForwardError {
+    fn from(kind: UpstreamError) -> Self {
+        ForwardError::Upstream(kind)
+    }
+}
+
+/// The error of sending a request is the client's body failing, not the origin: hyper reports
+/// a body's own error as a user error caused by it, and the body here is the client's
+/// `Incoming`, whose errors are hyper errors.
+pub(crate) fn client_body_failed(e: &hyper::Error) -> bool {
+    e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
+}
+
 /// How the forwarded request should be adjusted.
 pub struct ForwardOptions<'a> {
     pub origin: &'a Origin,
@@ -102,13 +125,13 @@ pub async fn forward(
     mut req: Request<Incoming>,
     opts: ForwardOptions<'_>,
     timeout: Duration,
-) -> Result<Response<OriginBody>, UpstreamError> {
+) -> Result<Response<OriginBody>, ForwardError> {
     let upgrade = opts.upgrade;
     prepare_request(&mut req, &opts);
     let sent = client.send(opts.origin.authority(), req);
     let mut resp = tokio::time::timeout(timeout, sent)
         .await
-        .map_err(|_| UpstreamError::Timeout)??;
+        .map_err(|_| ForwardError::Upstream(UpstreamError::Timeout))??;
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     remove_hop_by_hop(resp.headers_mut(), upgrade && switching);
     Ok(resp)

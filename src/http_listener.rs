@@ -28,7 +28,7 @@ mod fast;
 use crate::block_page::{BlockContext, error_response, upstream_error_answer};
 use crate::config::Limits;
 use crate::decision::{Decision, HostInput, Reason, decide};
-use crate::forward::{self, ForwardOptions, OriginBody, OriginClient};
+use crate::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
 use crate::host::{self, Host};
 use crate::http1;
 use crate::io::{Activity, Prefixed, SendLast, Watched, watchdog};
@@ -298,12 +298,15 @@ async fn forward_request(
             }
             resp.map(Either::Right)
         }
-        Err(kind) => {
+        Err(ForwardError::Upstream(kind)) => {
             ctx.spec.metrics.upstream_error(kind);
             debug!(%origin, kind = kind.as_str(), "origin error");
             upstream_error_answer(kind, id.as_str())
                 .into_response()
                 .map(own)
+        }
+        Err(ForwardError::ClientBody) => {
+            error_response(StatusCode::BAD_REQUEST, None, id.as_str()).map(own)
         }
     }
 }

@@ -341,6 +341,29 @@ async fn origin_down_is_502_and_slow_origin_is_504() {
 }
 
 #[tokio::test]
+async fn a_malformed_request_body_is_the_clients_400_not_the_origins_502() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "")).await;
+    for bad_chunk in ["0x4", "FFFFFFFFFFFFFFFFF1", "4 4"] {
+        let request = format!(
+            "POST /echo HTTP/1.1\r\nHost: filed.cn\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {bad_chunk}\r\nabcd\r\n0\r\n\r\n"
+        );
+        let answer = raw(gate.http, request.as_bytes(), Duration::from_secs(2)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{bad_chunk}: {answer}");
+    }
+    let metrics = gate.metrics().await;
+    let upstream: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("icp_gate_upstream_errors_total{"))
+        .collect();
+    assert_eq!(upstream.len(), 3, "{metrics}");
+    for line in upstream {
+        assert!(line.ends_with(" 0"), "the origin did nothing wrong: {line}");
+    }
+}
+
+#[tokio::test]
 async fn forwarding_headers_and_streamed_bodies() {
     let origin = Origin::start().await;
     let gate = Gate::start(&config(origin.addr, "")).await;

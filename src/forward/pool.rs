@@ -23,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::connect;
+use super::{ForwardError, client_body_failed, connect};
 use crate::metrics::UpstreamError;
 use crate::workers;
 
@@ -196,7 +196,7 @@ impl OriginClient {
         &self,
         origin: &Authority,
         mut req: Request<Incoming>,
-    ) -> Result<Response<OriginBody>, UpstreamError> {
+    ) -> Result<Response<OriginBody>, ForwardError> {
         loop {
             let (mut sender, pooled) = match self.pool.checkout(origin) {
                 Some(sender) => (sender, true),
@@ -206,7 +206,7 @@ impl OriginClient {
                 if pooled {
                     continue;
                 }
-                return Err(UpstreamError::Reset);
+                return Err(UpstreamError::Reset.into());
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -221,9 +221,13 @@ impl OriginClient {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) if pooled => req = unsent,
+                    _ if client_body_failed(e.error()) => {
+                        debug!(%origin, error = %e.error(), "client request body failed");
+                        return Err(ForwardError::ClientBody);
+                    }
                     _ => {
                         debug!(%origin, error = %e.error(), "origin request failed");
-                        return Err(UpstreamError::Reset);
+                        return Err(UpstreamError::Reset.into());
                     }
                 },
             }
@@ -518,6 +522,6 @@ pub(super) mod tests {
         let pool = pool(Duration::from_secs(60));
         let origin: Authority = addr.to_string().parse().unwrap();
         let err = pool.send(&origin, request("/").await).await.err();
-        assert_eq!(err, Some(UpstreamError::Connect));
+        assert_eq!(err, Some(ForwardError::Upstream(UpstreamError::Connect)));
     }
 }
