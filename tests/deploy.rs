@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 const UNIT: &str = include_str!("../deploy/icp-gate.service");
 const CONFIG: &str = include_str!("../deploy/icp-gate.toml");
 const SYSUSERS: &str = include_str!("../deploy/icp-gate.sysusers");
+const RULES: &str = include_str!("../deploy/prometheus/icp-gate.rules.yml");
 
 /// Where the README installs the binary and the config, as the unit names them.
 const INSTALLED_BIN: &str = "/usr/local/bin/icp-gate";
@@ -427,4 +428,90 @@ async fn runs_as_the_unit_runs_it() {
     gate.signal(libc::SIGTERM);
     let stop = Duration::from_secs(seconds(one("TimeoutStopSec")));
     assert_eq!(gate.wait_exit(stop), Some(0));
+}
+
+/// The metric names the alert rules use: every `icp_gate_*` and `process_*` word of the file.
+fn rule_metrics() -> std::collections::BTreeSet<&'static str> {
+    RULES
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("icp_gate_") || w.starts_with("process_"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_use_metrics_the_binary_exports() {
+    // The shipped rules' own unit tests, where promtool is installed (Debian: prometheus).
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+        for args in [
+            ["check", "rules", "icp-gate.rules.yml"],
+            ["test", "rules", "icp-gate.rules.test.yml"],
+        ] {
+            let out = Command::new("promtool")
+                .args(args)
+                .current_dir(&rules)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "promtool {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    } else {
+        eprintln!("promtool not installed: the rules' unit tests were skipped");
+    }
+
+    // A metric renamed in the code would leave its alert silently never firing: every name
+    // the rules use must be in the real binary's /metrics once it has served a little.
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nkind = \"tls\"\n";
+    let config = common::process::write_config(dir.path(), origin.addr, tls);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "mainland = true\n",
+        &format!("mainland = true\ntls_origin = \"{}\"\n", origin.addr),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut gate = Proc::start(&config);
+    let admin = gate.admin_addr();
+    let mut listeners = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let line = gate.wait_for("listening");
+        let addr: SocketAddr = line["addr"].as_str().unwrap().parse().unwrap();
+        listeners.insert(line["listener"].as_str().unwrap().to_string(), addr);
+    }
+    gate.wait_for("ready");
+    for host in ["filed.cn", "unfiled.cn"] {
+        http1(listeners["http"], "GET", "/", &[("host", host)], b"").await;
+    }
+    let mut tls = TcpStream::connect(listeners["tls"]).await.unwrap();
+    tls.write_all(&std::fs::read(testdata("clienthello/openssl.bin")).unwrap())
+        .await
+        .unwrap();
+    read_for(&mut tls, Duration::from_secs(2)).await;
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let entry = r#"{"domain":"new.cn","icp":"京ICP备1号-1","status":"filed","access_here":true}"#;
+    let (code, _, _) = http1(
+        admin,
+        "PUT",
+        "/v1/registry/entries/new.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (_, _, metrics) = http1(admin, "GET", "/metrics", &[("host", "admin")], b"").await;
+
+    let names = rule_metrics();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        assert!(
+            metrics.lines().any(|l| l
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))),
+            "the rules use {name}, which /metrics does not export:\n{metrics}"
+        );
+    }
 }
