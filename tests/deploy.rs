@@ -75,6 +75,19 @@ fn unit_command(line: &str, config: &Path) -> Vec<String> {
     out
 }
 
+/// Runs `command` and returns its standard error; fails the test, showing both outputs, if
+/// it does not exit 0.
+fn succeeds(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 fn seconds(value: &str) -> u64 {
     let digits = value.strip_suffix('s').unwrap_or(value);
     digits
@@ -182,26 +195,14 @@ fn unit_and_service_user_pass_systemds_own_tools() {
     let unit = dir.path().join("icp-gate.service");
     std::fs::write(&unit, UNIT.replace(INSTALLED_BIN, BIN)).unwrap();
 
-    let verify = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&unit)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success(), "{stderr}");
+    let stderr = succeeds(Command::new("systemd-analyze").arg("verify").arg(&unit));
     assert!(stderr.trim().is_empty(), "warnings: {stderr}");
 
     // Exposure at most 2.0 of 10 ("OK"): the sandbox options are in effect, not misspelt.
-    let security = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--threshold=20"])
-        .arg(&unit)
-        .output()
-        .unwrap();
-    assert!(
-        security.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&security.stdout),
-        String::from_utf8_lossy(&security.stderr)
+    succeeds(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--threshold=20"])
+            .arg(&unit),
     );
 
     // The service user, created in an empty root as systemd-sysusers would at install.
@@ -209,12 +210,11 @@ fn unit_and_service_user_pass_systemds_own_tools() {
     std::fs::create_dir_all(root.join("etc")).unwrap();
     let sysusers = dir.path().join("icp-gate.conf");
     std::fs::write(&sysusers, SYSUSERS).unwrap();
-    let created = Command::new("systemd-sysusers")
-        .arg(format!("--root={}", root.display()))
-        .arg(&sysusers)
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{created:?}");
+    succeeds(
+        Command::new("systemd-sysusers")
+            .arg(format!("--root={}", root.display()))
+            .arg(&sysusers),
+    );
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
     let fields: Vec<&str> = passwd.trim().split(':').collect();
     assert_eq!(fields[0], one("User"), "{passwd}");
@@ -344,10 +344,7 @@ async fn runs_as_the_unit_runs_it() {
     let caps = one("AmbientCapabilities");
 
     // ExecStartPre: the check passes as the service user.
-    let check = as_service_user(one("ExecStartPre"), config, caps)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "{check:?}");
+    succeeds(&mut as_service_user(one("ExecStartPre"), config, caps));
 
     // Without the unit's capability the service cannot take its ports, and says which one.
     let denied = as_service_user(one("ExecStart"), config, "")
@@ -417,8 +414,7 @@ async fn runs_as_the_unit_runs_it() {
 
     // ExecReload: the check, then SIGHUP; the service keeps its ports and serves.
     let reload = service("ExecReload");
-    let check = as_service_user(reload[0], config, caps).output().unwrap();
-    assert!(check.status.success(), "{check:?}");
+    succeeds(&mut as_service_user(reload[0], config, caps));
     gate.signal(libc::SIGHUP);
     gate.wait_for("config reloaded");
     let (code, _, _) = http1(installed.http, "GET", "/b", &filed, b"").await;
@@ -447,17 +443,7 @@ async fn alert_rules_use_metrics_the_binary_exports() {
             ["check", "rules", "icp-gate.rules.yml"],
             ["test", "rules", "icp-gate.rules.test.yml"],
         ] {
-            let out = Command::new("promtool")
-                .args(args)
-                .current_dir(&rules)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "promtool {args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            succeeds(Command::new("promtool").args(args).current_dir(&rules));
         }
     } else {
         eprintln!("promtool not installed: the rules' unit tests were skipped");
