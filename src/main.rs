@@ -156,7 +156,7 @@ fn check(path: &Path) -> Result<(), Error> {
     Runtime::new(config.clone())?;
     let snapshot = registry::inspect(&config.registry)?;
     println!(
-        "{}: ok ({} listeners, {} routes, registry revision {} with {} entries)",
+        "{}: ok (listeners: {}, routes: {}, registry: revision {}, {} entries)",
         path.display(),
         config.listeners.len(),
         config.routes.len(),
