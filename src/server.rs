@@ -528,6 +528,7 @@ async fn accept_loop(
     };
     // A listener bound to one address needs no getsockname(2) per connection to know it.
     let bound = (!local_addr.ip().is_unspecified()).then_some(local_addr);
+    let mut failures = AcceptFailures::default();
     loop {
         // Checked before each accept, so a steady stream of connections cannot keep the loop
         // from seeing a stop; the select below is biased so that an accept that is ready at
@@ -545,8 +546,8 @@ async fn accept_loop(
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                failures.note(&e, &spec.load().config.name, local_addr);
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
             }
         };
@@ -563,6 +564,39 @@ async fn accept_loop(
             let _guard = guard;
             connection(stream, peer, bound, spec, shared2).await;
         });
+    }
+}
+
+/// How long an accept loop waits after a failed accept (out of descriptors, say) before trying
+/// again: the condition clears when connections close, which a sleep cannot hurry.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Failed accepts, logged at most once a second per accept loop: out of descriptors, a loop
+/// retries 20 times a second, and one line for each would flood the log when it matters most.
+#[derive(Default)]
+struct AcceptFailures {
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn note(&mut self, e: &std::io::Error, listener: &str, addr: SocketAddr) {
+        self.unlogged += 1;
+        if self
+            .logged
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        warn!(
+            listener,
+            %addr,
+            error = %e,
+            failures = self.unlogged,
+            "accept failed; retrying every 50 ms (failures: since the last such line)"
+        );
+        self.logged = Some(std::time::Instant::now());
+        self.unlogged = 0;
     }
 }
 

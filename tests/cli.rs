@@ -242,6 +242,51 @@ async fn open_file_limit_is_raised_for_max_connections_or_warned_about() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_accepts_fail_quietly_and_recover() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), origin.addr, "[limits]\nmax_connections = 1000");
+    // 48 descriptors in all: a few dozen client connections use them up.
+    let mut prlimit = Command::new("prlimit");
+    prlimit
+        .args([
+            "--nofile=48:48",
+            BIN,
+            "run",
+            "--log-format",
+            "json",
+            "--threads",
+            "1",
+        ])
+        .arg("--config")
+        .arg(&path);
+    let mut gate = Proc::spawn(prlimit);
+    let addr = gate.listener_addr();
+    gate.wait_for("ready");
+
+    // The kernel queues connections the process cannot accept; hold them for 2.5 s.
+    let held: Vec<std::net::TcpStream> = (0..80)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    let failed = "accept failed; retrying every 50 ms (failures: since the last such line)";
+    gate.wait_for(failed);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Retried 20 times a second, logged about once a second with the count in between.
+    let lines = gate.received(failed);
+    assert!((2..=4).contains(&lines.len()), "{lines:#?}");
+    assert_eq!(lines[0]["level"], "WARN");
+    assert_eq!(lines[0]["error"], "Too many open files (os error 24)");
+    assert_eq!(lines[0]["failures"], 1);
+    assert!(lines[1]["failures"].as_u64().unwrap() >= 5, "{lines:#?}");
+
+    // Descriptors come back when clients leave, and so does service.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, _, _) = http1(addr, "GET", "/", &[("host", "unfiled.cn")], b"").await;
+    assert_eq!(status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_has_a_hard_deadline() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -95,6 +95,18 @@ impl Proc {
         }
     }
 
+    /// Every line with `msg` that has arrived so far, without waiting.
+    pub fn received(&mut self, msg: &str) -> Vec<serde_json::Value> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen
+            .iter()
+            .filter(|l| l["msg"] == msg)
+            .cloned()
+            .collect()
+    }
+
     /// A line whose `msg` is `msg` among those already received.
     pub fn seen(&self, msg: &str) -> Option<&serde_json::Value> {
         self.seen.iter().find(|l| l["msg"] == msg)
