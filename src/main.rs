@@ -92,7 +92,8 @@ fn main() -> ExitCode {
 type Error = Box<dyn std::error::Error>;
 
 fn run(path: &Path, format: LogFormat, threads: Option<u16>, shape: Shape) -> Result<(), Error> {
-    logging::init(format);
+    // Held to the end of `run`, so "stopped" and everything before it are written out.
+    let _log = logging::init(format);
     let config = Config::load(path)?;
     let threads = threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),

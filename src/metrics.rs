@@ -51,6 +51,7 @@ pub struct Metrics {
     pub registry_revision: IntGauge,
     pub registry_last_update: Gauge,
     pub registry_updates: IntCounterVec,
+    log_dropped: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -144,6 +145,13 @@ impl Metrics {
             "Registry writes, by operation and result.",
             &["op", "result"],
         );
+        let log_dropped = IntCounter::new(
+            "icp_gate_log_lines_dropped_total",
+            "Log lines (access log included) dropped because the reader of stderr fell behind.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(log_dropped.clone()))
+            .expect("metric registered once");
         Arc::new(Metrics {
             registry: r,
             requests,
@@ -157,6 +165,7 @@ impl Metrics {
             registry_revision,
             registry_last_update,
             registry_updates,
+            log_dropped,
         })
     }
 
@@ -183,6 +192,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        // The log thread counts its drops; the counter catches up at each scrape.
+        let dropped = crate::logging::dropped_lines();
+        if dropped > self.log_dropped.get() {
+            self.log_dropped.inc_by(dropped - self.log_dropped.get());
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

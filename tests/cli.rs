@@ -286,6 +286,110 @@ async fn out_of_descriptors_accepts_fail_quietly_and_recover() {
     assert_eq!(status, 403);
 }
 
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_costs_log_lines_not_service() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, admin) = (free_port(), free_port());
+    let path = write_config(dir.path(), origin.addr, "")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("127.0.0.1:0", &format!("127.0.0.1:{http}"), 1);
+    let text = text.replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
+    std::fs::write(&path, text).unwrap();
+    // stderr is a pipe nobody reads: it fills after a few hundred lines, as a stalled journald
+    // or log shipper would leave it.
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "run",
+                "--log-format",
+                "json",
+                "--threads",
+                "1",
+                "--config",
+                &path,
+            ])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let _unread = child.0.stderr.take();
+    let http: std::net::SocketAddr = ([127, 0, 0, 1], http).into();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin).into();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(http).await.is_err() {
+        assert!(Instant::now() < deadline, "never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 20 000 requests, each an access-log line: far more than the pipe and the log queue hold.
+    let request = b"GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n".repeat(2_000);
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let request = request.clone();
+            clients.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(http).await.unwrap();
+                s.write_all(&request).await.unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                let marker = b"HTTP/1.1 403";
+                // Counted as the bytes arrive, a marker cut between two reads included.
+                let (mut answers, mut window) = (0, Vec::new());
+                while answers < 2_000 {
+                    use tokio::io::AsyncReadExt;
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "closed after {answers} answers");
+                    window.extend_from_slice(&buf[..n]);
+                    answers += window.windows(marker.len()).filter(|w| w == marker).count();
+                    window.drain(..window.len().saturating_sub(marker.len() - 1));
+                }
+                answers
+            }));
+        }
+        let mut total = 0;
+        for c in clients {
+            total += c.await.unwrap();
+        }
+        total
+    })
+    .await
+    .expect("the data path stalled behind its log");
+    assert_eq!(answered, 20_000);
+
+    let (status, _, metrics) = http1(admin, "GET", "/metrics", &[("host", "admin")], b"").await;
+    assert_eq!(status, 200);
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("icp_gate_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "{metrics}");
+}
+
+/// A child process ended with the test, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_has_a_hard_deadline() {
     let origin = Origin::start().await;
