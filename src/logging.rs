@@ -44,7 +44,9 @@ pub fn dropped_lines() -> u64 {
 
 /// Keeps the log thread; dropping it writes out what is queued.
 #[must_use = "dropping the guard stops the log thread"]
-pub struct LogGuard(#[allow(dead_code)] Option<WorkerGuard>);
+pub struct LogGuard {
+    _worker: Option<WorkerGuard>,
+}
 
 /// Installs the global subscriber. Default filter: `info`. Lines are formatted where they
 /// happen and written by a thread of their own, in batches (one write(2) per batch, not per
@@ -71,9 +73,11 @@ pub fn init(format: LogFormat) -> LogGuard {
     match installed {
         Ok(()) => {
             let _ = DROPPED.set(dropped);
-            LogGuard(Some(guard))
+            LogGuard {
+                _worker: Some(guard),
+            }
         }
-        Err(_) => LogGuard(None),
+        Err(_) => LogGuard { _worker: None },
     }
 }
 
