@@ -4,6 +4,7 @@
 //! The data path does not look labels up per request: each listener resolves its counters once
 //! into [`ListenerMetrics`], and an increment is a single atomic add.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
@@ -52,6 +53,8 @@ pub struct Metrics {
     pub registry_last_update: Gauge,
     pub registry_updates: IntCounterVec,
     log_dropped: IntCounter,
+    /// The drop count `log_dropped` has caught up to.
+    log_dropped_seen: AtomicU64,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -166,6 +169,7 @@ impl Metrics {
             registry_last_update,
             registry_updates,
             log_dropped,
+            log_dropped_seen: AtomicU64::new(0),
         })
     }
 
@@ -192,10 +196,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        // The log thread counts its drops; the counter catches up at each scrape.
+        // The log thread counts its drops; the counter catches up at each scrape, by the part
+        // no concurrent scrape has added yet.
         let dropped = crate::logging::dropped_lines();
-        if dropped > self.log_dropped.get() {
-            self.log_dropped.inc_by(dropped - self.log_dropped.get());
+        let seen = self.log_dropped_seen.fetch_max(dropped, Ordering::Relaxed);
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
         }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metrics.
