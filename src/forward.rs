@@ -107,8 +107,9 @@ pub struct ForwardOptions<'a> {
     /// The client address to append to `X-Forwarded-For` ([`client_ip_value`]), or `None` when
     /// the route turns it off.
     pub forwarded_for: Option<&'a HeaderValue>,
-    /// The request asks to switch protocols ([`is_upgrade`]).
-    pub upgrade: bool,
+    /// When the request asks to switch protocols: the protocols offered to the origin
+    /// ([`upgrade_offer`]).
+    pub upgrade: Option<HeaderValue>,
 }
 
 /// The client's address as an `X-Forwarded-For` element, made once per client connection.
@@ -126,7 +127,7 @@ pub async fn forward(
     opts: ForwardOptions<'_>,
     timeout: Duration,
 ) -> Result<Response<OriginBody>, ForwardError> {
-    let upgrade = opts.upgrade;
+    let upgrade = opts.upgrade.is_some();
     prepare_request(&mut req, &opts);
     let sent = client.send(opts.origin.authority(), req);
     let mut resp = tokio::time::timeout(timeout, sent)
@@ -156,32 +157,29 @@ fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>) {
         *req.uri_mut() = Uri::from(path);
     }
     *req.version_mut() = Version::HTTP_11;
-    if opts.upgrade
-        && let Some(offer) = upgrade_offer(req.headers())
-    {
-        req.headers_mut().insert(header::UPGRADE, offer);
+    if let Some(offer) = &opts.upgrade {
+        req.headers_mut().insert(header::UPGRADE, offer.clone());
     }
-    remove_hop_by_hop(req.headers_mut(), opts.upgrade);
+    remove_hop_by_hop(req.headers_mut(), opts.upgrade.is_some());
     if let Some(client) = opts.forwarded_for {
         append_forwarded_for(req.headers_mut(), client);
     }
 }
 
-/// `Connection: upgrade` with an `Upgrade` header offering a protocol the origin may switch to
-/// (WebSocket and friends; see [`upgrade_offer`]).
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
-        && upgrade_offer(headers).is_some()
-}
-
-/// The protocols of the client's `Upgrade` header that are passed on: all but `h2c`, or `None`
-/// when nothing is left. A switched connection is relayed without being looked at again, and
-/// HTTP/2 carries requests for any host (each stream names its own `:authority`), so an upgrade
-/// to h2c on a request for a filed host would carry requests for unfiled ones past the decision
-/// ("h2c smuggling"). Without it the client carries on in HTTP/1.1, each request decided (RFC
-/// 9110 §7.8 lets a server ignore `Upgrade`); HTTP/2 itself is served by icp-gate, per stream.
-fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
+/// For a request that asks to switch protocols (`Connection: upgrade` and an `Upgrade` header:
+/// WebSocket and friends), the protocols of its `Upgrade` header that are passed on: all but
+/// `h2c`; `None` when it does not ask, or nothing is left. A switched connection is relayed
+/// without being looked at again, and HTTP/2 carries requests for any host (each stream names
+/// its own `:authority`), so an upgrade to h2c on a request for a filed host would carry
+/// requests for unfiled ones past the decision ("h2c smuggling"). Without it the client carries
+/// on in HTTP/1.1, each request decided (RFC 9110 §7.8 lets a server ignore `Upgrade`); HTTP/2
+/// itself is served by icp-gate, per stream.
+pub fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
+    if !headers.contains_key(header::UPGRADE)
+        || !connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
+    {
+        return None;
+    }
     let mut offer = Vec::new();
     for value in headers.get_all(header::UPGRADE) {
         for protocol in http1::tokens(value.as_bytes()) {
@@ -314,18 +312,18 @@ mod tests {
     #[test]
     fn upgrade_headers_survive_an_upgrade() {
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade(&h));
+        assert!(upgrade_offer(&h).is_some());
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["upgrade"], "websocket");
-        assert!(!is_upgrade(&headers(&[("upgrade", "websocket")])));
+        assert!(upgrade_offer(&headers(&[("upgrade", "websocket")])).is_none());
     }
 
     #[test]
     fn h2c_is_never_offered_to_the_origin() {
         let upgrade = |conn: &str, up: &str| {
-            let h = headers(&[("connection", conn), ("upgrade", up)]);
-            (is_upgrade(&h), upgrade_offer(&h))
+            let offer = upgrade_offer(&headers(&[("connection", conn), ("upgrade", up)]));
+            (offer.is_some(), offer)
         };
         let offer = |v: &'static str| Some(HeaderValue::from_static(v));
         assert_eq!(
@@ -352,7 +350,7 @@ mod tests {
             ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
             ("x-kept", "yes"),
         ]);
-        let upgrade = is_upgrade(&h);
+        let upgrade = upgrade_offer(&h).is_some();
         remove_hop_by_hop(&mut h, upgrade);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);

@@ -240,7 +240,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
                 let opts = ForwardOptions {
                     origin,
                     forwarded_for,
-                    upgrade: forward::is_upgrade(req.headers()),
+                    upgrade: forward::upgrade_offer(req.headers()),
                 };
                 let tunnel = (reason == Reason::Filed).then_some(host_text.as_str());
                 forward_request(req, client, opts, ctx, &runtime.config.limits, &id, tunnel).await
@@ -267,7 +267,7 @@ async fn forward_request(
     // update blocks the host.
     tunnel_host: Option<&str>,
 ) -> Response<Body> {
-    let client_upgrade = opts.upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = opts.upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let origin = opts.origin;
     match forward::forward(client, req, opts, limits.origin_response_timeout).await {
         Ok(mut resp) => {
