@@ -80,6 +80,17 @@ impl Workers {
     }
 }
 
+/// Runs `f` on `worker`'s thread and returns what it returned (for tests).
+#[cfg(test)]
+pub(crate) fn run_on<T: Send + 'static>(
+    worker: &Handle,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    worker.spawn(async move { tx.send(f()).unwrap() });
+    rx.recv().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,15 +99,7 @@ mod tests {
     fn each_worker_knows_its_number_and_stops() {
         let workers = Workers::start(3).unwrap();
         assert!(count() >= 3);
-        let seen: Vec<usize> = workers
-            .handles()
-            .iter()
-            .map(|h| {
-                let (tx, rx) = std::sync::mpsc::channel();
-                h.spawn(async move { tx.send(index()).unwrap() });
-                rx.recv().unwrap()
-            })
-            .collect();
+        let seen: Vec<usize> = workers.handles().iter().map(|h| run_on(h, index)).collect();
         assert_eq!(seen, [0, 1, 2]);
         assert_eq!(index(), 0, "the test thread is not a worker");
         let first = workers.handles()[0].clone();

@@ -337,35 +337,26 @@ pub(super) mod tests {
         }
     }
 
-    /// Runs `f` on `worker`'s thread and returns what it returned.
-    fn on<T: Send + 'static>(
-        worker: &tokio::runtime::Handle,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> T {
-        let (tx, rx) = std::sync::mpsc::channel();
-        worker.spawn(async move { tx.send(f()).unwrap() });
-        rx.recv().unwrap()
-    }
-
     /// A connection parked on one worker is reused on that worker only: its socket is registered
     /// with that worker's runtime.
     #[test]
     fn each_worker_reuses_its_own_connections() {
-        let workers = crate::workers::Workers::start(2).unwrap();
+        use crate::workers::{Workers, run_on};
+        let workers = Workers::start(2).unwrap();
         let [w0, w1] = workers.handles() else {
             panic!("two workers")
         };
         let pool = Pool::<Fake>::new(Duration::from_secs(60));
         let origin: Authority = "127.0.0.1:80".parse().unwrap();
         let (p, o) = (pool.clone(), origin.clone());
-        on(w0, move || p.checkin(o, Fake(7)));
+        run_on(w0, move || p.checkin(o, Fake(7)));
         let (p, o) = (pool.clone(), origin.clone());
         assert!(
-            on(w1, move || p.checkout(&o).is_none()),
+            run_on(w1, move || p.checkout(&o).is_none()),
             "taken by worker 1"
         );
         let (p, o) = (pool.clone(), origin.clone());
-        assert_eq!(on(w0, move || p.checkout(&o).map(|c| c.0)), Some(7));
+        assert_eq!(run_on(w0, move || p.checkout(&o).map(|c| c.0)), Some(7));
         workers.stop();
     }
 
