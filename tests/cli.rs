@@ -10,7 +10,7 @@ use common::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::process::{BIN, Proc, write_config};
+use common::process::{BIN, Proc, run_command, write_config};
 
 #[test]
 fn check_accepts_a_good_config_and_names_file_and_key_of_a_bad_one() {
@@ -202,12 +202,8 @@ async fn open_file_limit_is_raised_for_max_connections_or_warned_about() {
     // 2 × 1000 + 256 spare descriptors.
     let path = write_config(dir.path(), origin.addr, "[limits]\nmax_connections = 1000");
     let start = |nofile: &str| {
-        let mut prlimit = Command::new("prlimit");
-        prlimit
-            .arg(format!("--nofile={nofile}"))
-            .args([BIN, "run", "--log-format", "json", "--config"])
-            .arg(&path);
-        let mut proc = Proc::spawn(prlimit);
+        let limit = format!("--nofile={nofile}");
+        let mut proc = Proc::spawn(run_command(&["prlimit", &limit], &path, &[]));
         let addr = proc.listener_addr();
         proc.wait_for("ready");
         (proc, addr)
@@ -247,20 +243,8 @@ async fn out_of_descriptors_accepts_fail_quietly_and_recover() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), origin.addr, "[limits]\nmax_connections = 1000");
     // 48 descriptors in all: a few dozen client connections use them up.
-    let mut prlimit = Command::new("prlimit");
-    prlimit
-        .args([
-            "--nofile=48:48",
-            BIN,
-            "run",
-            "--log-format",
-            "json",
-            "--threads",
-            "1",
-        ])
-        .arg("--config")
-        .arg(&path);
-    let mut gate = Proc::spawn(prlimit);
+    let prlimit = ["prlimit", "--nofile=48:48"];
+    let mut gate = Proc::spawn(run_command(&prlimit, &path, &["--threads", "1"]));
     let addr = gate.listener_addr();
     gate.wait_for("ready");
 
@@ -300,10 +284,7 @@ async fn a_log_reader_that_stops_reading_costs_log_lines_not_service() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let (http, admin) = (free_port(), free_port());
-    let path = write_config(dir.path(), origin.addr, "")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let path = write_config(dir.path(), origin.addr, "");
     let text = std::fs::read_to_string(&path).unwrap();
     let text = text.replacen("127.0.0.1:0", &format!("127.0.0.1:{http}"), 1);
     let text = text.replacen("127.0.0.1:0", &format!("127.0.0.1:{admin}"), 1);
@@ -311,16 +292,7 @@ async fn a_log_reader_that_stops_reading_costs_log_lines_not_service() {
     // stderr is a pipe nobody reads: it fills after a few hundred lines, as a stalled journald
     // or log shipper would leave it.
     let mut child = KillOnDrop(
-        Command::new(BIN)
-            .args([
-                "run",
-                "--log-format",
-                "json",
-                "--threads",
-                "1",
-                "--config",
-                &path,
-            ])
+        run_command(&[], &path, &["--threads", "1"])
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .spawn()

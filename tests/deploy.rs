@@ -11,10 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::process::{BIN, Proc};
-use common::{Origin, http1, read_for, testdata};
+use common::{Origin, http1, raw, testdata};
 use icp_gate::config::Config;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 const UNIT: &str = include_str!("../deploy/icp-gate.service");
 const CONFIG: &str = include_str!("../deploy/icp-gate.toml");
@@ -372,9 +370,7 @@ async fn runs_as_the_unit_runs_it() {
     let (code, _, _) = http1(installed.http, "GET", "/", &filed, b"").await;
     assert_eq!(code, 403);
     let hello = std::fs::read(testdata("clienthello/chromium.bin")).unwrap();
-    let mut tls = TcpStream::connect(installed.tls).await.unwrap();
-    tls.write_all(&hello).await.unwrap();
-    let answer = read_for(&mut tls, Duration::from_secs(3)).await;
+    let answer = raw(installed.tls, &hello, Duration::from_secs(3)).await;
     assert_eq!(
         answer.as_bytes(),
         [0x15, 3, 3, 0, 2, 2, 49],
@@ -407,9 +403,7 @@ async fn runs_as_the_unit_runs_it() {
         (code, body.as_str()),
         (200, "origin saw www.filed-example.com.cn/a")
     );
-    let mut tls = TcpStream::connect(installed.tls).await.unwrap();
-    tls.write_all(&hello).await.unwrap();
-    let answer = read_for(&mut tls, Duration::from_secs(1)).await;
+    let answer = raw(installed.tls, &hello, Duration::from_secs(1)).await;
     assert_eq!(answer, "tls origin");
 
     // ExecReload: the check, then SIGHUP; the service keeps its ports and serves.
@@ -472,11 +466,8 @@ async fn alert_rules_use_metrics_the_binary_exports() {
     for host in ["filed.cn", "unfiled.cn"] {
         http1(listeners["http"], "GET", "/", &[("host", host)], b"").await;
     }
-    let mut tls = TcpStream::connect(listeners["tls"]).await.unwrap();
-    tls.write_all(&std::fs::read(testdata("clienthello/openssl.bin")).unwrap())
-        .await
-        .unwrap();
-    read_for(&mut tls, Duration::from_secs(2)).await;
+    let hello = std::fs::read(testdata("clienthello/openssl.bin")).unwrap();
+    raw(listeners["tls"], &hello, Duration::from_secs(2)).await;
     let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
     let entry = r#"{"domain":"new.cn","icp":"京ICP备1号-1","status":"filed","access_here":true}"#;
     let (code, _, _) = http1(

@@ -412,24 +412,23 @@ async fn websocket_style_upgrade_is_relayed() {
     let origin = Origin::start().await;
     let gate = Gate::start(&config(origin.addr, "")).await;
     let mut s = TcpStream::connect(gate.http).await.unwrap();
-    s.write_all(
+    let head = ask(
+        &mut s,
         b"GET /ws HTTP/1.1\r\nHost: filed.cn\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let head = read_until(&mut s, b"\r\n\r\n").await;
+    .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s.write_all(b"ping through the tunnel").await.unwrap();
-    let echoed = read_until(&mut s, b"tunnel").await;
+    let echoed = ask(&mut s, b"ping through the tunnel", b"tunnel").await;
     assert_eq!(echoed, "ping through the tunnel");
 
     let mut s = TcpStream::connect(gate.http).await.unwrap();
-    s.write_all(
+    let head = ask(
+        &mut s,
         b"GET /ws HTTP/1.1\r\nHost: unfiled.cn\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let head = read_until(&mut s, b"\r\n\r\n").await;
+    .await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
 }
 
@@ -487,18 +486,20 @@ async fn an_h2c_upgrade_cannot_carry_requests_past_the_decision() {
     // A filed host asks to switch to h2c; were it switched, what follows would be relayed to
     // the origin unread: here an HTTP/1.1 request for an unfiled host stands in for the HTTP/2
     // streams a real client would send.
-    s.write_all(
+    let answer = ask(
+        &mut s,
         b"GET / HTTP/1.1\r\nHost: filed.cn\r\nConnection: Upgrade, HTTP2-Settings\r\n\
           Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        b"plain",
     )
-    .await
-    .unwrap();
-    let answer = read_until(&mut s, b"plain").await;
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until(&mut s, b"\r\n\r\n").await;
+    let answer = ask(
+        &mut s,
+        b"GET / HTTP/1.1\r\nHost: unfiled.cn\r\n\r\n",
+        b"\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 
     let seen = String::from_utf8_lossy(&received.lock().unwrap()).to_ascii_lowercase();
@@ -513,17 +514,23 @@ async fn an_upgrade_offering_h2c_among_others_offers_only_the_others() {
     let origin = Origin::start().await;
     let gate = Gate::start(&config(origin.addr, "")).await;
     let mut s = TcpStream::connect(gate.http).await.unwrap();
-    s.write_all(
+    let head = ask(
+        &mut s,
         b"GET /ws HTTP/1.1\r\nHost: filed.cn\r\nConnection: Upgrade, HTTP2-Settings\r\n\
           Upgrade: h2c, echo\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        b"\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let head = read_until(&mut s, b"\r\n\r\n").await;
+    .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let seen = origin.last().headers;
     assert_eq!(seen["upgrade"], "echo");
     assert!(!seen.contains_key("http2-settings"), "{seen:?}");
+}
+
+/// Writes `request` on `s`, then reads until `end` has arrived.
+async fn ask(s: &mut TcpStream, request: &[u8], end: &[u8]) -> String {
+    s.write_all(request).await.unwrap();
+    read_until(s, end).await
 }
 
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> String {

@@ -24,6 +24,24 @@ pub fn write_config(dir: &Path, origin: SocketAddr, extra: &str) -> PathBuf {
     path
 }
 
+/// `icp-gate run --log-format json --config CONFIG ARGS…`, started through `wrapper` (a command
+/// that execs its arguments, such as `prlimit`, so the pid is icp-gate's) unless it is empty.
+pub fn run_command(wrapper: &[&str], config: &Path, args: &[&str]) -> Command {
+    let mut command = match wrapper {
+        [] => Command::new(BIN),
+        [program, rest @ ..] => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(BIN);
+            c
+        }
+    };
+    command
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(config)
+        .args(args);
+    command
+}
+
 /// The running binary, its JSON log lines arriving on a channel.
 pub struct Proc {
     child: Child,
@@ -38,12 +56,7 @@ impl Proc {
 
     /// Like [`Proc::start`], with more `run` arguments.
     pub fn start_with(config: &Path, args: &[&str]) -> Proc {
-        let mut command = Command::new(BIN);
-        command
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(config)
-            .args(args);
-        Proc::spawn(command)
+        Proc::spawn(run_command(&[], config, args))
     }
 
     /// Runs `command`, which must start icp-gate with `--log-format json` (itself, or through a
