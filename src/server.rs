@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -170,18 +171,18 @@ impl Listeners {
             data.push((l.clone(), bind_group(&l.name, l.bind, placement.sockets())?));
         }
         let admin = match &config.admin {
-            Some(a) => Some(bind("admin", a.bind, false)?),
+            Some(a) => Some(bind_here("admin", a.bind)?),
             None => None,
         };
         let mut demo_origin = Vec::new();
         if let Some(demo) = &config.demo_origin {
             if let Some(addr) = demo.http {
-                demo_origin.push((bind("demo_origin", addr, false)?, None));
+                demo_origin.push((bind_here("demo_origin", addr)?, None));
             }
             if let Some((addr, cert, key)) = &demo.tls {
                 let acceptor = tls_listener::acceptor(cert, key)
                     .map_err(|e| ServerError::Tls(format!("demo_origin: {e}")))?;
-                demo_origin.push((bind("demo_origin", *addr, false)?, Some(acceptor)));
+                demo_origin.push((bind_here("demo_origin", *addr)?, Some(acceptor)));
             }
         }
         Ok(Listeners {
@@ -193,43 +194,51 @@ impl Listeners {
     }
 }
 
-fn bind(name: &str, addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ServerError> {
+/// A listening socket on `addr`, not yet registered with any runtime: whichever runtime serves it
+/// registers it (`TcpListener::from_std`), so a worker's socket is registered once, by the worker.
+fn bind(name: &str, addr: SocketAddr, reuseport: bool) -> Result<StdListener, ServerError> {
     let err = |source| ServerError::Bind {
         name: name.to_string(),
         addr,
         source,
     };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
-    }
-    .map_err(err)?;
-    socket.set_reuseaddr(true).map_err(err)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    socket.set_reuse_address(true).map_err(err)?;
     if reuseport {
-        socket.set_reuseport(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
     }
-    socket.set_nodelay(true).map_err(err)?;
-    socket.bind(addr).map_err(err)?;
-    socket.listen(4096).map_err(err)
+    socket.set_tcp_nodelay(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(4096).map_err(err)?;
+    Ok(socket.into())
 }
 
-/// `n` listening sockets on `addr`, handed over unregistered so that each accept loop registers
-/// its own with the runtime it runs on. Several share the address through `SO_REUSEPORT`; for
-/// port 0 the first picks the port and the others join it. One socket does without the option,
-/// so no other process can join it.
-fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>, ServerError> {
-    let err = |addr, source| ServerError::Bind {
+/// [`bind`] for a socket served on the current runtime (admin, demo origin).
+fn bind_here(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::from_std(bind(name, addr, false)?).map_err(|source| ServerError::Bind {
         name: name.to_string(),
         addr,
         source,
-    };
+    })
+}
+
+/// `n` listening sockets on `addr`, for accept loops that each register their own with the
+/// runtime they run on. Several share the address through `SO_REUSEPORT`; for port 0 the first
+/// picks the port and the others join it. One socket does without the option, so no other
+/// process can join it.
+fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>, ServerError> {
     let reuseport = n > 1;
     let first = bind(name, addr, reuseport)?;
-    let addr = first.local_addr().map_err(|e| err(addr, e))?;
-    let mut group = vec![first.into_std().map_err(|e| err(addr, e))?];
+    let addr = first.local_addr().map_err(|source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    })?;
+    let mut group = vec![first];
     for _ in 1..n {
-        let l = bind(name, addr, reuseport)?;
-        group.push(l.into_std().map_err(|e| err(addr, e))?);
+        group.push(bind(name, addr, reuseport)?);
     }
     Ok(group)
 }
@@ -762,7 +771,7 @@ mod tests {
     /// `connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
-        let listener = bind("test", "127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let listener = bind_here("test", "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
