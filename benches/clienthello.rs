@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use icp_gate::clienthello::{Parse, parse};
+use icp_gate::wire::clienthello::{Parse, parse};
 
 const TESTDATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/clienthello");
 

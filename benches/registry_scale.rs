@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use icp_gate::decision::{HostInput, Policy, decide};
+use icp_gate::core::decision::{HostInput, Policy, decide};
 use icp_gate::registry::{Entry, Op, Registry, SnapshotBuilder, Status, write_snapshot};
 
 const BIN: &str = env!("CARGO_BIN_EXE_icp-gate");
@@ -319,7 +319,7 @@ fn policy() -> Policy {
         tls_origin: None,
     };
     Policy::new(
-        icp_gate::routes::RouteTable::new(vec![route]),
+        icp_gate::core::routes::RouteTable::new(vec![route]),
         &icp_gate::config::PolicyConfig {
             mode: icp_gate::config::Mode::Enforce,
             ip_literal: icp_gate::config::Action::Allow,

@@ -6,13 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use icp_gate::config::Config;
-use icp_gate::decision::{HostInput, Policy, decide};
-use icp_gate::host::{self, Host};
-use icp_gate::logging::{self, LogFormat};
+use icp_gate::core::decision::{HostInput, Policy, decide};
+use icp_gate::core::host::{self, Host};
+use icp_gate::core::routes::RouteTable;
+use icp_gate::observe::logging::{self, LogFormat};
 use icp_gate::registry;
-use icp_gate::routes::RouteTable;
-use icp_gate::server::{Listeners, Runtime, ServerHandle};
-use icp_gate::workers::Workers;
+use icp_gate::runtime::server::{Listeners, Runtime, ServerHandle};
+use icp_gate::runtime::workers::Workers;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -115,7 +115,7 @@ fn run(path: &Path, format: LogFormat, threads: Option<u16>, shape: Shape) -> Re
     };
     let rt = rt.enable_all().build()?;
     let result = rt.block_on(async {
-        tokio::spawn(icp_gate::io::metronome());
+        tokio::spawn(icp_gate::proxy::io::metronome());
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

@@ -3,7 +3,7 @@
 
 use std::sync::LazyLock;
 
-use icp_gate::clienthello::{ClientHelloParser, Parse, parse};
+use icp_gate::wire::clienthello::{ClientHelloParser, Parse, parse};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;

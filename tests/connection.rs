@@ -112,7 +112,7 @@ async fn proxy_aware_origin() -> (SocketAddr, Arc<Mutex<Vec<(SocketAddr, SocketA
                     break h.len();
                 };
                 let rest = bytes::Bytes::copy_from_slice(&buf[len..]);
-                let io = icp_gate::io::Prefixed::new(rest, stream);
+                let io = icp_gate::proxy::io::Prefixed::new(rest, stream);
                 let svc = service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(http::Response::new(
                         http_body_util::Full::new(bytes::Bytes::from("proxied origin")),

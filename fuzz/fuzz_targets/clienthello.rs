@@ -3,7 +3,7 @@
 
 #![no_main]
 
-use icp_gate::clienthello::{ClientHelloParser, Parse, parse};
+use icp_gate::wire::clienthello::{ClientHelloParser, Parse, parse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -11,13 +11,13 @@ use bytes::{BufMut, Bytes};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use http::{Response, StatusCode};
 
-use crate::clock;
 use crate::config::BlockPageConfig;
-use crate::decision::Reason;
-use crate::metrics::UpstreamError;
+use crate::core::decision::Reason;
+use crate::observe::clock;
+use crate::observe::metrics::UpstreamError;
 
 /// The page used when `block_page.template` is not set.
-const BUILT_IN_TEMPLATE: &str = include_str!("../config/block.html");
+const BUILT_IN_TEMPLATE: &str = include_str!("../../config/block.html");
 
 /// Header carrying the reason code on every answer icp-gate makes itself.
 pub const REASON_HEADER: HeaderName = HeaderName::from_static("icp-gate-reason");

@@ -17,9 +17,9 @@ use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::config::{Limits, Origin, ProxyProtocolVersion};
-use crate::http1;
-use crate::metrics::UpstreamError;
-use crate::proxy_protocol;
+use crate::observe::metrics::UpstreamError;
+use crate::wire::http1;
+use crate::wire::proxy_protocol;
 
 pub use pool::{OriginBody, OriginClient};
 pub use raw::{ExchangeError, Outgoing, RawOrigins, Relayed};

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::io::{Activity, Watched, watchdog};
+use crate::proxy::io::{Activity, Watched, watchdog};
 
 #[cfg(target_os = "linux")]
 mod splice;

@@ -31,13 +31,13 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::AdminConfig;
-use crate::decision::{HostInput, decide};
-use crate::host::{self, Host};
+use crate::core::decision::{HostInput, decide};
+use crate::core::host::{self, Host};
 use crate::registry::{
     Applied, Entry, EntryError, Op, RawEntry, SnapshotBuilder, WriteError, WriteKind,
     normalize_domain,
 };
-use crate::server::Shared;
+use crate::runtime::server::Shared;
 
 /// Largest body of a single-entry PUT.
 const MAX_ENTRY_BODY: usize = 64 * 1024;

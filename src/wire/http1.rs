@@ -11,8 +11,9 @@
 
 use httparse::{Header, Status};
 
-use crate::block_page::Answer;
-use crate::{clock, forward};
+use crate::observe::clock;
+use crate::proxy::block_page::Answer;
+use crate::proxy::forward;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
@@ -548,9 +549,9 @@ mod tests {
 
     #[test]
     fn own_answer_head_is_written_like_hyper_writes_it() {
-        let answer = crate::block_page::error_answer(
+        let answer = crate::proxy::block_page::error_answer(
             StatusCode::BAD_REQUEST,
-            Some(crate::decision::Reason::InvalidHost),
+            Some(crate::core::decision::Reason::InvalidHost),
             "id1",
         );
         let mut out = Vec::new();

@@ -41,7 +41,7 @@ pub struct Workers {
 
 impl Workers {
     /// Starts `n` threads, each running a current-thread runtime (with the metronome, see
-    /// [`crate::io::metronome`]) until [`Workers::stop`].
+    /// [`crate::proxy::io::metronome`]) until [`Workers::stop`].
     pub fn start(n: usize) -> io::Result<Workers> {
         let mut handles = Vec::with_capacity(n);
         let mut stops = Vec::with_capacity(n);
@@ -56,7 +56,7 @@ impl Workers {
                 .spawn(move || {
                     INDEX.with(|c| c.set(i));
                     rt.block_on(async {
-                        tokio::spawn(crate::io::metronome());
+                        tokio::spawn(crate::proxy::io::metronome());
                         let _ = stopped.await;
                     });
                 })?;

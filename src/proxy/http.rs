@@ -25,16 +25,16 @@ use tracing::debug;
 
 mod fast;
 
-use crate::block_page::{BlockContext, error_response, upstream_error_answer};
 use crate::config::Limits;
-use crate::decision::{Decision, HostInput, Reason, decide};
-use crate::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
-use crate::host::{self, Host};
-use crate::http1;
-use crate::io::{Activity, Prefixed, SendLast, Watched, watchdog};
-use crate::logging::{Access, RequestId};
-use crate::relay;
-use crate::server::{Endpoints, ListenerSpec, Shared};
+use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::host::{self, Host};
+use crate::observe::logging::{Access, RequestId};
+use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer};
+use crate::proxy::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
+use crate::proxy::io::{Activity, Prefixed, SendLast, Watched, watchdog};
+use crate::proxy::relay;
+use crate::runtime::server::{Endpoints, ListenerSpec, Shared};
+use crate::wire::http1;
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
 pub type Body = Either<Full<Bytes>, OriginBody>;

@@ -14,7 +14,7 @@ use http::uri::Authority;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use crate::host::{self, Host};
+use crate::core::host::{self, Host};
 
 /// A configuration error. The message always starts with the file, then the key.
 #[derive(Debug, thiserror::Error)]

@@ -2,7 +2,7 @@
 //! (SPEC §3 TLS, §4).
 //!
 //! The ClientHello is read into a bounded buffer (reassembled across TCP segments and TLS records
-//! by [`crate::clienthello`]), decided, and then either passed through — the buffered bytes first,
+//! by [`crate::wire::clienthello`]), decided, and then either passed through — the buffered bytes first,
 //! exactly as received, then a byte relay — or refused: a block page over TLS with the block
 //! certificate, a fatal `access_denied` alert, or a TCP reset.
 
@@ -23,18 +23,18 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::block_page::BlockContext;
-use crate::clienthello::{ClientHelloParser, Parse};
 use crate::config::{Config, TlsBlock};
-use crate::decision::{Decision, HostInput, Reason, decide};
-use crate::forward;
-use crate::host::{self, Host};
-use crate::http_listener::wants_json;
-use crate::io::{Prefixed, write_all_last};
-use crate::logging::{Access, RequestId};
-use crate::proxy_protocol;
-use crate::relay;
-use crate::server::{Endpoints, ListenerSpec, Shared};
+use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::host::{self, Host};
+use crate::observe::logging::{Access, RequestId};
+use crate::proxy::block_page::BlockContext;
+use crate::proxy::forward;
+use crate::proxy::http::wants_json;
+use crate::proxy::io::{Prefixed, write_all_last};
+use crate::proxy::relay;
+use crate::runtime::server::{Endpoints, ListenerSpec, Shared};
+use crate::wire::clienthello::{ClientHelloParser, Parse};
+use crate::wire::proxy_protocol;
 
 /// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
 const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
@@ -175,9 +175,9 @@ pub async fn serve(
                     Ok(s) => s,
                     Err(e) => {
                         let kind = if e.kind() == std::io::ErrorKind::TimedOut {
-                            crate::metrics::UpstreamError::Timeout
+                            crate::observe::metrics::UpstreamError::Timeout
                         } else {
-                            crate::metrics::UpstreamError::Connect
+                            crate::observe::metrics::UpstreamError::Connect
                         };
                         spec.metrics.upstream_error(kind);
                         debug!(%origin, error = %e, "tls origin unreachable");
@@ -193,7 +193,7 @@ pub async fn serve(
             // The client's bytes exactly as received, the buffered ClientHello first.
             if upstream.write_all(&buf).await.is_err() {
                 spec.metrics
-                    .upstream_error(crate::metrics::UpstreamError::Reset);
+                    .upstream_error(crate::observe::metrics::UpstreamError::Reset);
                 return;
             }
             spec.metrics.relayed[0].inc_by(buf.len() as u64);

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::decision::{HostInput, Policy, decide};
-use crate::host;
+use crate::core::decision::{HostInput, Policy, decide};
+use crate::core::host;
 use crate::registry::Snapshot;
 
 #[derive(Clone)]
@@ -45,7 +45,7 @@ pub struct TunnelGuard {
 
 impl LiveTunnels {
     /// Registers a tunnel to `host` (normalised) at `dst`; `registrable` is the host's
-    /// registrable domain (the decision's [`Verdict::registrable`](crate::decision::Verdict),
+    /// registrable domain (the decision's [`Verdict::registrable`](crate::core::decision::Verdict),
     /// so the suffix list is not walked twice). `stop` is cancelled if a later registry update
     /// blocks the host.
     pub fn register(

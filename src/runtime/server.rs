@@ -18,18 +18,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::block_page::{BlockPage, BlockPageError};
+use crate::admin;
 use crate::config::{Config, ListenerConfig, ListenerKind, RegistryConfig};
-use crate::decision::{Decision, Policy, Reason};
-use crate::forward::{self, OriginClient, RawOrigins, origin_client};
-use crate::io::Prefixed;
-use crate::logging::{Access, RequestId};
-use crate::metrics::{ListenerMetrics, Metrics};
+use crate::core::decision::{Decision, Policy, Reason};
+use crate::core::routes::RouteTable;
+use crate::observe::logging::{Access, RequestId};
+use crate::observe::metrics::{ListenerMetrics, Metrics};
+use crate::proxy::block_page::{BlockPage, BlockPageError};
+use crate::proxy::forward::{self, OriginClient, RawOrigins, origin_client};
+use crate::proxy::io::Prefixed;
+use crate::proxy::tunnels::LiveTunnels;
+use crate::proxy::{http as http_listener, tls as tls_listener};
 use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
-use crate::routes::RouteTable;
-use crate::tunnels::LiveTunnels;
-use crate::workers::Workers;
-use crate::{admin, demo_origin, http_listener, proxy_protocol, tls_listener};
+use crate::runtime::demo_origin;
+use crate::runtime::workers::Workers;
+use crate::wire::proxy_protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -330,7 +333,7 @@ impl ServerHandle {
         });
         let writer = RegistryWriter::start(store, snapshot, shared.registry.clone(), on_publish);
         let _ = shared.writer.set(writer);
-        crate::host::warm_up();
+        crate::core::host::warm_up();
 
         let placement = listeners.placement;
         let mut loops = HashMap::new();

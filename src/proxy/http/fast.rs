@@ -12,16 +12,16 @@ use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::{ConnCtx, log};
-use crate::block_page::{BlockContext, upstream_error_answer};
 use crate::config::Limits;
-use crate::decision::{Decision, HostInput, Reason, decide};
-use crate::forward::{self, ExchangeError, Outgoing};
-use crate::host::{self, Host};
-use crate::http1::{self, MAX_HEADERS, RequestHead};
-use crate::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
-use crate::logging::RequestId;
-use crate::metrics::UpstreamError;
-use crate::server::Runtime;
+use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::host::{self, Host};
+use crate::observe::logging::RequestId;
+use crate::observe::metrics::UpstreamError;
+use crate::proxy::block_page::{BlockContext, upstream_error_answer};
+use crate::proxy::forward::{self, ExchangeError, Outgoing};
+use crate::proxy::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
+use crate::runtime::server::Runtime;
+use crate::wire::http1::{self, MAX_HEADERS, RequestHead};
 
 /// First read buffer of a connection; it grows up to `limits.max_header_bytes` for a long head.
 const INITIAL_BUFFER: usize = 4096;

@@ -1,4 +1,4 @@
-//! Forwarding for the HTTP listener's fast path ([`crate::http1`]): the request head is written
+//! Forwarding for the HTTP listener's fast path ([`crate::wire::http1`]): the request head is written
 //! to a plain pooled TCP connection and the response is relayed to the client as it arrives,
 //! its body bytes unchanged, with the framing checked so the connection is reused only when the
 //! response ended exactly where its framing said.
@@ -15,9 +15,9 @@ use tracing::debug;
 
 use super::connect;
 use super::pool::{Parked, Pool};
-use crate::http1::{self, BadResponse, ChunkedEnd, Framing, ResponseHead};
-use crate::io::write_all_two;
-use crate::metrics::UpstreamError;
+use crate::observe::metrics::UpstreamError;
+use crate::proxy::io::write_all_two;
+use crate::wire::http1::{self, BadResponse, ChunkedEnd, Framing, ResponseHead};
 
 /// Longest origin response head accepted.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;

@@ -26,7 +26,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
 use super::{End, Relayed};
-use crate::io::{Activity, watchdog};
+use crate::proxy::io::{Activity, watchdog};
 
 /// The copy buffer, per direction (tokio's `copy_bidirectional` uses the same); a read that fills
 /// it switches the direction to splice.

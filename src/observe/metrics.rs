@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::decision::{Decision, Reason};
+use crate::core::decision::{Decision, Reason};
 
 /// Request latency buckets, from a cached block page (~10 µs) to a slow origin.
 const DURATION_BUCKETS: &[f64] = &[
@@ -198,7 +198,7 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         // The log thread counts its drops; the counter catches up at each scrape, by the part
         // no concurrent scrape has added yet.
-        let dropped = crate::logging::dropped_lines();
+        let dropped = crate::observe::logging::dropped_lines();
         let seen = self.log_dropped_seen.fetch_max(dropped, Ordering::Relaxed);
         if dropped > seen {
             self.log_dropped.inc_by(dropped - seen);

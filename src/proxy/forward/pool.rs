@@ -24,8 +24,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::{ForwardError, client_body_failed, connect};
-use crate::metrics::UpstreamError;
-use crate::workers;
+use crate::observe::metrics::UpstreamError;
+use crate::runtime::workers;
 
 type Sender = SendRequest<Incoming>;
 
@@ -58,7 +58,7 @@ impl<C> Clone for Pool<C> {
 type IdleMap<C> = HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>;
 
 struct PoolInner<C> {
-    /// One map per worker thread ([`crate::workers`]): a connection is only reused on the thread
+    /// One map per worker thread ([`crate::runtime::workers`]): a connection is only reused on the thread
     /// whose runtime drives its socket, so a reused connection never wakes another thread.
     idle: Box<[Mutex<IdleMap<C>>]>,
     idle_timeout: Duration,
@@ -341,7 +341,7 @@ pub(super) mod tests {
     /// with that worker's runtime.
     #[test]
     fn each_worker_reuses_its_own_connections() {
-        use crate::workers::{Workers, run_on};
+        use crate::runtime::workers::{Workers, run_on};
         let workers = Workers::start(2).unwrap();
         let [w0, w1] = workers.handles() else {
             panic!("two workers")
@@ -378,7 +378,7 @@ pub(super) mod tests {
     }
 
     /// An origin on loopback that runs `serve` on each connection and counts the connections.
-    pub(in crate::forward) async fn counting_origin<F, Fut>(
+    pub(in crate::proxy::forward) async fn counting_origin<F, Fut>(
         serve: F,
     ) -> (Authority, Arc<AtomicUsize>)
     where
