@@ -14,9 +14,9 @@ use std::net::IpAddr;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use icp_gate::config::{Action, Mode, Origin, PolicyConfig, RouteConfig};
 use icp_gate::core::decision::{HostInput, Policy, decide};
-use icp_gate::core::host::{self, Host};
 use icp_gate::core::routes::RouteTable;
 use icp_gate::registry::{Entry, SnapshotBuilder, Status};
+use icp_gate::wire::host::{self, Host};
 
 const ROTATION: usize = 100_000;
 

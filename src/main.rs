@@ -7,12 +7,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use icp_gate::config::Config;
 use icp_gate::core::decision::{HostInput, Policy, decide};
-use icp_gate::core::host::{self, Host};
 use icp_gate::core::routes::RouteTable;
 use icp_gate::observe::logging::{self, LogFormat};
+use icp_gate::proxy::state::Generation;
 use icp_gate::registry;
-use icp_gate::runtime::server::{Listeners, Runtime, ServerHandle};
+use icp_gate::runtime::server::{Listeners, ServerHandle};
 use icp_gate::runtime::workers::Workers;
+use icp_gate::wire::host::{self, Host};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -154,7 +155,7 @@ fn run(path: &Path, format: LogFormat, threads: Option<u16>, shape: Shape) -> Re
 
 fn check(path: &Path) -> Result<(), Error> {
     let config = Config::load(path)?;
-    Runtime::new(config.clone())?;
+    Generation::new(config.clone())?;
     let snapshot = registry::inspect(&config.registry)?;
     println!(
         "{}: ok (listeners: {}, routes: {}, registry: revision {}, {} entries)",

@@ -7,7 +7,7 @@
 
 mod common;
 
-use icp_gate::core::host::{normalize_name, registrable_domain, registrable_domain_full_list};
+use icp_gate::wire::host::{normalize_name, registrable_domain, registrable_domain_full_list};
 
 /// `(input, registrable domain on the ICANN section only)` for the cases whose answer differs
 /// from the full list's: `uk.com` is a private-section suffix (CentralNic), so under ICANN rules

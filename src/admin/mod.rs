@@ -19,9 +19,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -30,14 +27,14 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::AdminConfig;
+use crate::config::{AdminConfig, tls};
 use crate::core::decision::{HostInput, decide};
-use crate::core::host::{self, Host};
+use crate::proxy::state::Shared;
 use crate::registry::{
     Applied, Entry, EntryError, Op, RawEntry, SnapshotBuilder, WriteError, WriteKind,
     normalize_domain,
 };
-use crate::runtime::server::Shared;
+use crate::wire::host::{self, Host};
 
 /// Largest body of a single-entry PUT.
 const MAX_ENTRY_BODY: usize = 64 * 1024;
@@ -102,35 +99,7 @@ fn admin_acceptor(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<TlsAcceptor, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in
-                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
-                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let config = tls::server_config(cert, key, client_ca, &[])?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -438,7 +407,7 @@ fn decision(query: &Query, shared: &Shared) -> Answer {
         Err(_) if raw_host.is_empty() => HostInput::Missing { required: false },
         Err(_) => HostInput::Invalid,
     };
-    let runtime = shared.runtime.load();
+    let runtime = shared.generation.load();
     let snapshot = shared.registry.load();
     let v = decide(dst, input, &snapshot, &runtime.policy);
     json_answer(

@@ -4,6 +4,8 @@
 //! rejects what types cannot express (overlapping binds, duplicate prefixes, a route without the
 //! origin a listener needs). Every error names the file and the key, the way `nginx -t` does.
 
+pub mod tls;
+
 use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
@@ -14,7 +16,8 @@ use http::uri::Authority;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
-use crate::core::host::{self, Host};
+use crate::wire::host::{self, Host};
+pub use crate::wire::proxy_protocol::ProxyProtocolVersion;
 
 /// A configuration error. The message always starts with the file, then the key.
 #[derive(Debug, thiserror::Error)]
@@ -75,14 +78,6 @@ pub enum TlsBlock {
     Alert,
     /// A TCP reset (SO_LINGER 0).
     Reset,
-}
-
-/// PROXY protocol version prepended toward origins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocolVersion {
-    V1,
-    V2,
 }
 
 /// A validated configuration. Paths are absolute or relative to the working directory (they were

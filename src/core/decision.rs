@@ -1,7 +1,7 @@
 //! The enforcement decision (SPEC §2): one pure function, no I/O.
 //!
 //! Listeners extract the destination address and the host, normalise the host
-//! ([`crate::core::host`]), call [`decide`] and act on the [`Verdict`]. `icp-gate explain` and the admin
+//! ([`crate::wire::host`]), call [`decide`] and act on the [`Verdict`]. `icp-gate explain` and the admin
 //! API's `/v1/decision` call the same function, so what they print is what the data path does.
 //!
 //! The rules, in order:
@@ -25,9 +25,9 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use crate::config::{Action, Mode, PolicyConfig};
-use crate::core::host;
 use crate::core::routes::{Route, RouteTable};
 use crate::registry::{EntryRef, Snapshot, Status};
+use crate::wire::host;
 
 /// What happens to the request or connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,5 +1,4 @@
-//! What SREs see: Prometheus metrics, the access and event logs, and the clock they stamp.
+//! What SREs see: Prometheus metrics, the access and event logs.
 
-pub mod clock;
 pub mod logging;
 pub mod metrics;

@@ -13,8 +13,8 @@ use http::{Response, StatusCode};
 
 use crate::config::BlockPageConfig;
 use crate::core::decision::Reason;
-use crate::observe::clock;
 use crate::observe::metrics::UpstreamError;
+use crate::wire::{clock, http1};
 
 /// The page used when `block_page.template` is not set.
 const BUILT_IN_TEMPLATE: &str = include_str!("../../config/block.html");
@@ -365,6 +365,19 @@ impl<'c, B> Answer<'c, B> {
     }
 }
 
+impl<B: AsRef<[u8]>> Answer<'_, B> {
+    /// Writes the head for the HTTP/1.1 fast path, as hyper would write [`Answer::into_response`].
+    pub fn write_head(&self, out: &mut Vec<u8>, close: bool) {
+        http1::write_answer_head(
+            out,
+            self.status,
+            self.headers(),
+            self.body.as_ref().len(),
+            close,
+        );
+    }
+}
+
 impl Answer<'_> {
     pub fn into_response(self) -> Response<Bytes> {
         let mut headers = HeaderMap::with_capacity(5);
@@ -595,5 +608,21 @@ mod tests {
         );
         assert_eq!(resp.headers()[&REASON_HEADER], "not_accessed");
         assert_eq!(resp.headers()[CACHE_CONTROL], "no-store");
+    }
+
+    #[test]
+    fn own_answer_head_is_written_like_hyper_writes_it() {
+        let answer = error_answer(StatusCode::BAD_REQUEST, Some(Reason::InvalidHost), "id1");
+        let mut out = Vec::new();
+        answer.write_head(&mut out, true);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\nicp-gate-reason: invalid_host\r\nx-request-id: id1\r\nconnection: close\r\ncontent-length: 16\r\ndate: "
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+        assert_eq!(&answer.body[..], b"400 Bad Request\n");
     }
 }

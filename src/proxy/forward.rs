@@ -206,33 +206,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
         .flat_map(|v| http1::tokens(v.as_bytes()))
 }
 
-/// Headers that describe one hop (RFC 9110 §7.6.1), never forwarded. With `keep_upgrade` the
-/// `Upgrade` handshake headers stay so the origin can switch protocols.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// A hop-by-hop header by name (any case): one of [`HOP_BY_HOP`] or `Upgrade`. The HTTP fast
-/// path applies the same list to the raw headers it reads.
-pub(crate) fn is_hop_by_hop(name: &str) -> bool {
-    name.eq_ignore_ascii_case(header::UPGRADE.as_str())
-        || HOP_BY_HOP
-            .iter()
-            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
-}
-
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none: one pass over the names instead of nine hash lookups.
     let any = headers
         .keys()
-        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name));
+        .any(|name| *name == header::UPGRADE || http1::HOP_BY_HOP.contains(name));
     if !any && !keep_upgrade {
         return;
     }
@@ -242,7 +220,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         let listed: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
                 !t.eq_ignore_ascii_case(b"close")
-                    && std::str::from_utf8(t).is_ok_and(|t| !is_hop_by_hop(t))
+                    && std::str::from_utf8(t).is_ok_and(|t| !http1::is_hop_by_hop(t))
             })
             .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
@@ -250,7 +228,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in &http1::HOP_BY_HOP {
         headers.remove(name);
     }
     if keep_upgrade {

@@ -27,13 +27,13 @@ mod fast;
 
 use crate::config::Limits;
 use crate::core::decision::{Decision, HostInput, Reason, decide};
-use crate::core::host::{self, Host};
 use crate::observe::logging::{Access, RequestId};
 use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer};
 use crate::proxy::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
 use crate::proxy::io::{Activity, Prefixed, SendLast, Watched, watchdog};
 use crate::proxy::relay;
-use crate::runtime::server::{Endpoints, ListenerSpec, Shared};
+use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
+use crate::wire::host::{self, Host};
 use crate::wire::http1;
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
@@ -76,7 +76,7 @@ pub async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: A
 where
     S: AsyncRead + AsyncWrite + SendLast + Unpin + Send + 'static,
 {
-    let limits = shared.runtime.load().config.limits.clone();
+    let limits = shared.generation.load().config.limits.clone();
     let activity = Arc::new(Activity::default());
     let drain = shared.drain.clone();
     let ctx = Arc::new(ConnCtx {
@@ -124,7 +124,7 @@ where
     let Some(rest) = rest else { return };
 
     // A copy, so a long-lived connection does not pin the config it started under.
-    let http = ctx.shared.runtime.load().http.clone();
+    let http = ctx.shared.generation.load().http.clone();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { handle(req, &ctx).await }
@@ -163,7 +163,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
     let started = Instant::now();
     let _in_flight = ctx.activity.request();
     let id = RequestId::next();
-    let runtime = ctx.shared.runtime.load_full();
+    let runtime = ctx.shared.generation.load_full();
     let json = wants_json(&req);
 
     let target = target(&req);

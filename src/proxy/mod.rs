@@ -5,6 +5,8 @@ pub mod block_page;
 pub mod forward;
 pub mod http;
 pub mod io;
+pub mod preamble;
 pub mod relay;
+pub mod state;
 pub mod tls;
 pub mod tunnels;

@@ -15,9 +15,6 @@ use http_body_util::{Either, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -25,15 +22,15 @@ use tracing::debug;
 
 use crate::config::{Config, TlsBlock};
 use crate::core::decision::{Decision, HostInput, Reason, decide};
-use crate::core::host::{self, Host};
 use crate::observe::logging::{Access, RequestId};
 use crate::proxy::block_page::BlockContext;
 use crate::proxy::forward;
 use crate::proxy::http::wants_json;
 use crate::proxy::io::{Prefixed, write_all_last};
 use crate::proxy::relay;
-use crate::runtime::server::{Endpoints, ListenerSpec, Shared};
+use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::wire::clienthello::{ClientHelloParser, Parse};
+use crate::wire::host::{self, Host};
 use crate::wire::proxy_protocol;
 
 /// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
@@ -60,23 +57,9 @@ impl TlsRuntime {
 }
 
 /// A TLS acceptor for a PEM certificate chain and key, offering h2 and http/1.1.
-pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let mut server =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| e.to_string())?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let config = crate::config::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Buffer growth per ClientHello read.
@@ -99,7 +82,7 @@ pub async fn serve(
     shared: Arc<Shared>,
 ) {
     let started = Instant::now();
-    let runtime = shared.runtime.load_full();
+    let runtime = shared.generation.load_full();
     let tls = &runtime.config.tls;
     let (prefix, mut tcp) = stream.into_parts();
     let mut buf = BytesMut::with_capacity(HELLO_READ.max(prefix.len()));
@@ -281,7 +264,13 @@ struct BlockPageJob {
 /// Completes the handshake with the block certificate and answers every request on the
 /// connection with the block page for the SNI's reason.
 async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<TcpStream>, job: BlockPageJob) {
-    let handshake_timeout = job.shared.runtime.load().config.limits.header_read_timeout;
+    let handshake_timeout = job
+        .shared
+        .generation
+        .load()
+        .config
+        .limits
+        .header_read_timeout;
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -301,7 +290,7 @@ async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<TcpStream>, job: B
                 reason: job.reason,
                 request_id: id.as_str(),
             };
-            let resp = job.shared.runtime.load().block_page.response(&ctx, json);
+            let resp = job.shared.generation.load().block_page.response(&ctx, json);
             Ok::<_, std::convert::Infallible>(
                 resp.map(|b| Either::<_, hyper::body::Incoming>::Left(Full::new(b))),
             )

@@ -15,8 +15,8 @@ use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::decision::{HostInput, Policy, decide};
-use crate::core::host;
 use crate::registry::Snapshot;
+use crate::wire::host;
 
 #[derive(Clone)]
 struct Tunnel {

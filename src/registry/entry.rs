@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::host::{self, Host};
+use crate::wire::host::{self, Host};
 
 /// Longest filing number kept (`京ICP备12345678号-1` is 24 bytes); a bound keeps entries packable.
 pub const MAX_ICP_BYTES: usize = 255;

@@ -3,36 +3,24 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::admin;
-use crate::config::{Config, ListenerConfig, ListenerKind, RegistryConfig};
-use crate::core::decision::{Decision, Policy, Reason};
-use crate::core::routes::RouteTable;
-use crate::observe::logging::{Access, RequestId};
-use crate::observe::metrics::{ListenerMetrics, Metrics};
-use crate::proxy::block_page::{BlockPage, BlockPageError};
-use crate::proxy::forward::{self, OriginClient, RawOrigins, origin_client};
-use crate::proxy::io::Prefixed;
-use crate::proxy::tunnels::LiveTunnels;
-use crate::proxy::{http as http_listener, tls as tls_listener};
-use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
+use crate::config::{Config, ListenerConfig, RegistryConfig};
+use crate::observe::metrics::Metrics;
+use crate::proxy::preamble;
+use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
+use crate::registry::{self, OnPublish, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::runtime::demo_origin;
 use crate::runtime::workers::Workers;
-use crate::wire::proxy_protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -43,88 +31,15 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    BlockPage(#[from] BlockPageError),
+    Generation(#[from] GenerationError),
+    #[error("tls: {0}")]
+    DemoOrigin(String),
     #[error(transparent)]
     Registry(#[from] registry::FileError),
-    #[error("tls: {0}")]
-    Tls(String),
     #[error(transparent)]
     Store(#[from] registry::StoreError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
-}
-
-/// Everything derived from one config that the data path reads. Swapped as a whole on reload,
-/// so a request never sees half of an old config and half of a new one.
-pub struct Runtime {
-    pub config: Config,
-    pub policy: Policy,
-    pub block_page: BlockPage,
-    /// The shared keep-alive pool toward origins (hyper path).
-    pub origins: OriginClient,
-    /// The same for the HTTP fast path.
-    pub raw_origins: RawOrigins,
-    pub http: auto::Builder<TokioExecutor>,
-    pub tls: tls_listener::TlsRuntime,
-}
-
-impl Runtime {
-    pub fn new(config: Config) -> Result<Runtime, ServerError> {
-        let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
-        let block_page = BlockPage::load(&config.block_page)?;
-        let origins = origin_client(&config.limits, None);
-        let raw_origins = forward::raw_origins(&config.limits);
-        let http = http_listener::builder(&config.limits);
-        let tls = tls_listener::TlsRuntime::new(&config).map_err(ServerError::Tls)?;
-        Ok(Runtime {
-            config,
-            policy,
-            block_page,
-            origins,
-            raw_origins,
-            http,
-            tls,
-        })
-    }
-}
-
-/// State shared by every task of the process.
-pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    /// Client connections open across all listeners (for `limits.max_connections`).
-    connections: AtomicUsize,
-    /// Cancelled when the process starts draining.
-    pub drain: CancellationToken,
-    /// Every connection task, so draining can wait for them.
-    pub tasks: TaskTracker,
-    ready: AtomicBool,
-    /// Registry writes go through here once the registry is loaded.
-    writer: OnceLock<RegistryWriter>,
-    /// Tunnels a registry entry allowed, closed when an update blocks their host.
-    pub tunnels: Arc<LiveTunnels>,
-}
-
-impl Shared {
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    pub fn writer(&self) -> Option<&RegistryWriter> {
-        self.writer.get()
-    }
-
-    /// Records a published snapshot in the registry gauges.
-    pub fn registry_published(&self, snapshot: &Snapshot) {
-        let m = &self.metrics;
-        m.registry_entries.set(snapshot.len() as i64);
-        m.registry_revision.set(snapshot.revision() as i64);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        m.registry_last_update.set(now.as_secs_f64());
-    }
 }
 
 /// Sockets bound for a config, before anything is served on them. Binding port 0 picks a free
@@ -183,8 +98,8 @@ impl Listeners {
                 demo_origin.push((bind_here("demo_origin", addr)?, None));
             }
             if let Some((addr, cert, key)) = &demo.tls {
-                let acceptor = tls_listener::acceptor(cert, key)
-                    .map_err(|e| ServerError::Tls(format!("demo_origin: {e}")))?;
+                let acceptor = crate::proxy::tls::acceptor(cert, key)
+                    .map_err(|e| ServerError::DemoOrigin(format!("demo_origin: {e}")))?;
                 demo_origin.push((bind_here("demo_origin", *addr)?, Some(acceptor)));
             }
         }
@@ -246,12 +161,6 @@ fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>
     Ok(group)
 }
 
-/// The listener config an accept loop serves with, replaceable on reload.
-pub struct ListenerSpec {
-    pub config: ListenerConfig,
-    pub metrics: Arc<ListenerMetrics>,
-}
-
 /// What makes a listener "the same" across a reload: its bind address; for port 0 (pick any)
 /// also its name, since several such listeners share the configured address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -286,21 +195,11 @@ impl ServerHandle {
     /// ever decided against a half-loaded registry.
     pub async fn start(config: Config, listeners: Listeners) -> Result<ServerHandle, ServerError> {
         let metrics = Metrics::new();
-        let runtime = Runtime::new(config)?;
-        fit_descriptor_limit(runtime.config.limits.max_connections);
-        let shared = Arc::new(Shared {
-            runtime: ArcSwap::from_pointee(runtime),
-            registry: Arc::new(Registry::new(Snapshot::empty())),
-            metrics,
-            connections: AtomicUsize::new(0),
-            drain: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            ready: AtomicBool::new(false),
-            writer: OnceLock::new(),
-            tunnels: Arc::default(),
-        });
+        let generation = Generation::new(config)?;
+        fit_descriptor_limit(generation.config.limits.max_connections);
+        let shared = Arc::new(Shared::new(generation, metrics));
 
-        let admin_addr = match (listeners.admin, &shared.runtime.load().config.admin) {
+        let admin_addr = match (listeners.admin, &shared.generation.load().config.admin) {
             (Some(l), Some(cfg)) => {
                 let auth = admin::AdminAuth::load(cfg)?;
                 let addr = l.local_addr().ok();
@@ -313,7 +212,7 @@ impl ServerHandle {
             tokio::spawn(demo_origin::serve(l, tls, shared.drain.clone()));
         }
 
-        let registry_config = shared.runtime.load().config.registry.clone();
+        let registry_config = shared.generation.load().config.registry.clone();
         let (store, snapshot) =
             tokio::task::spawn_blocking(move || open_registry(&registry_config))
                 .await
@@ -324,16 +223,17 @@ impl ServerHandle {
         let on_publish: OnPublish = Box::new(move |snapshot, changed| {
             let Some(shared) = weak.upgrade() else { return };
             shared.registry_published(snapshot);
-            let stopped = shared
-                .tunnels
-                .revoke(changed, snapshot, &shared.runtime.load().policy);
+            let stopped =
+                shared
+                    .tunnels
+                    .revoke(changed, snapshot, &shared.generation.load().policy);
             if stopped > 0 {
                 info!(stopped, "closed tunnels whose host an update blocked");
             }
         });
         let writer = RegistryWriter::start(store, snapshot, shared.registry.clone(), on_publish);
-        let _ = shared.writer.set(writer);
-        crate::core::host::warm_up();
+        shared.set_writer(writer);
+        crate::wire::host::warm_up();
 
         let placement = listeners.placement;
         let mut loops = HashMap::new();
@@ -343,7 +243,7 @@ impl ServerHandle {
                 spawn_accept_loop(&shared, cfg, sockets, &placement),
             );
         }
-        shared.ready.store(true, Ordering::Release);
+        shared.set_ready();
         Ok(ServerHandle {
             shared,
             loops: tokio::sync::Mutex::new(loops),
@@ -374,7 +274,7 @@ impl ServerHandle {
     /// bound; removed ones stop accepting while their connections finish. On any error nothing
     /// changes and the old config keeps serving.
     pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
-        let old = self.shared.runtime.load_full();
+        let old = self.shared.generation.load_full();
         for (what, changed) in [
             ("admin", old.config.admin != config.admin),
             ("registry", old.config.registry != config.registry),
@@ -384,18 +284,18 @@ impl ServerHandle {
                 warn!("reload: [{what}] changed; it takes effect at the next restart");
             }
         }
-        let runtime = Runtime::new(config)?;
-        fit_descriptor_limit(runtime.config.limits.max_connections);
+        let generation = Generation::new(config)?;
+        fit_descriptor_limit(generation.config.limits.max_connections);
         let mut loops = self.loops.lock().await;
         let mut bound = Vec::new();
-        for l in &runtime.config.listeners {
+        for l in &generation.config.listeners {
             if !loops.contains_key(&ListenerKey::of(l)) {
                 let sockets = bind_group(&l.name, l.bind, self.placement.sockets())?;
                 bound.push((l.clone(), sockets));
             }
         }
-        let new_config = runtime.config.clone();
-        self.shared.runtime.store(Arc::new(runtime));
+        let new_config = generation.config.clone();
+        self.shared.generation.store(Arc::new(generation));
         for l in &new_config.listeners {
             if let Some(existing) = loops.get(&ListenerKey::of(l)) {
                 let current = existing.spec.load();
@@ -430,7 +330,7 @@ impl ServerHandle {
     /// Stops accepting, lets in-flight requests finish for up to `limits.drain_timeout`, then
     /// returns (remaining connections are dropped with the process).
     pub async fn shutdown(&self) {
-        let deadline = self.shared.runtime.load().config.limits.drain_timeout;
+        let deadline = self.shared.generation.load().config.limits.drain_timeout;
         self.shared.drain.cancel();
         // Every listening socket is closed before "draining" is logged: from then on a new
         // connection is refused by the kernel.
@@ -439,14 +339,14 @@ impl ServerHandle {
             let _ = task.await;
         }
         self.shared.tasks.close();
-        let open = self.shared.connections.load(Ordering::Relaxed);
+        let open = self.shared.open_connections();
         info!(open_connections = open, ?deadline, "draining");
         if tokio::time::timeout(deadline, self.shared.tasks.wait())
             .await
             .is_err()
         {
             warn!(
-                open_connections = self.shared.connections.load(Ordering::Relaxed),
+                open_connections = self.shared.open_connections(),
                 "drain deadline reached; closing the rest"
             );
         }
@@ -564,8 +464,8 @@ async fn accept_loop(
             }
         };
         let spec = spec.load_full();
-        let limit = shared.runtime.load().config.limits.max_connections;
-        if shared.connections.load(Ordering::Relaxed) >= limit {
+        let limit = shared.generation.load().config.limits.max_connections;
+        if shared.open_connections() >= limit {
             spec.metrics.rejected.inc();
             debug!(listener = %spec.config.name, client = %peer, "connection limit reached");
             continue;
@@ -574,7 +474,7 @@ async fn accept_loop(
         let shared2 = shared.clone();
         shared.tasks.spawn(async move {
             let _guard = guard;
-            connection(stream, peer, bound, spec, shared2).await;
+            preamble::connection(stream, peer, bound, spec, shared2).await;
         });
     }
 }
@@ -657,121 +557,12 @@ fn fit_descriptor_limit(max_connections: usize) {
     }
 }
 
-/// Counts a connection as open for its lifetime.
-struct ConnectionGuard {
-    shared: Arc<Shared>,
-    metrics: Arc<ListenerMetrics>,
-}
-
-impl ConnectionGuard {
-    fn new(shared: &Arc<Shared>, metrics: &Arc<ListenerMetrics>) -> Self {
-        shared.connections.fetch_add(1, Ordering::Relaxed);
-        metrics.active.inc();
-        ConnectionGuard {
-            shared: shared.clone(),
-            metrics: metrics.clone(),
-        }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.active.dec();
-    }
-}
-
-/// Where a connection came from and where it was going, after any PROXY header.
-#[derive(Debug, Clone, Copy)]
-pub struct Endpoints {
-    pub client: SocketAddr,
-    pub dst: SocketAddr,
-}
-
-/// Serves one accepted connection. `local`: the listener's address when it is bound to one
-/// (else read from the socket). TCP_NODELAY comes from the listening socket: Linux copies it to
-/// every accepted socket (tested below).
-async fn connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    spec: Arc<ListenerSpec>,
-    shared: Arc<Shared>,
-) {
-    let local = match local.map_or_else(|| stream.local_addr(), Ok) {
-        Ok(a) => a,
-        Err(_) => return,
-    };
-    let runtime = shared.runtime.load_full();
-    let (ends, prefix) = if spec.config.proxy_protocol {
-        let timeout = runtime.config.limits.header_read_timeout;
-        match proxy_protocol::read_header(&mut stream, timeout).await {
-            Ok((addrs, rest)) => {
-                let ends = addrs.map_or(
-                    Endpoints {
-                        client: peer,
-                        dst: local,
-                    },
-                    |a| Endpoints {
-                        client: a.client,
-                        dst: a.dst,
-                    },
-                );
-                (ends, rest)
-            }
-            Err(e) => {
-                debug!(listener = %spec.config.name, client = %peer, error = %e, "closing: PROXY header");
-                return;
-            }
-        }
-    } else {
-        (
-            Endpoints {
-                client: peer,
-                dst: local,
-            },
-            Bytes::new(),
-        )
-    };
-
-    // Rule 1 at the door: a destination without a route gets nothing read and nothing forwarded.
-    if runtime.policy.routes.lookup(ends.dst.ip()).is_none() {
-        let tls = spec.config.kind == ListenerKind::Tls;
-        if tls {
-            spec.metrics
-                .tls_connection(Decision::Refuse, Reason::NoRoute);
-        } else {
-            spec.metrics.request(Decision::Refuse, Reason::NoRoute);
-        }
-        Access {
-            listener: &spec.config.name,
-            client: ends.client,
-            dst: ends.dst,
-            host: "",
-            decision: Decision::Refuse,
-            reason: Reason::NoRoute,
-            status: None,
-            request_id: RequestId::next().as_str(),
-            duration: Duration::ZERO,
-        }
-        .log();
-        return;
-    }
-    drop(runtime);
-
-    let stream = Prefixed::new(prefix, stream);
-    // Boxed: the connection task stays small, so spawning it copies little.
-    match spec.config.kind {
-        ListenerKind::Http => Box::pin(http_listener::serve(stream, ends, spec, shared)).await,
-        ListenerKind::Tls => Box::pin(tls_listener::serve(stream, ends, spec, shared)).await,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
-    /// `connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
+    /// `preamble::connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay() {
         let listener = bind_here("test", "127.0.0.1:0".parse().unwrap()).unwrap();

@@ -11,9 +11,9 @@
 
 use httparse::{Header, Status};
 
-use crate::observe::clock;
-use crate::proxy::block_page::Answer;
-use crate::proxy::forward;
+use http::{HeaderName, StatusCode, header};
+
+use crate::wire::clock;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
@@ -60,7 +60,7 @@ impl Simple<'_, '_> {
 }
 
 /// Request headers that make a request not simple besides the hop-by-hop ones
-/// ([`forward::is_hop_by_hop`]): a body, or an interim response to wait for.
+/// ([`is_hop_by_hop`]): a body, or an interim response to wait for.
 const NOT_SIMPLE: [&str; 2] = ["content-length", "expect"];
 
 /// Parses the request at the start of `buf`.
@@ -98,9 +98,7 @@ pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> Re
             }
         } else if name.eq_ignore_ascii_case("accept") {
             json |= names_json(h.value);
-        } else if forward::is_hop_by_hop(name)
-            || NOT_SIMPLE.iter().any(|n| name.eq_ignore_ascii_case(n))
-        {
+        } else if is_hop_by_hop(name) || NOT_SIMPLE.iter().any(|n| name.eq_ignore_ascii_case(n)) {
             return RequestHead::Other;
         }
     }
@@ -170,28 +168,51 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Writes the head of one of icp-gate's own answers (block page, 400, 502, 504) as hyper would:
 /// its headers, `connection: close` when the connection ends after it, `content-length` of its
 /// body and `date`. The body follows, unless the request was `HEAD`.
-pub fn write_answer_head<B: AsRef<[u8]>>(out: &mut Vec<u8>, answer: &Answer<'_, B>, close: bool) {
-    let status = answer.status;
+pub fn write_answer_head<'a>(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: impl Iterator<Item = (HeaderName, &'a [u8])>,
+    body_len: usize,
+    close: bool,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in answer.headers() {
+    for (name, value) in headers {
         push_header(out, name.as_str().as_bytes(), value);
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(
-        itoa::Buffer::new()
-            .format(answer.body.as_ref().len())
-            .as_bytes(),
-    );
+    out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
     out.extend_from_slice(&clock::http_date());
     out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Headers that describe one hop (RFC 9110 §7.6.1), never forwarded (`Upgrade` is handled apart:
+/// a WebSocket handshake keeps it).
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// A hop-by-hop header by name (any case): `Connection`, `Keep-Alive`, `Proxy-*`, `TE`,
+/// `Trailer`, `Transfer-Encoding` or `Upgrade`. Both HTTP paths drop the same list.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case(header::UPGRADE.as_str())
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// How an origin response's body is delimited (RFC 9112 §6.3).
@@ -326,7 +347,7 @@ pub fn parse_response(
         let name = h.name;
         // Transfer-Encoding stays: the body passes through in the framing it names.
         let te = name.eq_ignore_ascii_case("transfer-encoding");
-        let drop = (forward::is_hop_by_hop(name) && !te)
+        let drop = (is_hop_by_hop(name) && !te)
             || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
             || listed(name);
         if !drop {
@@ -462,7 +483,6 @@ impl ChunkedEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::StatusCode;
 
     fn simple(raw: &[u8]) -> Option<(usize, String, bool, bool)> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -545,26 +565,6 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /p HTTP/1.1\r\nHost: a.cn\r\nX-Forwarded-For: 203.0.113.1\r\nX-Kept: 1\r\nx-forwarded-for: 10.0.0.1\r\n\r\n"
         );
-    }
-
-    #[test]
-    fn own_answer_head_is_written_like_hyper_writes_it() {
-        let answer = crate::proxy::block_page::error_answer(
-            StatusCode::BAD_REQUEST,
-            Some(crate::core::decision::Reason::InvalidHost),
-            "id1",
-        );
-        let mut out = Vec::new();
-        write_answer_head(&mut out, &answer, true);
-        let text = String::from_utf8(out).unwrap();
-        assert!(
-            text.starts_with(
-                "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncache-control: no-store\r\nicp-gate-reason: invalid_host\r\nx-request-id: id1\r\nconnection: close\r\ncontent-length: 16\r\ndate: "
-            ),
-            "{text}"
-        );
-        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
-        assert_eq!(&answer.body[..], b"400 Bad Request\n");
     }
 
     fn fin(raw: &[u8], head: bool) -> Final {

@@ -6,17 +6,21 @@
 //! origin connection so the origin learns the client address without trusting HTTP headers.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use ppp::v2::{Builder, Command, Protocol, Version};
 use ppp::{HeaderResult, PartialResult, v1, v2};
-use tokio::io::{AsyncRead, AsyncReadExt};
-
-use crate::config::ProxyProtocolVersion;
+use serde::Deserialize;
 
 /// Largest header accepted: a v2 header with its 16-byte preamble and the maximum TLV payload.
-const MAX_HEADER: usize = 16 + 65535;
+pub const MAX_HEADER: usize = 16 + 65535;
+
+/// PROXY protocol version prepended toward origins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolVersion {
+    V1,
+    V2,
+}
 
 /// The addresses a PROXY header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,53 +29,43 @@ pub struct Addresses {
     pub dst: SocketAddr,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyHeaderError {
-    #[error("no PROXY header within {0:?}")]
-    Timeout(Duration),
-    #[error("connection closed before the PROXY header was complete")]
-    Eof,
-    #[error("bad PROXY header: {0}")]
+/// What the start of a connection holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    /// Not a complete header yet: read more.
+    Incomplete,
+    /// A header of `len` bytes naming these addresses (`None` for `LOCAL`/`UNKNOWN`, e.g. a load
+    /// balancer's health check: the socket's own addresses then apply).
+    Header {
+        len: usize,
+        addresses: Option<Addresses>,
+    },
+    /// Not a valid PROXY header, with why.
     Invalid(String),
-    #[error("reading the PROXY header: {0}")]
-    Io(#[from] std::io::Error),
 }
 
-/// Reads a PROXY v1 or v2 header from the start of `stream`. Returns the addresses it names
-/// (`None` for `LOCAL`/`UNKNOWN`, e.g. a load balancer's health check: the socket's own addresses
-/// then apply) and whatever bytes arrived after the header.
-pub async fn read_header<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    timeout: Duration,
-) -> Result<(Option<Addresses>, Bytes), ProxyHeaderError> {
-    tokio::time::timeout(timeout, read_header_inner(stream))
-        .await
-        .map_err(|_| ProxyHeaderError::Timeout(timeout))?
-}
-
-async fn read_header_inner<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> Result<(Option<Addresses>, Bytes), ProxyHeaderError> {
-    let mut buf = BytesMut::with_capacity(512);
-    loop {
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(ProxyHeaderError::Eof);
-        }
-        let parsed = HeaderResult::parse(&buf);
-        if parsed.is_incomplete() {
-            if buf.len() >= MAX_HEADER {
-                return Err(ProxyHeaderError::Invalid("header too long".into()));
-            }
-            continue;
-        }
-        let (len, addresses) = match parsed {
-            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_addresses(&h.addresses)),
-            HeaderResult::V2(Ok(h)) => (h.len(), v2_addresses(&h)),
-            HeaderResult::V1(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
-            HeaderResult::V2(Err(e)) => return Err(ProxyHeaderError::Invalid(e.to_string())),
+/// Parses a PROXY v1 or v2 header at the start of `buf`. Pure and resumable: call again with more
+/// bytes after [`Parsed::Incomplete`].
+pub fn parse(buf: &[u8]) -> Parsed {
+    let parsed = HeaderResult::parse(buf);
+    if parsed.is_incomplete() {
+        return if buf.len() >= MAX_HEADER {
+            Parsed::Invalid("header too long".into())
+        } else {
+            Parsed::Incomplete
         };
-        let rest = buf.split_off(len).freeze();
-        return Ok((addresses, rest));
+    }
+    match parsed {
+        HeaderResult::V1(Ok(h)) => Parsed::Header {
+            len: h.header.len(),
+            addresses: v1_addresses(&h.addresses),
+        },
+        HeaderResult::V2(Ok(h)) => Parsed::Header {
+            len: h.len(),
+            addresses: v2_addresses(&h),
+        },
+        HeaderResult::V1(Err(e)) => Parsed::Invalid(e.to_string()),
+        HeaderResult::V2(Err(e)) => Parsed::Invalid(e.to_string()),
     }
 }
 
@@ -141,82 +135,6 @@ fn same_family(client: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn addrs() -> (SocketAddr, SocketAddr) {
-        (
-            "198.51.100.7:40000".parse().unwrap(),
-            "10.1.2.3:443".parse().unwrap(),
-        )
-    }
-
-    async fn read(bytes: &[u8]) -> Result<(Option<Addresses>, Bytes), ProxyHeaderError> {
-        let mut s = bytes;
-        read_header(&mut s, Duration::from_secs(1)).await
-    }
-
-    #[tokio::test]
-    async fn round_trips_both_versions_and_keeps_what_follows() {
-        let (client, dst) = addrs();
-        for version in [ProxyProtocolVersion::V1, ProxyProtocolVersion::V2] {
-            let mut wire = encode(version, client, dst);
-            wire.extend_from_slice(b"GET / HTTP/1.1\r\n");
-            let (got, rest) = read(&wire).await.unwrap();
-            assert_eq!(got, Some(Addresses { client, dst }), "{version:?}");
-            assert_eq!(&rest[..], b"GET / HTTP/1.1\r\n");
-        }
-    }
-
-    #[tokio::test]
-    async fn header_split_across_reads() {
-        let (client, dst) = addrs();
-        let wire = encode(ProxyProtocolVersion::V2, client, dst);
-        let (mut tx, mut rx) = tokio::io::duplex(1024);
-        let writer = tokio::spawn(async move {
-            for b in wire {
-                tokio::io::AsyncWriteExt::write_all(&mut tx, &[b])
-                    .await
-                    .unwrap();
-                tokio::task::yield_now().await;
-            }
-            tx
-        });
-        let (got, rest) = read_header(&mut rx, Duration::from_secs(5)).await.unwrap();
-        assert_eq!(got, Some(Addresses { client, dst }));
-        assert!(rest.is_empty());
-        drop(writer.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn unknown_and_local_mean_socket_addresses() {
-        assert_eq!(read(b"PROXY UNKNOWN\r\nGET").await.unwrap().0, None);
-        let local = Builder::with_addresses(
-            Version::Two as u8 | Command::Local as u8,
-            Protocol::Stream,
-            addrs(),
-        )
-        .build()
-        .unwrap();
-        assert_eq!(read(&local).await.unwrap().0, None);
-    }
-
-    #[tokio::test]
-    async fn missing_or_bad_header_is_an_error() {
-        assert!(matches!(
-            read(b"GET / HTTP/1.1\r\n\r\n").await,
-            Err(ProxyHeaderError::Invalid(_))
-        ));
-        assert!(matches!(
-            read(b"PROXY TCP4 1.2.3.4 x 1 2\r\n").await,
-            Err(ProxyHeaderError::Invalid(_))
-        ));
-        assert!(matches!(
-            read(b"PROXY TCP4 1.2").await,
-            Err(ProxyHeaderError::Eof)
-        ));
-        let (_tx, mut rx) = tokio::io::duplex(64);
-        let slow = read_header(&mut rx, Duration::from_millis(50)).await;
-        assert!(matches!(slow, Err(ProxyHeaderError::Timeout(_))));
-    }
 
     #[test]
     fn mixed_families_are_mapped_to_ipv6() {

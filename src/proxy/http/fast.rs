@@ -14,13 +14,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use super::{ConnCtx, log};
 use crate::config::Limits;
 use crate::core::decision::{Decision, HostInput, Reason, decide};
-use crate::core::host::{self, Host};
 use crate::observe::logging::RequestId;
 use crate::observe::metrics::UpstreamError;
 use crate::proxy::block_page::{BlockContext, upstream_error_answer};
 use crate::proxy::forward::{self, ExchangeError, Outgoing};
 use crate::proxy::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
-use crate::runtime::server::Runtime;
+use crate::proxy::state::Generation;
+use crate::wire::host::{self, Host};
 use crate::wire::http1::{self, MAX_HEADERS, RequestHead};
 
 /// First read buffer of a connection; it grows up to `limits.max_header_bytes` for a long head.
@@ -136,7 +136,7 @@ where
     out.clear();
     let answer = upstream_error_answer(kind, request.id.as_str());
     let status = answer.status.as_u16();
-    http1::write_answer_head(out, &answer, request.close);
+    answer.write_head(out, request.close);
     let body = if request.head_request {
         &[][..]
     } else {
@@ -228,7 +228,7 @@ struct Forward {
     origin: Authority,
     idempotent: bool,
     /// For the origin pool and timeout: the config the request was decided under.
-    runtime: Arc<Runtime>,
+    runtime: Arc<Generation>,
 }
 
 /// Decides the request at the start of `buf` and writes what to send into `out` (the answer's
@@ -255,7 +255,7 @@ fn prepare(
     };
     let started = Instant::now();
     // Borrowed for the decision; only a forward keeps its own reference.
-    let runtime = ctx.shared.runtime.load();
+    let runtime = ctx.shared.generation.load();
     let input = match &host {
         Host::Name(name) => HostInput::Name(name),
         Host::Ip(ip) => HostInput::Ip(*ip),
@@ -295,7 +295,7 @@ fn prepare(
             };
             let answer = runtime.block_page.answer_in(&page, req.json, body);
             let status = answer.status.as_u16();
-            http1::write_answer_head(out, &answer, request.close);
+            answer.write_head(out, request.close);
             if request.head_request {
                 body.clear();
             }

@@ -1,0 +1,172 @@
+//! State shared by every connection task: the config generation in force, the registry, metrics,
+//! the drain signal and the live tunnels. The runtime builds it; listeners and the admin API read it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ListenerConfig};
+use crate::core::decision::Policy;
+use crate::core::routes::RouteTable;
+use crate::observe::metrics::{ListenerMetrics, Metrics};
+use crate::proxy::block_page::{BlockPage, BlockPageError};
+use crate::proxy::forward::{self, OriginClient, RawOrigins, origin_client};
+use crate::proxy::tunnels::LiveTunnels;
+use crate::proxy::{http, tls};
+use crate::registry::{Registry, RegistryWriter, Snapshot};
+
+/// A config that cannot be put in force.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    #[error(transparent)]
+    BlockPage(#[from] BlockPageError),
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// Everything derived from one config that the data path reads. Swapped as a whole on reload,
+/// so a request never sees half of an old config and half of a new one.
+pub struct Generation {
+    pub config: Config,
+    pub policy: Policy,
+    pub block_page: BlockPage,
+    /// The shared keep-alive pool toward origins (hyper path).
+    pub origins: OriginClient,
+    /// The same for the HTTP fast path.
+    pub raw_origins: RawOrigins,
+    pub http: auto::Builder<TokioExecutor>,
+    pub tls: tls::TlsRuntime,
+}
+
+impl Generation {
+    pub fn new(config: Config) -> Result<Generation, GenerationError> {
+        let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
+        let block_page = BlockPage::load(&config.block_page)?;
+        let origins = origin_client(&config.limits, None);
+        let raw_origins = forward::raw_origins(&config.limits);
+        let http = http::builder(&config.limits);
+        let tls = tls::TlsRuntime::new(&config).map_err(GenerationError::Tls)?;
+        Ok(Generation {
+            config,
+            policy,
+            block_page,
+            origins,
+            raw_origins,
+            http,
+            tls,
+        })
+    }
+}
+
+/// State shared by every task of the process.
+pub struct Shared {
+    /// The config generation in force.
+    pub generation: ArcSwap<Generation>,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// Client connections open across all listeners (for `limits.max_connections`).
+    connections: AtomicUsize,
+    /// Cancelled when the process starts draining.
+    pub drain: CancellationToken,
+    /// Every connection task, so draining can wait for them.
+    pub tasks: TaskTracker,
+    ready: AtomicBool,
+    /// Registry writes go through here once the registry is loaded.
+    writer: OnceLock<RegistryWriter>,
+    /// Tunnels a registry entry allowed, closed when an update blocks their host.
+    pub tunnels: Arc<LiveTunnels>,
+}
+
+impl Shared {
+    pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Shared {
+        Shared {
+            generation: ArcSwap::from_pointee(generation),
+            registry: Arc::new(Registry::new(Snapshot::empty())),
+            metrics,
+            connections: AtomicUsize::new(0),
+            drain: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ready: AtomicBool::new(false),
+            writer: OnceLock::new(),
+            tunnels: Arc::default(),
+        }
+    }
+
+    /// Marks the registry loaded: `/readyz` answers 200 from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Installs the registry writer, once, when the registry is loaded.
+    pub fn set_writer(&self, writer: RegistryWriter) {
+        let _ = self.writer.set(writer);
+    }
+
+    /// Client connections open across all listeners.
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn writer(&self) -> Option<&RegistryWriter> {
+        self.writer.get()
+    }
+
+    /// Records a published snapshot in the registry gauges.
+    pub fn registry_published(&self, snapshot: &Snapshot) {
+        let m = &self.metrics;
+        m.registry_entries.set(snapshot.len() as i64);
+        m.registry_revision.set(snapshot.revision() as i64);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        m.registry_last_update.set(now.as_secs_f64());
+    }
+}
+
+/// The listener config an accept loop serves with, replaceable on reload.
+pub struct ListenerSpec {
+    pub config: ListenerConfig,
+    pub metrics: Arc<ListenerMetrics>,
+}
+
+/// Counts a connection as open for its lifetime.
+pub struct ConnectionGuard {
+    shared: Arc<Shared>,
+    metrics: Arc<ListenerMetrics>,
+}
+
+impl ConnectionGuard {
+    pub fn new(shared: &Arc<Shared>, metrics: &Arc<ListenerMetrics>) -> Self {
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        metrics.active.inc();
+        ConnectionGuard {
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active.dec();
+    }
+}
+
+/// Where a connection came from and where it was going, after any PROXY header.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub client: SocketAddr,
+    pub dst: SocketAddr,
+}
