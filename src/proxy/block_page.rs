@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use bytes::{BufMut, Bytes};
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
 use crate::config::BlockPageConfig;
 use crate::core::decision::Reason;
@@ -392,6 +392,14 @@ impl Answer<'_> {
         *resp.headers_mut() = headers;
         resp
     }
+}
+
+/// The client asked for JSON (`Accept: application/json`).
+pub fn wants_json<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .any(|v| http1::names_json(v.as_bytes()))
 }
 
 /// A plain-text error answer made by icp-gate itself (400 for protocol errors, 502/504 for origin

@@ -4,6 +4,7 @@
 //! A route that sends a PROXY header gets a pool per client connection instead, since the header
 //! names one client and a pooled origin connection must never carry another's.
 
+mod origin;
 mod pool;
 mod raw;
 
@@ -14,45 +15,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use tokio::net::TcpStream;
 
 use crate::config::{Limits, Origin, ProxyProtocolVersion};
 use crate::observe::metrics::UpstreamError;
 use crate::wire::http1;
 use crate::wire::proxy_protocol;
 
+pub use origin::{ForwardError, connect};
 pub use pool::{OriginBody, OriginClient};
 pub use raw::{ExchangeError, Outgoing, RawOrigins, Relayed};
-
-/// Connects to `host:port` within `timeout`, trying each resolved address in turn.
-pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let attempt = async {
-        let mut last = None;
-        for addr in tokio::net::lookup_host(authority).await? {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    s.set_nodelay(true)?;
-                    return Ok(s);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{authority}: no address"),
-            )
-        }))
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connect to {authority} timed out after {timeout:?}"),
-            ))
-        })
-}
 
 /// Builds an origin client. `proxy_header`: the PROXY header every new connection starts with.
 pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {
@@ -76,29 +47,6 @@ pub fn proxied_origin_client(
     dst: SocketAddr,
 ) -> OriginClient {
     origin_client(limits, Some(proxy_protocol::encode(version, client, dst)))
-}
-
-/// Why a forwarded request got no response head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardError {
-    /// The origin failed: answered 502 or 504 and counted by kind.
-    Upstream(UpstreamError),
-    /// The client's request body broke off or was malformed (a bad chunk) while it was being
-    /// sent: answered 400, and not counted against the origin.
-    ClientBody,
-}
-
-impl From<UpstreamError> for ForwardError {
-    fn from(kind: UpstreamError) -> Self {
-        ForwardError::Upstream(kind)
-    }
-}
-
-/// The error of sending a request is the client's body failing, not the origin: hyper reports
-/// a body's own error as a user error caused by it, and the body here is the client's
-/// `Incoming`, whose errors are hyper errors.
-pub(crate) fn client_body_failed(e: &hyper::Error) -> bool {
-    e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// How the forwarded request should be adjusted.

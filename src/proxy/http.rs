@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, HOST, HeaderValue};
+use http::header::{HOST, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -28,13 +28,12 @@ mod fast;
 use crate::config::Limits;
 use crate::core::decision::{Decision, HostInput, Reason, decide};
 use crate::observe::logging::{Access, RequestId};
-use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer};
+use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer, wants_json};
 use crate::proxy::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
 use crate::proxy::io::{Activity, Prefixed, SendLast, Watched, watchdog};
 use crate::proxy::relay;
 use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::wire::host::{self, Host};
-use crate::wire::http1;
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
 pub type Body = Either<Full<Bytes>, OriginBody>;
@@ -332,14 +331,6 @@ fn log(
         duration,
     }
     .log();
-}
-
-/// The client asked for JSON (`Accept: application/json`).
-pub(crate) fn wants_json<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get_all(ACCEPT)
-        .iter()
-        .any(|v| http1::names_json(v.as_bytes()))
 }
 
 /// One of icp-gate's own answers as a response body.

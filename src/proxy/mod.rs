@@ -10,3 +10,4 @@ pub mod relay;
 pub mod state;
 pub mod tls;
 pub mod tunnels;
+pub mod worker;

@@ -131,13 +131,22 @@ pub enum FileError {
     },
 }
 
+/// Refused when building a snapshot from a list of entries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("duplicate entry for {0}")]
+    Duplicate(String),
+    #[error("registry shard arena over 4 GiB")]
+    TooLarge,
+}
+
 /// A problem on one line of NDJSON.
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
     #[error(transparent)]
     Entry(#[from] EntryError),
     #[error(transparent)]
-    Build(#[from] super::snapshot::BuildError),
+    Build(#[from] BuildError),
     #[error("not UTF-8: {0}")]
     Encoding(std::io::Error),
 }

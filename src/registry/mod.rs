@@ -13,11 +13,11 @@ use arc_swap::{ArcSwap, Guard};
 
 pub(crate) use entry::RawEntry;
 pub use entry::{
-    Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
+    BuildError, Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
     read_ndjson_file,
 };
 pub use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
-pub use snapshot::{BuildError, EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
+pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
 pub use store::{Recovered, Store, StoreError, read_state, write_snapshot};
 
 /// The published registry. Readers take the current snapshot without locking (`arc-swap`); a

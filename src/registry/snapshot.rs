@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock};
 
 use hashbrown::HashTable;
 
-use super::entry::{Entry, Status};
+use super::entry::{BuildError, Entry, Status};
 
 /// Number of shards (a power of two). 4096 keeps a shard at ~2,500 entries at 10 M.
 pub const SHARDS: usize = 1 << SHARD_BITS;
@@ -131,15 +131,6 @@ struct Value {
     icp: Box<str>,
     status: Status,
     access_here: bool,
-}
-
-/// Refused when building a snapshot from a list of entries.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BuildError {
-    #[error("duplicate entry for {0}")]
-    Duplicate(String),
-    #[error("registry shard arena over 4 GiB")]
-    TooLarge,
 }
 
 impl Frozen {

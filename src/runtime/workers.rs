@@ -6,31 +6,13 @@
 //! The process's main runtime keeps the admin API, signals and reloads; workers serve data
 //! listeners only.
 
-use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-thread_local! {
-    static INDEX: Cell<usize> = const { Cell::new(0) };
-}
-
-static COUNT: AtomicUsize = AtomicUsize::new(1);
-
-/// This thread's worker number; 0 on any thread that is not a worker.
-pub fn index() -> usize {
-    INDEX.with(Cell::get)
-}
-
-/// How many workers the process runs: 1 unless [`Workers::start`] started more (the most
-/// started at once, should it be called again). Per-worker state (the origin keep-alive pools)
-/// is sharded by this.
-pub fn count() -> usize {
-    COUNT.load(Ordering::Relaxed)
-}
+use crate::proxy::worker;
 
 /// Running worker threads.
 pub struct Workers {
@@ -54,7 +36,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("icp-gate-w{i}"))
                 .spawn(move || {
-                    INDEX.with(|c| c.set(i));
+                    worker::enter(i);
                     rt.block_on(async {
                         tokio::spawn(crate::proxy::io::metronome());
                         let _ = stopped.await;
@@ -62,7 +44,7 @@ impl Workers {
                 })?;
             stops.push((stop, thread));
         }
-        COUNT.fetch_max(n, Ordering::Relaxed);
+        worker::started(n);
         Ok(Workers { handles, stops })
     }
 
@@ -98,10 +80,14 @@ mod tests {
     #[test]
     fn each_worker_knows_its_number_and_stops() {
         let workers = Workers::start(3).unwrap();
-        assert!(count() >= 3);
-        let seen: Vec<usize> = workers.handles().iter().map(|h| run_on(h, index)).collect();
+        assert!(worker::count() >= 3);
+        let seen: Vec<usize> = workers
+            .handles()
+            .iter()
+            .map(|h| run_on(h, worker::index))
+            .collect();
         assert_eq!(seen, [0, 1, 2]);
-        assert_eq!(index(), 0, "the test thread is not a worker");
+        assert_eq!(worker::index(), 0, "the test thread is not a worker");
         let first = workers.handles()[0].clone();
         workers.stop();
         // A stopped worker's runtime is gone: spawning on it does nothing.

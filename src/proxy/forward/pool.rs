@@ -23,9 +23,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::{ForwardError, client_body_failed, connect};
+use super::origin::{ForwardError, client_body_failed, connect};
 use crate::observe::metrics::UpstreamError;
-use crate::runtime::workers;
+use crate::proxy::worker;
 
 type Sender = SendRequest<Incoming>;
 
@@ -80,7 +80,7 @@ impl<C: Parked> Pool<C> {
     pub fn new(idle_timeout: Duration) -> Pool<C> {
         Pool {
             inner: Arc::new(PoolInner {
-                idle: (0..workers::count()).map(|_| Mutex::default()).collect(),
+                idle: (0..worker::count()).map(|_| Mutex::default()).collect(),
                 idle_timeout,
                 tick: AtomicU64::new(0),
                 sweeper_started: AtomicBool::new(false),
@@ -91,7 +91,7 @@ impl<C: Parked> Pool<C> {
     /// This thread's idle map.
     fn idle(&self) -> MutexGuard<'_, IdleMap<C>> {
         let shards = &self.inner.idle;
-        lock(&shards[workers::index() % shards.len()])
+        lock(&shards[worker::index() % shards.len()])
     }
 
     /// The most recently parked connection to `origin` that is still usable.

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::connect;
+use super::origin::connect;
 use super::pool::{Parked, Pool};
 use crate::observe::metrics::UpstreamError;
 use crate::proxy::io::write_all_two;
