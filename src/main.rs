@@ -13,7 +13,7 @@ use icp_gate::proxy::state::Generation;
 use icp_gate::registry;
 use icp_gate::runtime::server::{Listeners, ServerHandle};
 use icp_gate::runtime::workers::Workers;
-use icp_gate::wire::host::{self, Host};
+use icp_gate::wire::host::{self};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -183,12 +183,7 @@ fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<(), Error
             .ok_or("no route to take a destination from; pass --dst")?,
     };
     let parsed = host::parse_authority(raw_host.as_bytes());
-    let input = match &parsed {
-        Ok(Host::Name(n)) => HostInput::Name(n),
-        Ok(Host::Ip(ip)) => HostInput::Ip(*ip),
-        Err(_) if raw_host.is_empty() => HostInput::Missing { required: false },
-        Err(_) => HostInput::Invalid,
-    };
+    let input = HostInput::typed(raw_host, &parsed);
     let v = decide(dst, input, &snapshot, &policy);
     let host_line = match &parsed {
         Ok(h) => h.to_text().into_owned(),

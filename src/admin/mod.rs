@@ -34,7 +34,7 @@ use crate::registry::{
     Applied, Entry, EntryError, Op, RawEntry, SnapshotBuilder, WriteError, WriteKind,
     normalize_domain,
 };
-use crate::wire::host::{self, Host};
+use crate::wire::host::{self};
 
 /// Largest body of a single-entry PUT.
 const MAX_ENTRY_BODY: usize = 64 * 1024;
@@ -401,12 +401,7 @@ fn decision(query: &Query, shared: &Shared) -> Answer {
         None => return error(StatusCode::BAD_REQUEST, "dst: required"),
     };
     let parsed = host::parse_authority(raw_host.as_bytes());
-    let input = match &parsed {
-        Ok(Host::Name(n)) => HostInput::Name(n),
-        Ok(Host::Ip(ip)) => HostInput::Ip(*ip),
-        Err(_) if raw_host.is_empty() => HostInput::Missing { required: false },
-        Err(_) => HostInput::Invalid,
-    };
+    let input = HostInput::typed(raw_host, &parsed);
     let runtime = shared.generation.load();
     let snapshot = shared.registry.load();
     let v = decide(dst, input, &snapshot, &runtime.policy);

@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use crate::config::{Action, Mode, PolicyConfig};
 use crate::core::routes::{Route, RouteTable};
 use crate::registry::{EntryRef, Snapshot, Status};
-use crate::wire::host;
+use crate::wire::host::{self, Host};
 
 /// What happens to the request or connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,6 +140,27 @@ pub enum HostInput<'a> {
     NotTls,
 }
 
+impl<'a> From<&'a Host<'_>> for HostInput<'a> {
+    fn from(host: &'a Host<'_>) -> HostInput<'a> {
+        match host {
+            Host::Name(name) => HostInput::Name(name),
+            Host::Ip(ip) => HostInput::Ip(*ip),
+        }
+    }
+}
+
+impl<'a> HostInput<'a> {
+    /// A host an operator typed (`explain`, `/v1/decision`), already parsed: an empty one means
+    /// none was given, as an HTTP/1.0 request without `Host`.
+    pub fn typed<E>(raw: &str, parsed: &'a Result<Host<'_>, E>) -> HostInput<'a> {
+        match parsed {
+            Ok(host) => HostInput::from(host),
+            Err(_) if raw.is_empty() => HostInput::Missing { required: false },
+            Err(_) => HostInput::Invalid,
+        }
+    }
+}
+
 /// The policy half of the decision's inputs, compiled from the config.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -160,6 +181,12 @@ impl Policy {
             no_sni: policy.no_sni,
             exempt: policy.exempt.iter().cloned().collect(),
         }
+    }
+
+    /// Rule 1: the route for a destination, if any. Listeners ask this at the door, before they
+    /// read a byte, so a destination without a route gets nothing read and nothing forwarded.
+    pub fn route(&self, dst: IpAddr) -> Option<&Route> {
+        self.routes.lookup(dst)
     }
 
     /// Whether `name` or one of its parent domains is exempt.
@@ -191,7 +218,7 @@ pub fn decide<'p, 'h, 's>(
     snapshot: &'s Snapshot,
     policy: &'p Policy,
 ) -> Verdict<'p, 'h, 's> {
-    let Some(route) = policy.routes.lookup(dst) else {
+    let Some(route) = policy.route(dst) else {
         return verdict(Decision::Refuse, Reason::NoRoute, None);
     };
     let route = Some(route);
@@ -391,6 +418,21 @@ mod tests {
             check(UNROUTED, HostInput::NotTls, &policy()),
             (Decision::Refuse, Reason::NoRoute)
         );
+    }
+
+    #[test]
+    fn a_typed_host_maps_like_a_request_host() {
+        let typed = |raw: &str| {
+            let parsed = host::parse_authority(raw.as_bytes());
+            match HostInput::typed(raw, &parsed) {
+                HostInput::Name(n) => format!("name {n}"),
+                other => format!("{other:?}"),
+            }
+        };
+        assert_eq!(typed("WWW.Example.CN:8080"), "name www.example.cn");
+        assert_eq!(typed("10.0.0.1"), "Ip(10.0.0.1)");
+        assert_eq!(typed(""), "Missing { required: false }");
+        assert_eq!(typed("a b"), "Invalid");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::wire::proxy_protocol;
 
 pub use origin::{ForwardError, connect};
 pub use pool::{OriginBody, OriginClient};
-pub use raw::{ExchangeError, Outgoing, RawOrigins, Relayed};
+pub use raw::{ExchangeError, Exchanged, Outgoing, RawOrigins};
 
 /// Builds an origin client. `proxy_header`: the PROXY header every new connection starts with.
 pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {

@@ -10,10 +10,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderValue};
+use http::header::HOST;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -23,11 +23,14 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
+mod conn;
 mod fast;
+
+use conn::{ConnCtx, log};
 
 use crate::config::Limits;
 use crate::core::decision::{Decision, HostInput, Reason, decide};
-use crate::observe::logging::{Access, RequestId};
+use crate::observe::logging::RequestId;
 use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer, wants_json};
 use crate::proxy::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
 use crate::proxy::io::{Activity, Prefixed, SendLast, Watched, watchdog};
@@ -52,21 +55,6 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(250);
     b
-}
-
-/// What every request on one connection shares.
-struct ConnCtx {
-    ends: Endpoints,
-    spec: Arc<ListenerSpec>,
-    shared: Arc<Shared>,
-    activity: Arc<Activity>,
-    /// Origin pool private to this connection, for routes that send a PROXY header.
-    proxied: OnceLock<OriginClient>,
-    /// The client address as appended to `X-Forwarded-For`.
-    client_ip: OnceLock<HeaderValue>,
-    /// The fast path is between reading a request and finishing its answer: draining lets it
-    /// finish.
-    answering: AtomicBool,
 }
 
 /// Serves one client connection until it closes, idles out or the process drains: the fast
@@ -168,8 +156,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
     let target = target(&req);
     let (decision, reason, protocol_error, route, host_text) = {
         let input = match &target {
-            Target::Host(Host::Name(name)) => HostInput::Name(name),
-            Target::Host(Host::Ip(ip)) => HostInput::Ip(*ip),
+            Target::Host(host) => HostInput::from(host),
             Target::Missing { required } => HostInput::Missing {
                 required: *required,
             },
@@ -308,29 +295,6 @@ async fn forward_request(
             error_response(StatusCode::BAD_REQUEST, None, id.as_str()).map(own)
         }
     }
-}
-
-fn log(
-    ctx: &ConnCtx,
-    host: &str,
-    decision: Decision,
-    reason: Reason,
-    status: Option<u16>,
-    id: &RequestId,
-    duration: Duration,
-) {
-    Access {
-        listener: ctx.spec.metrics.name(),
-        client: ctx.ends.client,
-        dst: ctx.ends.dst,
-        host,
-        decision,
-        reason,
-        status,
-        request_id: id.as_str(),
-        duration,
-    }
-    .log();
 }
 
 /// One of icp-gate's own answers as a response body.

@@ -78,7 +78,7 @@ pub async fn connection(
     };
 
     // Rule 1 at the door: a destination without a route gets nothing read and nothing forwarded.
-    if generation.policy.routes.lookup(ends.dst.ip()).is_none() {
+    if generation.policy.route(ends.dst.ip()).is_none() {
         let tls = spec.config.kind == ListenerKind::Tls;
         if tls {
             spec.metrics

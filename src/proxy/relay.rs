@@ -18,28 +18,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::io::{Activity, Watched, watchdog};
 
+mod outcome;
 #[cfg(target_os = "linux")]
 mod splice;
 
-/// How a relay ended, and what it moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Relayed {
-    pub client_to_origin: u64,
-    pub origin_to_client: u64,
-    pub end: End,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both sides closed.
-    Closed,
-    /// An I/O error (usually a reset) on either side.
-    Error,
-    /// No bytes for the idle timeout.
-    Idle,
-    /// Stopped from outside.
-    Stopped,
-}
+pub use outcome::{End, Relayed};
 
 /// [`relay`] between two TCP sockets (TLS passthrough tunnels). On Linux, bulk moves with
 /// splice(2), never entering user space, while small reads are copied (see `relay/splice.rs`);

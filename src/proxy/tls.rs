@@ -29,7 +29,7 @@ use crate::proxy::io::{Prefixed, write_all_last};
 use crate::proxy::relay;
 use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::wire::clienthello::{ClientHelloParser, Parse};
-use crate::wire::host::{self, Host};
+use crate::wire::host::{self};
 use crate::wire::proxy_protocol;
 
 /// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
@@ -102,8 +102,7 @@ pub async fn serve(
         _ => None,
     };
     let input = match (&hello, &sni) {
-        (_, Some((_, Ok(Host::Name(name))))) => HostInput::Name(name),
-        (_, Some((_, Ok(Host::Ip(ip))))) => HostInput::Ip(*ip),
+        (_, Some((_, Ok(host)))) => HostInput::from(host),
         (_, Some((_, Err(_)))) => HostInput::InvalidSni,
         (Hello::Parsed(Parse::Done(_)), None) => HostInput::NoSni,
         (Hello::Parsed(Parse::NotTls) | Hello::Nothing, None) => HostInput::NotTls,

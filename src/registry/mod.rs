@@ -2,57 +2,22 @@
 //! through which a new snapshot is published.
 
 mod entry;
+mod published;
 mod service;
 mod snapshot;
 mod store;
 
 use std::path::Path;
-use std::sync::Arc;
-
-use arc_swap::{ArcSwap, Guard};
 
 pub(crate) use entry::RawEntry;
 pub use entry::{
     BuildError, Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
     read_ndjson_file,
 };
+pub use published::Registry;
 pub use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
 pub use store::{Recovered, Store, StoreError, read_state, write_snapshot};
-
-/// The published registry. Readers take the current snapshot without locking (`arc-swap`); a
-/// writer builds the next snapshot aside and swaps it in with one atomic store, so a reader sees
-/// either all of an update or none of it.
-pub struct Registry {
-    current: ArcSwap<Snapshot>,
-}
-
-impl Registry {
-    pub fn new(snapshot: Snapshot) -> Registry {
-        Registry {
-            current: ArcSwap::from_pointee(snapshot),
-        }
-    }
-
-    /// The snapshot to decide with. Cheap: no lock, no reference-count traffic in the common case.
-    pub fn load(&self) -> Guard<Arc<Snapshot>> {
-        self.current.load()
-    }
-
-    /// A snapshot handle that may be kept across awaits.
-    pub fn load_full(&self) -> Arc<Snapshot> {
-        self.current.load_full()
-    }
-
-    /// Publishes `next`: every lookup that starts after this returns decides with it.
-    pub fn publish(&self, next: Snapshot) {
-        self.publish_arc(Arc::new(next));
-    }
-
-    pub fn publish_arc(&self, next: Arc<Snapshot>) {
-        self.current.store(next);
-    }
-}
 
 /// The registry as the proxy would start with it, read without changing anything: the state in
 /// `state_dir`, or the seed when there is none yet (for `explain` and `check`).

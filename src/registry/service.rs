@@ -16,8 +16,9 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use super::published::Registry;
+use super::snapshot::{Op, Snapshot, SnapshotBuilder};
 use super::store::{Store, StoreError, write_snapshot};
-use super::{Op, Registry, Snapshot, SnapshotBuilder};
 
 /// Journal records after which a background compaction starts.
 const COMPACT_AFTER_RECORDS: u64 = 100_000;

@@ -26,7 +26,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::{Entry, EntryRef, Op, Snapshot, SnapshotBuilder, Status};
+use super::entry::{Entry, Status};
+use super::snapshot::{EntryRef, Op, Snapshot, SnapshotBuilder};
 
 const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";

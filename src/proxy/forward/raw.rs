@@ -70,7 +70,7 @@ pub struct Outgoing<'a> {
 
 /// How a relayed exchange ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Relayed {
+pub struct Exchanged {
     pub status: u16,
     /// The client connection must close (it was told `connection: close`).
     pub close: bool,
@@ -107,7 +107,7 @@ impl RawOrigins {
         timeout: Duration,
         client: &mut W,
         on_head: impl FnOnce(),
-    ) -> Result<Relayed, ExchangeError> {
+    ) -> Result<Exchanged, ExchangeError> {
         let (mut conn, head) = tokio::time::timeout(timeout, self.head(req))
             .await
             .map_err(|_| ExchangeError::Upstream(UpstreamError::Timeout))??;
@@ -149,7 +149,7 @@ impl RawOrigins {
         if head.reusable && conn.buf.is_empty() {
             self.pool.checkin(req.origin.clone(), conn);
         }
-        Ok(Relayed { status, close })
+        Ok(Exchanged { status, close })
     }
 
     /// Sends the request and reads the final response head, on a pooled connection or a new
@@ -346,7 +346,7 @@ mod tests {
         raw: &RawOrigins,
         origin: &Authority,
         method: &str,
-    ) -> (Result<Relayed, ExchangeError>, String) {
+    ) -> (Result<Exchanged, ExchangeError>, String) {
         get_within(raw, origin, method, Duration::from_secs(5)).await
     }
 
@@ -356,7 +356,7 @@ mod tests {
         origin: &Authority,
         method: &str,
         timeout: Duration,
-    ) -> (Result<Relayed, ExchangeError>, String) {
+    ) -> (Result<Exchanged, ExchangeError>, String) {
         let head = format!("{method} / HTTP/1.1\r\nhost: a.cn\r\n\r\n");
         let req = Outgoing {
             origin,
@@ -385,7 +385,7 @@ mod tests {
         let (res, text) = get(&raw, &origin, "GET").await;
         assert_eq!(
             res.unwrap(),
-            Relayed {
+            Exchanged {
                 status: 200,
                 close: false
             }
@@ -419,7 +419,7 @@ mod tests {
         let (res, text) = get(&raw, &origin, "GET").await;
         assert_eq!(
             res.unwrap(),
-            Relayed {
+            Exchanged {
                 status: 200,
                 close: true
             }

@@ -11,16 +11,16 @@ use bytes::{Buf, BytesMut};
 use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use super::{ConnCtx, log};
+use super::conn::{ConnCtx, log};
 use crate::config::Limits;
-use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::decision::{Decision, Reason, decide};
 use crate::observe::logging::RequestId;
 use crate::observe::metrics::UpstreamError;
 use crate::proxy::block_page::{BlockContext, upstream_error_answer};
 use crate::proxy::forward::{self, ExchangeError, Outgoing};
 use crate::proxy::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
 use crate::proxy::state::Generation;
-use crate::wire::host::{self, Host};
+use crate::wire::host::{self};
 use crate::wire::http1::{self, MAX_HEADERS, RequestHead};
 
 /// First read buffer of a connection; it grows up to `limits.max_header_bytes` for a long head.
@@ -256,12 +256,13 @@ fn prepare(
     let started = Instant::now();
     // Borrowed for the decision; only a forward keeps its own reference.
     let runtime = ctx.shared.generation.load();
-    let input = match &host {
-        Host::Name(name) => HostInput::Name(name),
-        Host::Ip(ip) => HostInput::Ip(*ip),
-    };
     let snapshot = ctx.shared.registry.load();
-    let verdict = decide(ctx.ends.dst.ip(), input, &snapshot, &runtime.policy);
+    let verdict = decide(
+        ctx.ends.dst.ip(),
+        (&host).into(),
+        &snapshot,
+        &runtime.policy,
+    );
     let forward = match verdict.decision {
         Decision::Refuse => return Step::Handoff,
         Decision::Block if verdict.protocol_error => return Step::Handoff,

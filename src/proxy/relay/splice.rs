@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Relayed};
+use super::outcome::{End, Relayed};
 use crate::proxy::io::{Activity, watchdog};
 
 /// The copy buffer, per direction (tokio's `copy_bidirectional` uses the same); a read that fills
