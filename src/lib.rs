@@ -5,11 +5,26 @@
 //! "not filed" block page. The rules live in [`core::decision`]; everything else extracts inputs for it
 //! or acts on its verdict.
 
-pub mod admin;
+#![deny(unsafe_code)]
+#![warn(unreachable_pub)]
+
+mod admin;
 pub mod config;
 pub mod core;
-pub mod observe;
-pub mod proxy;
+mod observe;
+mod proxy;
 pub mod registry;
-pub mod runtime;
+mod runtime;
 pub mod wire;
+
+pub use observe::logging::LogFormat;
+pub use runtime::offline::{check, explain};
+pub use runtime::process::{Error, Shape, run};
+pub use runtime::server::{Listeners, ServerError, ServerHandle};
+
+/// For the crate's own benches and fuzz targets, which drive internals a user of the crate has
+/// no need for. Not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::proxy::relay::{End, Relayed, relay, relay_tcp};
+}

@@ -111,8 +111,10 @@ async fn proxy_aware_origin() -> (SocketAddr, Arc<Mutex<Vec<(SocketAddr, SocketA
                     ));
                     break h.len();
                 };
-                let rest = bytes::Bytes::copy_from_slice(&buf[len..]);
-                let io = icp_gate::proxy::io::Prefixed::new(rest, stream);
+                // What came after the header is read first, then the rest of the stream.
+                let rest = std::io::Cursor::new(buf[len..].to_vec());
+                let (read, write) = stream.into_split();
+                let io = tokio::io::join(tokio::io::AsyncReadExt::chain(rest, read), write);
                 let svc = service_fn(|_req| async {
                     Ok::<_, std::convert::Infallible>(http::Response::new(
                         http_body_util::Full::new(bytes::Bytes::from("proxied origin")),

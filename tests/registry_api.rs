@@ -402,7 +402,7 @@ async fn readers_never_see_a_half_applied_replace() {
     let (a, b) = (set("a"), set("b"));
     assert_eq!(api(&gate, "PUT", "/v1/registry", &a).await.0, 200);
 
-    let registry = gate.server.shared().registry.clone();
+    let registry = gate.server.registry();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let stop = stop.clone();
@@ -500,7 +500,7 @@ async fn revocation_closes_live_tunnels_within_a_second() {
         .await
         .unwrap();
     other.read_exact(&mut head).await.unwrap();
-    assert_eq!(gate.server.shared().tunnels.len(), 4);
+    assert_eq!(gate.server.live_tunnels(), 4);
 
     let revoked = Instant::now();
     let (status, _) = api(

@@ -42,7 +42,7 @@ const MAX_ENTRY_BODY: usize = 64 * 1024;
 const MAX_LINE: usize = 64 * 1024;
 
 /// How the admin listener authenticates `/v1`.
-pub struct AdminAuth {
+pub(crate) struct AdminAuth {
     token: Option<Vec<u8>>,
     tls: Option<TlsAcceptor>,
     require_client_cert: bool,
@@ -62,7 +62,7 @@ pub enum AdminError {
 }
 
 impl AdminAuth {
-    pub fn load(cfg: &AdminConfig) -> Result<AdminAuth, AdminError> {
+    pub(crate) fn load(cfg: &AdminConfig) -> Result<AdminAuth, AdminError> {
         let token = match &cfg.token_file {
             Some(path) => {
                 let text = std::fs::read(path).map_err(|source| AdminError::Token {
@@ -104,7 +104,7 @@ fn admin_acceptor(
 }
 
 /// Serves the admin listener until the process drains.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: AdminAuth) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: AdminAuth) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, tls = auth.tls.is_some(), "admin listening");
     }

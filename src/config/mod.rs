@@ -4,7 +4,7 @@
 //! rejects what types cannot express (overlapping binds, duplicate prefixes, a route without the
 //! origin a listener needs). Every error names the file and the key, the way `nginx -t` does.
 
-pub mod tls;
+pub(crate) mod tls;
 
 use std::collections::HashSet;
 use std::fmt;

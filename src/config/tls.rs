@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// Builds a rustls server config from PEM files. With `client_ca`, client certificates are
 /// verified when offered but not demanded at the handshake (the caller decides which requests
 /// need one). Errors name the file.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,

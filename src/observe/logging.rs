@@ -38,13 +38,13 @@ const LOG_QUEUE_LINES: usize = 16 * 1024;
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// How many log lines have been dropped since start because the queue was full.
-pub fn dropped_lines() -> u64 {
+pub(crate) fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, |d| d.dropped_lines() as u64)
 }
 
 /// Keeps the log thread; dropping it writes out what is queued.
 #[must_use = "dropping the guard stops the log thread"]
-pub struct LogGuard {
+pub(crate) struct LogGuard {
     _worker: Option<WorkerGuard>,
 }
 
@@ -53,7 +53,7 @@ pub struct LogGuard {
 /// line): with the access log on, writing each line from the data path cost a system call per
 /// request, and a slow reader of stderr (journald, a full pipe) stalled every connection of the
 /// thread that blocked on it.
-pub fn init(format: LogFormat) -> LogGuard {
+pub(crate) fn init(format: LogFormat) -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -82,7 +82,7 @@ pub fn init(format: LogFormat) -> LogGuard {
 }
 
 /// One decided request or connection.
-pub struct Access<'a> {
+pub(crate) struct Access<'a> {
     pub listener: &'a str,
     pub client: SocketAddr,
     pub dst: SocketAddr,
@@ -97,7 +97,7 @@ pub struct Access<'a> {
 }
 
 impl Access<'_> {
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         tracing::info!(
             target: "access",
             listener = self.listener,
@@ -116,13 +116,13 @@ impl Access<'_> {
 /// A request id: a per-process random prefix and a scrambled counter, 20 hex digits. Unique
 /// within a process, unlikely to repeat across processes, and cheap (no syscall, no lock).
 #[derive(Clone, Copy)]
-pub struct RequestId([u8; 20]);
+pub(crate) struct RequestId([u8; 20]);
 
 static ID_SEED: LazyLock<u64> = LazyLock::new(|| RandomState::new().build_hasher().finish());
 static ID_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl RequestId {
-    pub fn next() -> RequestId {
+    pub(crate) fn next() -> RequestId {
         let n = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
         // An odd multiplier is a bijection on u64, so ids stay unique while looking random.
         let scrambled = n.wrapping_add(*ID_SEED).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -133,7 +133,7 @@ impl RequestId {
         RequestId(out)
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Only ASCII hex digits are ever written.
         std::str::from_utf8(&self.0).unwrap_or("0")
     }

@@ -22,14 +22,14 @@ const DURATION_BUCKETS: &[f64] = &[
 
 /// Why talking to an origin failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     Connect,
     Timeout,
     Reset,
 }
 
 impl UpstreamError {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpstreamError::Connect => "connect",
             UpstreamError::Timeout => "timeout",
@@ -39,7 +39,7 @@ impl UpstreamError {
 }
 
 /// All metric families, registered in one registry.
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     tls_connections: IntCounterVec,
@@ -65,7 +65,7 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
+    pub(crate) fn new() -> Arc<Metrics> {
         let r = Registry::new();
         #[cfg(target_os = "linux")]
         r.register(Box::new(
@@ -174,7 +174,7 @@ impl Metrics {
     }
 
     /// Counters of one listener, resolved once.
-    pub fn listener(self: &Arc<Self>, name: &str) -> Arc<ListenerMetrics> {
+    pub(crate) fn listener(self: &Arc<Self>, name: &str) -> Arc<ListenerMetrics> {
         Arc::new(ListenerMetrics {
             name: name.to_string(),
             metrics: self.clone(),
@@ -195,7 +195,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         // The log thread counts its drops; the counter catches up at each scrape, by the part
         // no concurrent scrape has added yet.
         let dropped = crate::observe::logging::dropped_lines();
@@ -212,7 +212,7 @@ impl Metrics {
 
 /// The handles one listener increments. Cells are filled on first use, so `/metrics` lists the
 /// combinations that happened rather than every impossible one.
-pub struct ListenerMetrics {
+pub(crate) struct ListenerMetrics {
     name: String,
     metrics: Arc<Metrics>,
     decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
@@ -234,12 +234,12 @@ fn reason_index(r: Reason) -> usize {
 }
 
 impl ListenerMetrics {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Counts one decided HTTP request.
-    pub fn request(&self, decision: Decision, reason: Reason) {
+    pub(crate) fn request(&self, decision: Decision, reason: Reason) {
         self.decided[decision_index(decision)][reason_index(reason)]
             .get_or_init(|| {
                 self.metrics.requests.with_label_values(&[
@@ -252,7 +252,7 @@ impl ListenerMetrics {
     }
 
     /// Counts one decided TLS connection.
-    pub fn tls_connection(&self, decision: Decision, reason: Reason) {
+    pub(crate) fn tls_connection(&self, decision: Decision, reason: Reason) {
         self.tls_decided[decision_index(decision)][reason_index(reason)]
             .get_or_init(|| {
                 self.metrics.tls_connections.with_label_values(&[
@@ -264,7 +264,7 @@ impl ListenerMetrics {
             .inc();
     }
 
-    pub fn observe_duration(&self, decision: Decision, seconds: f64) {
+    pub(crate) fn observe_duration(&self, decision: Decision, seconds: f64) {
         self.durations[decision_index(decision)]
             .get_or_init(|| {
                 self.metrics
@@ -274,7 +274,7 @@ impl ListenerMetrics {
             .observe(seconds);
     }
 
-    pub fn upstream_error(&self, kind: UpstreamError) {
+    pub(crate) fn upstream_error(&self, kind: UpstreamError) {
         self.upstream_errors[kind as usize].inc();
     }
 }

@@ -1,4 +1,4 @@
 //! What SREs see: Prometheus metrics, the access and event logs.
 
-pub mod logging;
-pub mod metrics;
+pub(crate) mod logging;
+pub(crate) mod metrics;

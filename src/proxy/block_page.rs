@@ -20,8 +20,8 @@ use crate::wire::{clock, http1};
 const BUILT_IN_TEMPLATE: &str = include_str!("../../config/block.html");
 
 /// Header carrying the reason code on every answer icp-gate makes itself.
-pub const REASON_HEADER: HeaderName = HeaderName::from_static("icp-gate-reason");
-pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REASON_HEADER: HeaderName = HeaderName::from_static("icp-gate-reason");
+pub(crate) const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockPageError {
@@ -34,7 +34,7 @@ pub enum BlockPageError {
 
 /// What a block answer says.
 #[derive(Debug, Clone, Copy)]
-pub struct BlockContext<'a> {
+pub(crate) struct BlockContext<'a> {
     /// The normalised host (empty when the request had none).
     pub host: &'a str,
     pub reason: Reason,
@@ -42,7 +42,7 @@ pub struct BlockContext<'a> {
 }
 
 /// Short reason texts, in the filing system's own words.
-pub fn reason_texts(reason: Reason) -> (&'static str, &'static str) {
+pub(crate) fn reason_texts(reason: Reason) -> (&'static str, &'static str) {
     match reason {
         Reason::Unfiled => ("未备案", "this domain has no ICP filing"),
         Reason::NotAccessed => (
@@ -238,7 +238,7 @@ fn reason_text(slot: Slot, reason: Reason) -> Option<&'static str> {
 /// The compiled block answer for the current config: the page (or redirect) specialised for
 /// each reason, indexed by `Reason as usize`.
 #[derive(Debug, Clone)]
-pub struct BlockPage {
+pub(crate) struct BlockPage {
     status: StatusCode,
     pages: Vec<Template>,
     redirects: Option<Vec<Template>>,
@@ -256,7 +256,7 @@ fn per_reason(template: &Template, escape: fn(&mut Vec<u8>, &str)) -> Vec<Templa
 }
 
 impl BlockPage {
-    pub fn load(cfg: &BlockPageConfig) -> Result<BlockPage, BlockPageError> {
+    pub(crate) fn load(cfg: &BlockPageConfig) -> Result<BlockPage, BlockPageError> {
         let text = match &cfg.template {
             Some(path) => std::fs::read_to_string(path).map_err(|source| BlockPageError::Read {
                 path: path.clone(),
@@ -276,7 +276,7 @@ impl BlockPage {
     }
 
     /// The answer to a blocked request. `json`: the client asked for `application/json`.
-    pub fn answer<'c>(&self, ctx: &BlockContext<'c>, json: bool) -> Answer<'c> {
+    pub(crate) fn answer<'c>(&self, ctx: &BlockContext<'c>, json: bool) -> Answer<'c> {
         let mut body = Vec::new();
         let head = self.answer_in(ctx, json, &mut body).with_body(());
         head.with_body(Bytes::from(body))
@@ -284,7 +284,7 @@ impl BlockPage {
 
     /// [`BlockPage::answer`] with the body rendered into `body` (cleared first), a buffer the
     /// caller reuses from one answer to the next.
-    pub fn answer_in<'c, 'b>(
+    pub(crate) fn answer_in<'c, 'b>(
         &self,
         ctx: &BlockContext<'c>,
         json: bool,
@@ -314,7 +314,7 @@ impl BlockPage {
     }
 
     /// [`BlockPage::answer`] as a response for hyper.
-    pub fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Bytes> {
+    pub(crate) fn response(&self, ctx: &BlockContext<'_>, json: bool) -> Response<Bytes> {
         self.answer(ctx, json).into_response()
     }
 }
@@ -323,7 +323,7 @@ impl BlockPage {
 /// body, written by hyper ([`Answer::into_response`]) or by the HTTP/1.1 fast path
 /// ([`Answer::headers`]).
 #[derive(Debug)]
-pub struct Answer<'c, B = Bytes> {
+pub(crate) struct Answer<'c, B = Bytes> {
     pub status: StatusCode,
     content_type: &'static str,
     /// A URL rendered from a validated template with escaped values.
@@ -349,7 +349,7 @@ impl<'c, B> Answer<'c, B> {
 
     /// The headers, in order: `content-type`, `location`, `cache-control` and `icp-gate-reason`
     /// (with a reason), `x-request-id`.
-    pub fn headers(&self) -> impl Iterator<Item = (HeaderName, &[u8])> {
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (HeaderName, &[u8])> {
         let location = self.location.as_deref().map(|l| (LOCATION, l));
         let reason = self.reason.into_iter().flat_map(|r| {
             [
@@ -367,7 +367,7 @@ impl<'c, B> Answer<'c, B> {
 
 impl<B: AsRef<[u8]>> Answer<'_, B> {
     /// Writes the head for the HTTP/1.1 fast path, as hyper would write [`Answer::into_response`].
-    pub fn write_head(&self, out: &mut Vec<u8>, close: bool) {
+    pub(crate) fn write_head(&self, out: &mut Vec<u8>, close: bool) {
         http1::write_answer_head(
             out,
             self.status,
@@ -379,7 +379,7 @@ impl<B: AsRef<[u8]>> Answer<'_, B> {
 }
 
 impl Answer<'_> {
-    pub fn into_response(self) -> Response<Bytes> {
+    pub(crate) fn into_response(self) -> Response<Bytes> {
         let mut headers = HeaderMap::with_capacity(5);
         for (name, value) in self.headers() {
             // Static texts, hex request ids and escaped URLs are always valid header values.
@@ -395,7 +395,7 @@ impl Answer<'_> {
 }
 
 /// The client asked for JSON (`Accept: application/json`).
-pub fn wants_json<B>(req: &Request<B>) -> bool {
+pub(crate) fn wants_json<B>(req: &Request<B>) -> bool {
     req.headers()
         .get_all(http::header::ACCEPT)
         .iter()
@@ -404,7 +404,11 @@ pub fn wants_json<B>(req: &Request<B>) -> bool {
 
 /// A plain-text error answer made by icp-gate itself (400 for protocol errors, 502/504 for origin
 /// trouble), carrying the same identifying headers as the block page.
-pub fn error_answer(status: StatusCode, reason: Option<Reason>, request_id: &str) -> Answer<'_> {
+pub(crate) fn error_answer(
+    status: StatusCode,
+    reason: Option<Reason>,
+    request_id: &str,
+) -> Answer<'_> {
     let text = format!(
         "{} {}\n",
         status.as_u16(),
@@ -422,7 +426,7 @@ pub fn error_answer(status: StatusCode, reason: Option<Reason>, request_id: &str
 
 /// The answer when the origin failed before sending a response (SPEC §4): 504 when it did not
 /// answer in time, 502 otherwise.
-pub fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_> {
+pub(crate) fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_> {
     let status = match kind {
         UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         UpstreamError::Connect | UpstreamError::Reset => StatusCode::BAD_GATEWAY,
@@ -431,7 +435,7 @@ pub fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_
 }
 
 /// [`error_answer`] as a response for hyper.
-pub fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     reason: Option<Reason>,
     request_id: &str,

@@ -21,12 +21,12 @@ use crate::observe::metrics::UpstreamError;
 use crate::wire::http1;
 use crate::wire::proxy_protocol;
 
-pub use origin::{ForwardError, connect};
-pub use pool::{OriginBody, OriginClient};
-pub use raw::{ExchangeError, Exchanged, Outgoing, RawOrigins};
+pub(crate) use origin::{ForwardError, connect};
+pub(crate) use pool::{OriginBody, OriginClient};
+pub(crate) use raw::{ExchangeError, Outgoing, RawOrigins};
 
 /// Builds an origin client. `proxy_header`: the PROXY header every new connection starts with.
-pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {
+pub(crate) fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginClient {
     OriginClient::new(
         limits.origin_connect_timeout,
         limits.idle_timeout,
@@ -35,12 +35,12 @@ pub fn origin_client(limits: &Limits, proxy_header: Option<Vec<u8>>) -> OriginCl
 }
 
 /// The plain origin connections of the HTTP fast path.
-pub fn raw_origins(limits: &Limits) -> RawOrigins {
+pub(crate) fn raw_origins(limits: &Limits) -> RawOrigins {
     RawOrigins::new(limits.origin_connect_timeout, limits.idle_timeout)
 }
 
 /// A client whose connections each start with a PROXY header for this client connection.
-pub fn proxied_origin_client(
+pub(crate) fn proxied_origin_client(
     limits: &Limits,
     version: ProxyProtocolVersion,
     client: SocketAddr,
@@ -50,7 +50,7 @@ pub fn proxied_origin_client(
 }
 
 /// How the forwarded request should be adjusted.
-pub struct ForwardOptions<'a> {
+pub(crate) struct ForwardOptions<'a> {
     pub origin: &'a Origin,
     /// The client address to append to `X-Forwarded-For` ([`client_ip_value`]), or `None` when
     /// the route turns it off.
@@ -61,7 +61,7 @@ pub struct ForwardOptions<'a> {
 }
 
 /// The client's address as an `X-Forwarded-For` element, made once per client connection.
-pub fn client_ip_value(client: SocketAddr) -> HeaderValue {
+pub(crate) fn client_ip_value(client: SocketAddr) -> HeaderValue {
     let ip = client.ip().to_canonical().to_string();
     // An IP address is always a valid header value.
     HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
@@ -69,7 +69,7 @@ pub fn client_ip_value(client: SocketAddr) -> HeaderValue {
 
 /// Sends `req` to the origin and returns its response head (the body streams). `timeout` bounds
 /// the wait for the response head.
-pub async fn forward(
+pub(crate) async fn forward(
     client: &OriginClient,
     mut req: Request<Incoming>,
     opts: ForwardOptions<'_>,
@@ -122,7 +122,7 @@ fn prepare_request(req: &mut Request<Incoming>, opts: &ForwardOptions<'_>) {
 /// requests for unfiled ones past the decision ("h2c smuggling"). Without it the client carries
 /// on in HTTP/1.1, each request decided (RFC 9110 §7.8 lets a server ignore `Upgrade`); HTTP/2
 /// itself is served by icp-gate, per stream.
-pub fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_offer(headers: &HeaderMap) -> Option<HeaderValue> {
     if !headers.contains_key(header::UPGRADE)
         || !connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(b"upgrade"))
     {

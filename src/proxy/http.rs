@@ -39,10 +39,10 @@ use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::wire::host::{self, Host};
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
-pub type Body = Either<Full<Bytes>, OriginBody>;
+pub(crate) type Body = Either<Full<Bytes>, OriginBody>;
 
 /// The HTTP/1 and HTTP/2 server settings for the given limits.
-pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -59,7 +59,7 @@ pub fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 
 /// Serves one client connection until it closes, idles out or the process drains: the fast
 /// path ([`fast`]) while requests are simple, then hyper for the rest of the connection.
-pub async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: Arc<Shared>)
+pub(crate) async fn serve<S>(io: S, ends: Endpoints, spec: Arc<ListenerSpec>, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + SendLast + Unpin + Send + 'static,
 {

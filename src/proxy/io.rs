@@ -12,17 +12,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// A stream whose first bytes were already read (a PROXY protocol header's leftovers, a buffered
 /// ClientHello): reads return those first, then continue on the stream.
-pub struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Bytes,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(prefix: Bytes, inner: S) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
 
-    pub fn into_parts(self) -> (Bytes, S) {
+    pub(crate) fn into_parts(self) -> (Bytes, S) {
         (self.prefix, self.inner)
     }
 }
@@ -74,7 +74,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 }
 
 /// Writes `a` then `b`, in one system call when the socket takes both (a head and a body).
-pub async fn write_all_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_all_two<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    a: &[u8],
+    b: &[u8],
+) -> io::Result<()> {
     let mut a = a;
     let mut b = b;
     while !a.is_empty() {
@@ -97,7 +101,7 @@ pub async fn write_all_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8])
 /// and one ACK fewer per connection. What the socket does not take at once is written as usual.
 ///
 /// The caller must close the connection straight after; until then the tail may stay queued.
-pub async fn write_all_last<W>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()>
+pub(crate) async fn write_all_last<W>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()>
 where
     W: AsyncWrite + SendLast + Unpin,
 {
@@ -107,7 +111,7 @@ where
 }
 
 /// Streams that can queue their last bytes for the FIN to carry.
-pub trait SendLast {
+pub(crate) trait SendLast {
     /// Sends what the socket takes at once of `a` then `b`, without blocking, holding the tail
     /// back for the FIN; returns how many bytes it took (0 when it cannot do this).
     fn send_last(&self, a: &[u8], b: &[u8]) -> usize;
@@ -150,7 +154,7 @@ impl<S: SendLast> SendLast for Watched<S> {
 /// What a connection has been doing, for the idle watchdog: bytes moved since the last check,
 /// requests in flight, and whether a first request has arrived.
 #[derive(Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     moved: AtomicBool,
     in_flight: AtomicUsize,
     seen_request: AtomicBool,
@@ -158,19 +162,19 @@ pub struct Activity {
 
 impl Activity {
     /// Marks a request as in flight until the returned guard is dropped.
-    pub fn request(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn request(self: &Arc<Self>) -> InFlight {
         self.seen_request.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
     /// Counts the connection as past its first request (tunnels: the handshake is done).
-    pub fn mark_started(&self) {
+    pub(crate) fn mark_started(&self) {
         self.seen_request.store(true, Ordering::Relaxed);
     }
 
     /// Records that bytes moved (for relays that do their own I/O, like the splice relay).
-    pub fn mark_moved(&self) {
+    pub(crate) fn mark_moved(&self) {
         self.moved.store(true, Ordering::Relaxed);
     }
 
@@ -179,7 +183,7 @@ impl Activity {
     }
 }
 
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -192,7 +196,7 @@ impl Drop for InFlight {
 /// Resolves when the connection should be dropped: no complete first request within
 /// `first_request` (a client that connects and sends nothing, or trickles a header byte by byte),
 /// or, later, no bytes and no request in flight for `idle`.
-pub async fn watchdog(activity: Arc<Activity>, first_request: Duration, idle: Duration) {
+pub(crate) async fn watchdog(activity: Arc<Activity>, first_request: Duration, idle: Duration) {
     // Tunnels pass zero. A zero sleep is not free: it is registered with the timer wheel, due at
     // the next millisecond, so it wakes the driver and the runtime parks with a 1 ms timeout until
     // it fires. Skipping it cut a TLS tunnel's CPU by about a tenth.
@@ -232,20 +236,20 @@ const METRONOME_TICK: Duration = Duration::from_secs(1);
 /// origin connect) usually come before every older connection's, so each new connection paid
 /// for a wake-up it did not need. With a tick always due within a second, a timer of a second or
 /// more never comes first. Costs one wake-up a second when idle.
-pub async fn metronome() {
+pub(crate) async fn metronome() {
     loop {
         tokio::time::sleep(METRONOME_TICK).await;
     }
 }
 
 /// A stream that records activity for the watchdog.
-pub struct Watched<S> {
+pub(crate) struct Watched<S> {
     inner: S,
     activity: Arc<Activity>,
 }
 
 impl<S> Watched<S> {
-    pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: S, activity: Arc<Activity>) -> Self {
         Watched { inner, activity }
     }
 }
@@ -323,6 +327,7 @@ mod tests {
 
     /// Segments this socket has received, from the kernel's TCP_INFO.
     #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
     fn segments_in(s: &tokio::net::TcpStream) -> u32 {
         use std::os::fd::AsRawFd;
         // SAFETY: tcp_info is plain integers; getsockopt writes at most `len` bytes into it.

@@ -1,13 +1,13 @@
 //! The data path: listeners that read the destination and host of each connection or request,
 //! call the decision core, and forward, relay or answer.
 
-pub mod block_page;
-pub mod forward;
-pub mod http;
-pub mod io;
-pub mod preamble;
-pub mod relay;
-pub mod state;
-pub mod tls;
-pub mod tunnels;
-pub mod worker;
+pub(crate) mod block_page;
+pub(crate) mod forward;
+pub(crate) mod http;
+pub(crate) mod io;
+pub(crate) mod preamble;
+pub(crate) mod relay;
+pub(crate) mod state;
+pub(crate) mod tls;
+pub(crate) mod tunnels;
+pub(crate) mod worker;

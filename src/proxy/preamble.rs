@@ -20,7 +20,7 @@ use crate::proxy::{http, tls};
 use crate::wire::proxy_protocol::{self, Addresses, Parsed};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyHeaderError {
+pub(crate) enum ProxyHeaderError {
     #[error("no PROXY header within {0:?}")]
     Timeout(Duration),
     #[error("connection closed before the PROXY header was complete")]
@@ -34,7 +34,7 @@ pub enum ProxyHeaderError {
 /// Serves one accepted connection. `local`: the listener's address when it is bound to one
 /// (else read from the socket). TCP_NODELAY comes from the listening socket: Linux copies it to
 /// every accepted socket (tested below).
-pub async fn connection(
+pub(crate) async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: Option<SocketAddr>,
@@ -113,7 +113,7 @@ pub async fn connection(
 /// Reads a PROXY v1 or v2 header from the start of `stream`. Returns the addresses it names
 /// (`None` for `LOCAL`/`UNKNOWN`: the socket's own addresses then apply) and whatever bytes
 /// arrived after the header.
-pub async fn read_proxy_header<S: AsyncRead + Unpin>(
+pub(crate) async fn read_proxy_header<S: AsyncRead + Unpin>(
     stream: &mut S,
     timeout: Duration,
 ) -> Result<(Option<Addresses>, Bytes), ProxyHeaderError> {

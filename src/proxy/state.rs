@@ -33,7 +33,7 @@ pub enum GenerationError {
 
 /// Everything derived from one config that the data path reads. Swapped as a whole on reload,
 /// so a request never sees half of an old config and half of a new one.
-pub struct Generation {
+pub(crate) struct Generation {
     pub config: Config,
     pub policy: Policy,
     pub block_page: BlockPage,
@@ -46,7 +46,7 @@ pub struct Generation {
 }
 
 impl Generation {
-    pub fn new(config: Config) -> Result<Generation, GenerationError> {
+    pub(crate) fn new(config: Config) -> Result<Generation, GenerationError> {
         let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
         let block_page = BlockPage::load(&config.block_page)?;
         let origins = origin_client(&config.limits, None);
@@ -66,7 +66,7 @@ impl Generation {
 }
 
 /// State shared by every task of the process.
-pub struct Shared {
+pub(crate) struct Shared {
     /// The config generation in force.
     pub generation: ArcSwap<Generation>,
     pub registry: Arc<Registry>,
@@ -85,7 +85,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(generation: Generation, metrics: Arc<Metrics>) -> Shared {
+    pub(crate) fn new(generation: Generation, metrics: Arc<Metrics>) -> Shared {
         Shared {
             generation: ArcSwap::from_pointee(generation),
             registry: Arc::new(Registry::new(Snapshot::empty())),
@@ -100,30 +100,30 @@ impl Shared {
     }
 
     /// Marks the registry loaded: `/readyz` answers 200 from now on.
-    pub fn set_ready(&self) {
+    pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }
 
     /// Installs the registry writer, once, when the registry is loaded.
-    pub fn set_writer(&self, writer: RegistryWriter) {
+    pub(crate) fn set_writer(&self, writer: RegistryWriter) {
         let _ = self.writer.set(writer);
     }
 
     /// Client connections open across all listeners.
-    pub fn open_connections(&self) -> usize {
+    pub(crate) fn open_connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    pub fn writer(&self) -> Option<&RegistryWriter> {
+    pub(crate) fn writer(&self) -> Option<&RegistryWriter> {
         self.writer.get()
     }
 
     /// Records a published snapshot in the registry gauges.
-    pub fn registry_published(&self, snapshot: &Snapshot) {
+    pub(crate) fn registry_published(&self, snapshot: &Snapshot) {
         let m = &self.metrics;
         m.registry_entries.set(snapshot.len() as i64);
         m.registry_revision.set(snapshot.revision() as i64);
@@ -135,19 +135,19 @@ impl Shared {
 }
 
 /// The listener config an accept loop serves with, replaceable on reload.
-pub struct ListenerSpec {
+pub(crate) struct ListenerSpec {
     pub config: ListenerConfig,
     pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Counts a connection as open for its lifetime.
-pub struct ConnectionGuard {
+pub(crate) struct ConnectionGuard {
     shared: Arc<Shared>,
     metrics: Arc<ListenerMetrics>,
 }
 
 impl ConnectionGuard {
-    pub fn new(shared: &Arc<Shared>, metrics: &Arc<ListenerMetrics>) -> Self {
+    pub(crate) fn new(shared: &Arc<Shared>, metrics: &Arc<ListenerMetrics>) -> Self {
         shared.connections.fetch_add(1, Ordering::Relaxed);
         metrics.active.inc();
         ConnectionGuard {
@@ -166,7 +166,7 @@ impl Drop for ConnectionGuard {
 
 /// Where a connection came from and where it was going, after any PROXY header.
 #[derive(Debug, Clone, Copy)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     pub client: SocketAddr,
     pub dst: SocketAddr,
 }

@@ -37,12 +37,12 @@ const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 
 /// The TLS part of a runtime: the acceptor that serves the block page, when a block certificate
 /// is configured.
-pub struct TlsRuntime {
+pub(crate) struct TlsRuntime {
     block_acceptor: Option<TlsAcceptor>,
 }
 
 impl TlsRuntime {
-    pub fn new(config: &Config) -> Result<TlsRuntime, String> {
+    pub(crate) fn new(config: &Config) -> Result<TlsRuntime, String> {
         let (Some(cert), Some(key)) = (&config.tls.block_cert, &config.tls.block_key) else {
             return Ok(TlsRuntime {
                 block_acceptor: None,
@@ -56,7 +56,7 @@ impl TlsRuntime {
 }
 
 /// A TLS acceptor for a PEM certificate chain and key, offering h2 and http/1.1.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let config = crate::config::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -74,7 +74,7 @@ enum Hello {
 }
 
 /// Serves one TLS connection.
-pub async fn serve(
+pub(crate) async fn serve(
     stream: Prefixed<TcpStream>,
     ends: Endpoints,
     spec: Arc<ListenerSpec>,

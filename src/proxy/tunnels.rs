@@ -28,7 +28,7 @@ struct Tunnel {
 
 /// The open tunnels that a registry entry allowed.
 #[derive(Default)]
-pub struct LiveTunnels {
+pub(crate) struct LiveTunnels {
     /// foldhash, not SipHash: every filed TLS tunnel registers and unregisters here on its
     /// connection's path. Keys are registrable domains of filed names only, so clients cannot
     /// choose colliding keys beyond what the filing system admits.
@@ -37,7 +37,7 @@ pub struct LiveTunnels {
 }
 
 /// Keeps a tunnel registered; dropping it unregisters.
-pub struct TunnelGuard {
+pub(crate) struct TunnelGuard {
     tunnels: Arc<LiveTunnels>,
     registrable: Arc<str>,
     id: u64,
@@ -48,7 +48,7 @@ impl LiveTunnels {
     /// registrable domain (the decision's [`Verdict::registrable`](crate::core::decision::Verdict),
     /// so the suffix list is not walked twice). `stop` is cancelled if a later registry update
     /// blocks the host.
-    pub fn register(
+    pub(crate) fn register(
         self: &Arc<Self>,
         host: &str,
         registrable: &str,
@@ -76,7 +76,12 @@ impl LiveTunnels {
     /// Re-decides the tunnels under the registrable domains of `changed` (entry domains touched by
     /// an update; `None`: a full replace, check all) and stops those no longer allowed. Returns how
     /// many were stopped.
-    pub fn revoke(&self, changed: Option<&[&str]>, snapshot: &Snapshot, policy: &Policy) -> usize {
+    pub(crate) fn revoke(
+        &self,
+        changed: Option<&[&str]>,
+        snapshot: &Snapshot,
+        policy: &Policy,
+    ) -> usize {
         let mut stopped = 0;
         let mut check = |tunnels: &[Tunnel]| {
             for t in tunnels {
@@ -114,12 +119,8 @@ impl LiveTunnels {
     }
 
     /// Tunnels currently registered.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.by_registrable.iter().map(|e| e.value().len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -12,22 +12,22 @@ thread_local! {
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
 /// This thread's worker number; 0 on any thread that is not a worker.
-pub fn index() -> usize {
+pub(crate) fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
 /// How many workers the process runs: 1 unless more were [`started`] (the most started at once,
 /// should that happen again).
-pub fn count() -> usize {
+pub(crate) fn count() -> usize {
     COUNT.load(Ordering::Relaxed)
 }
 
 /// Marks the calling thread as worker `i`.
-pub fn enter(i: usize) {
+pub(crate) fn enter(i: usize) {
     INDEX.with(|c| c.set(i));
 }
 
 /// Notes that `n` workers run.
-pub fn started(n: usize) {
+pub(crate) fn started(n: usize) {
     COUNT.fetch_max(n, Ordering::Relaxed);
 }

@@ -15,9 +15,10 @@ pub use entry::{
     read_ndjson_file,
 };
 pub use published::Registry;
-pub use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
+pub(crate) use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
-pub use store::{Recovered, Store, StoreError, read_state, write_snapshot};
+pub(crate) use store::Store;
+pub use store::{StoreError, read_state, write_snapshot};
 
 /// The registry as the proxy would start with it, read without changing anything: the state in
 /// `state_dir`, or the seed when there is none yet (for `explain` and `check`).

@@ -27,7 +27,7 @@ const MAX_GROUP: usize = 4096;
 
 /// Which API call a write came from (the `op` label of `icp_gate_registry_updates_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteKind {
+pub(crate) enum WriteKind {
     Put,
     Delete,
     Batch,
@@ -35,7 +35,7 @@ pub enum WriteKind {
 }
 
 impl WriteKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             WriteKind::Put => "put",
             WriteKind::Delete => "delete",
@@ -47,7 +47,7 @@ impl WriteKind {
 
 /// A write that was applied, made durable and published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Applied {
+pub(crate) struct Applied {
     pub revision: u64,
     /// Operations applied (1 for a single put/delete).
     pub applied: usize,
@@ -56,7 +56,7 @@ pub struct Applied {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     #[error("registry is at revision {current}, not {expected}")]
     Conflict { expected: u64, current: u64 },
     #[error("no entry for {0}")]
@@ -68,7 +68,7 @@ pub enum WriteError {
 
 /// Called after every publication, with the new snapshot and the entry domains the writes touched
 /// (`None` after a full replace): revocation of live tunnels and the registry gauges hang here.
-pub type OnPublish = Box<dyn Fn(&Snapshot, Option<&[&str]>) + Send>;
+pub(crate) type OnPublish = Box<dyn Fn(&Snapshot, Option<&[&str]>) + Send>;
 
 enum Request {
     Ops {
@@ -88,14 +88,14 @@ enum Request {
 
 /// A handle for submitting writes; cheap to clone.
 #[derive(Clone)]
-pub struct RegistryWriter {
+pub(crate) struct RegistryWriter {
     tx: mpsc::Sender<Request>,
 }
 
 impl RegistryWriter {
     /// Starts the writer thread over `store`, whose recovered state `current` is already
     /// published in `registry`.
-    pub fn start(
+    pub(crate) fn start(
         store: Store,
         current: Arc<Snapshot>,
         registry: Arc<Registry>,
@@ -121,7 +121,7 @@ impl RegistryWriter {
     }
 
     /// Applies `ops` all-or-nothing as one revision.
-    pub async fn write(
+    pub(crate) async fn write(
         &self,
         kind: WriteKind,
         ops: Vec<Op>,
@@ -141,7 +141,7 @@ impl RegistryWriter {
     }
 
     /// Replaces the whole registry with `entries` as one revision.
-    pub async fn replace(
+    pub(crate) async fn replace(
         &self,
         entries: SnapshotBuilder,
         expect_revision: Option<u64>,

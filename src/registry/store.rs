@@ -61,7 +61,7 @@ fn corrupt(path: &Path, why: impl Into<String>) -> StoreError {
 }
 
 /// What start-up found in `state_dir`.
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// `None`: the folder held no state at all (the caller seeds it).
     pub snapshot: Option<Snapshot>,
     pub records_replayed: usize,
@@ -69,7 +69,7 @@ pub struct Recovered {
 }
 
 /// The open journal of a state folder. Owned by the registry writer; not shared.
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     journal: BufWriter<File>,
     journal_path: PathBuf,
@@ -80,7 +80,7 @@ pub struct Store {
 
 impl Store {
     /// Creates `dir` if missing, recovers its state, and opens a journal for appending.
-    pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
+    pub(crate) fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let tmp = dir.join(SNAPSHOT_TMP);
         if tmp.exists() {
@@ -108,13 +108,13 @@ impl Store {
         Ok((store, state.recovered))
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Appends one batch as revision `revision` (the next after the last). Buffered: durable only
     /// after [`Store::sync`].
-    pub fn append(&mut self, revision: u64, ops: &[Op]) -> Result<(), StoreError> {
+    pub(crate) fn append(&mut self, revision: u64, ops: &[Op]) -> Result<(), StoreError> {
         if revision != self.last + 1 {
             return Err(corrupt(
                 &self.journal_path,
@@ -139,14 +139,14 @@ impl Store {
     }
 
     /// Makes every append so far durable (one fsync for however many records: group commit).
-    pub fn sync(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
         let path = &self.journal_path;
         self.journal.flush().map_err(io_err(path))?;
         self.journal.get_ref().sync_data().map_err(io_err(path))
     }
 
     /// Starts a new journal for the records after `revision` (a snapshot of it is being written).
-    pub fn rotate(&mut self, revision: u64) -> Result<(), StoreError> {
+    pub(crate) fn rotate(&mut self, revision: u64) -> Result<(), StoreError> {
         self.sync()?;
         let (path, file) = create_journal(&self.dir, revision)?;
         self.journal = BufWriter::with_capacity(1 << 16, file);
@@ -157,7 +157,7 @@ impl Store {
 
     /// Deletes the journals whose records all lie at or below `revision`, now that a snapshot of
     /// it is durable. The current journal always stays.
-    pub fn remove_journals_through(&mut self, revision: u64) -> Result<(), StoreError> {
+    pub(crate) fn remove_journals_through(&mut self, revision: u64) -> Result<(), StoreError> {
         let journals = list_journals(&self.dir)?;
         let mut removed = false;
         for pair in journals.windows(2) {

@@ -18,7 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Serves plain HTTP, or HTTPS when `tls` is given, until `stop`.
-pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, stop: CancellationToken) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    stop: CancellationToken,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, tls = tls.is_some(), "demo origin listening");
     }

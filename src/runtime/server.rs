@@ -18,8 +18,9 @@ use crate::config::{Config, ListenerConfig, RegistryConfig};
 use crate::observe::metrics::Metrics;
 use crate::proxy::preamble;
 use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
-use crate::registry::{self, OnPublish, RegistryWriter, Snapshot, Store, write_snapshot};
+use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::runtime::demo_origin;
+use crate::runtime::rlimit::fit_descriptor_limit;
 use crate::runtime::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
@@ -252,8 +253,15 @@ impl ServerHandle {
         })
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The registry the data path decides with (its current snapshot, swapped whole on update).
+    pub fn registry(&self) -> Arc<Registry> {
+        self.shared.registry.clone()
+    }
+
+    /// Tunnels and upgraded connections open under a registry entry, which an update that
+    /// blocks their host would close.
+    pub fn live_tunnels(&self) -> usize {
+        self.shared.tunnels.len()
     }
 
     /// The address a data listener is bound to, by name.
@@ -509,51 +517,6 @@ impl AcceptFailures {
         );
         self.logged = Some(std::time::Instant::now());
         self.unlogged = 0;
-    }
-}
-
-/// Descriptors beyond two per connection: listening sockets, runtimes, the registry's files.
-const SPARE_DESCRIPTORS: u64 = 256;
-
-/// Makes room for `max_connections` (two descriptors each: client and origin) by raising the
-/// open-file soft limit towards the hard limit, at start and at reload, as HAProxy does for
-/// `maxconn`; warns when the hard limit is too low. Past the limit, accepts would fail with "too
-/// many open files" long before the configured count.
-fn fit_descriptor_limit(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit(2) writes only the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    let needed = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(SPARE_DESCRIPTORS);
-    if limit.rlim_cur < needed && limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit {
-            rlim_cur: needed.min(limit.rlim_max),
-            rlim_max: limit.rlim_max,
-        };
-        // SAFETY: setrlimit(2) only reads the struct it is given; raising the soft limit up to
-        // the hard one needs no privilege.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            info!(
-                from = limit.rlim_cur,
-                to = raised.rlim_cur,
-                "raised the open-file limit"
-            );
-            limit = raised;
-        }
-    }
-    if limit.rlim_cur < needed {
-        warn!(
-            open_files = limit.rlim_cur,
-            needed,
-            "the open-file limit is below 2 × limits.max_connections + {SPARE_DESCRIPTORS}; \
-             raise its hard limit (LimitNOFILE=, ulimit -Hn) or lower limits.max_connections"
-        );
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 type Cache<const N: usize> = Cell<(u64, [u8; N])>;
 
 /// The current time as RFC 3339 to the second (`2026-11-29T10:00:00Z`).
-pub fn rfc3339() -> [u8; 20] {
+pub(crate) fn rfc3339() -> [u8; 20] {
     thread_local! {
         static LAST: Cache<20> = const { Cell::new((u64::MAX, [0; 20])) };
     }
@@ -20,7 +20,7 @@ pub fn rfc3339() -> [u8; 20] {
 }
 
 /// The current time as an HTTP date (`Sun, 29 Nov 2026 10:00:00 GMT`).
-pub fn http_date() -> [u8; 29] {
+pub(crate) fn http_date() -> [u8; 29] {
     thread_local! {
         static LAST: Cache<29> = const { Cell::new((u64::MAX, [0; 29])) };
     }

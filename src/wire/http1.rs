@@ -17,11 +17,11 @@ use crate::wire::clock;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 
 /// What a buffer holds at the start of a request.
 #[derive(Debug)]
-pub enum RequestHead<'h, 'b> {
+pub(crate) enum RequestHead<'h, 'b> {
     /// Not a complete head yet.
     Partial,
     /// Complete or not, hyper must serve this request and the rest of the connection.
@@ -31,7 +31,7 @@ pub enum RequestHead<'h, 'b> {
 
 /// A request the fast path serves.
 #[derive(Debug)]
-pub struct Simple<'h, 'b> {
+pub(crate) struct Simple<'h, 'b> {
     /// Length of the head in the buffer; the request has no body, so also of the request.
     pub len: usize,
     pub method: &'b str,
@@ -46,12 +46,12 @@ pub struct Simple<'h, 'b> {
 }
 
 impl Simple<'_, '_> {
-    pub fn is_head(&self) -> bool {
+    pub(crate) fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
 
     /// Safe to send again on a fresh connection when a pooled one closed before answering.
-    pub fn is_idempotent(&self) -> bool {
+    pub(crate) fn is_idempotent(&self) -> bool {
         matches!(
             self.method,
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
@@ -64,7 +64,10 @@ impl Simple<'_, '_> {
 const NOT_SIMPLE: [&str; 2] = ["content-length", "expect"];
 
 /// Parses the request at the start of `buf`.
-pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> RequestHead<'h, 'b> {
+pub(crate) fn parse_request<'h, 'b>(
+    buf: &'b [u8],
+    headers: &'h mut [Header<'b>],
+) -> RequestHead<'h, 'b> {
     let mut req = httparse::Request::new(headers);
     let len = match req.parse(buf) {
         Ok(Status::Complete(len)) => len,
@@ -117,7 +120,7 @@ pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> Re
 }
 
 /// `value` contains `application/json` (any case).
-pub fn names_json(value: &[u8]) -> bool {
+pub(crate) fn names_json(value: &[u8]) -> bool {
     value
         .windows(16)
         .any(|w| w.eq_ignore_ascii_case(b"application/json"))
@@ -134,7 +137,11 @@ pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Writes the request as the origin gets it: the same request line in HTTP/1.1, every header
 /// but `Connection`, and with `forwarded_for` the client appended to `X-Forwarded-For` (earlier
 /// values joined into one header, last).
-pub fn write_origin_request(out: &mut Vec<u8>, req: &Simple<'_, '_>, forwarded_for: Option<&[u8]>) {
+pub(crate) fn write_origin_request(
+    out: &mut Vec<u8>,
+    req: &Simple<'_, '_>,
+    forwarded_for: Option<&[u8]>,
+) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
@@ -168,7 +175,7 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Writes the head of one of icp-gate's own answers (block page, 400, 502, 504) as hyper would:
 /// its headers, `connection: close` when the connection ends after it, `content-length` of its
 /// body and `date`. The body follows, unless the request was `HEAD`.
-pub fn write_answer_head<'a>(
+pub(crate) fn write_answer_head<'a>(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: impl Iterator<Item = (HeaderName, &'a [u8])>,
@@ -195,7 +202,7 @@ pub fn write_answer_head<'a>(
 
 /// Headers that describe one hop (RFC 9110 §7.6.1), never forwarded (`Upgrade` is handled apart:
 /// a WebSocket handshake keeps it).
-pub const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -208,7 +215,7 @@ pub const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// A hop-by-hop header by name (any case): `Connection`, `Keep-Alive`, `Proxy-*`, `TE`,
 /// `Trailer`, `Transfer-Encoding` or `Upgrade`. Both HTTP paths drop the same list.
-pub fn is_hop_by_hop(name: &str) -> bool {
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     name.eq_ignore_ascii_case(header::UPGRADE.as_str())
         || HOP_BY_HOP
             .iter()
@@ -217,7 +224,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 
 /// How an origin response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// No body: a `HEAD` request, 204 or 304.
     Empty,
     Length(u64),
@@ -228,7 +235,7 @@ pub enum Framing {
 
 /// An origin response head, parsed.
 #[derive(Debug)]
-pub enum ResponseHead {
+pub(crate) enum ResponseHead {
     Partial,
     /// A 1xx other than 101, `len` bytes long: skipped, the final response follows.
     Interim {
@@ -238,7 +245,7 @@ pub enum ResponseHead {
 }
 
 #[derive(Debug)]
-pub struct Final {
+pub(crate) struct Final {
     pub len: usize,
     pub status: u16,
     pub framing: Framing,
@@ -248,7 +255,7 @@ pub struct Final {
 
 /// Why an origin response can't be relayed: the client gets a 502 and the connection is dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BadResponse {
+pub(crate) enum BadResponse {
     #[error("unparseable response head")]
     Head,
     #[error("101 Switching Protocols without an upgrade request")]
@@ -262,7 +269,7 @@ pub enum BadResponse {
 /// Parses the origin's response at the start of `buf`. `head_request`: the request was `HEAD`.
 /// For a final response, `out` receives the head as the client gets it, without the final blank
 /// line (added, with `connection: close` when needed, by [`finish_client_head`]).
-pub fn parse_response(
+pub(crate) fn parse_response(
     buf: &[u8],
     head_request: bool,
     out: &mut Vec<u8>,
@@ -368,7 +375,7 @@ pub fn parse_response(
 }
 
 /// Ends a client head from [`parse_response`].
-pub fn finish_client_head(head: &mut Vec<u8>, close: bool) {
+pub(crate) fn finish_client_head(head: &mut Vec<u8>, close: bool) {
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -387,7 +394,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 /// Finds where a chunked body ends while its bytes pass through unchanged (RFC 9112 §7.1).
 /// Strict: CRLF line ends, hex sizes without overflow, bounded extensions and trailers.
 #[derive(Debug, Default)]
-pub struct ChunkedEnd {
+pub(crate) struct ChunkedEnd {
     state: ChunkState,
     /// Chunk data bytes left in the current chunk.
     left: u64,
@@ -419,7 +426,7 @@ const MAX_CHUNK_EXTRA: usize = 8 * 1024;
 impl ChunkedEnd {
     /// Consumes body bytes from `data`: how many belong to the body, and whether the body ended
     /// with them (bytes after that are not part of this response).
-    pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
+    pub(crate) fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {

@@ -2,7 +2,7 @@
 //! they have enough), and the encoders of what icp-gate writes itself.
 
 pub mod clienthello;
-pub mod clock;
+pub(crate) mod clock;
 pub mod host;
-pub mod http1;
-pub mod proxy_protocol;
+pub(crate) mod http1;
+pub(crate) mod proxy_protocol;

@@ -12,7 +12,7 @@ use ppp::{HeaderResult, PartialResult, v1, v2};
 use serde::Deserialize;
 
 /// Largest header accepted: a v2 header with its 16-byte preamble and the maximum TLV payload.
-pub const MAX_HEADER: usize = 16 + 65535;
+pub(crate) const MAX_HEADER: usize = 16 + 65535;
 
 /// PROXY protocol version prepended toward origins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -24,14 +24,14 @@ pub enum ProxyProtocolVersion {
 
 /// The addresses a PROXY header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Addresses {
+pub(crate) struct Addresses {
     pub client: SocketAddr,
     pub dst: SocketAddr,
 }
 
 /// What the start of a connection holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// Not a complete header yet: read more.
     Incomplete,
     /// A header of `len` bytes naming these addresses (`None` for `LOCAL`/`UNKNOWN`, e.g. a load
@@ -46,7 +46,7 @@ pub enum Parsed {
 
 /// Parses a PROXY v1 or v2 header at the start of `buf`. Pure and resumable: call again with more
 /// bytes after [`Parsed::Incomplete`].
-pub fn parse(buf: &[u8]) -> Parsed {
+pub(crate) fn parse(buf: &[u8]) -> Parsed {
     let parsed = HeaderResult::parse(buf);
     if parsed.is_incomplete() {
         return if buf.len() >= MAX_HEADER {
@@ -103,7 +103,11 @@ fn v2_addresses(h: &v2::Header<'_>) -> Option<Addresses> {
 /// The header to prepend toward an origin for a client connection. Mixed address families (an
 /// IPv6 client routed to an IPv4 destination) cannot be expressed, so they map the IPv4 side into
 /// IPv6 first.
-pub fn encode(version: ProxyProtocolVersion, client: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+pub(crate) fn encode(
+    version: ProxyProtocolVersion,
+    client: SocketAddr,
+    dst: SocketAddr,
+) -> Vec<u8> {
     let (client, dst) = same_family(client, dst);
     match version {
         ProxyProtocolVersion::V1 => v1::Addresses::from((client, dst)).to_string().into_bytes(),

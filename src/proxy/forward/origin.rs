@@ -7,7 +7,7 @@ use tokio::net::TcpStream;
 use crate::observe::metrics::UpstreamError;
 
 /// Connects to `host:port` within `timeout`, trying each resolved address in turn.
-pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let attempt = async {
         let mut last = None;
         for addr in tokio::net::lookup_host(authority).await? {
@@ -38,7 +38,7 @@ pub async fn connect(authority: &str, timeout: Duration) -> std::io::Result<TcpS
 
 /// Why a forwarded request got no response head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ForwardError {
+pub(crate) enum ForwardError {
     /// The origin failed: answered 502 or 504 and counted by kind.
     Upstream(UpstreamError),
     /// The client's request body broke off or was malformed (a bad chunk) while it was being
@@ -55,6 +55,6 @@ impl From<UpstreamError> for ForwardError {
 /// The error of sending a request is the client's body failing, not the origin: hyper reports
 /// a body's own error as a user error caused by it, and the body here is the client's
 /// `Incoming`, whose errors are hyper errors.
-pub fn client_body_failed(e: &hyper::Error) -> bool {
+pub(super) fn client_body_failed(e: &hyper::Error) -> bool {
     e.is_user() && std::error::Error::source(e).is_some_and(|cause| cause.is::<hyper::Error>())
 }

@@ -30,7 +30,7 @@ use crate::proxy::worker;
 type Sender = SendRequest<Incoming>;
 
 /// A connection a [`Pool`] can park.
-pub trait Parked: Send + 'static {
+pub(super) trait Parked: Send + 'static {
     /// Still open, and nothing arrived on it while it was idle.
     fn usable(&mut self) -> bool;
 }
@@ -43,7 +43,7 @@ impl Parked for Sender {
 }
 
 /// Idle connections per origin address. Cheap to clone (clones share the pool).
-pub struct Pool<C> {
+pub(super) struct Pool<C> {
     inner: Arc<PoolInner<C>>,
 }
 
@@ -77,7 +77,7 @@ struct Idle<C> {
 const IDLE_TICKS: u64 = 4;
 
 impl<C: Parked> Pool<C> {
-    pub fn new(idle_timeout: Duration) -> Pool<C> {
+    pub(super) fn new(idle_timeout: Duration) -> Pool<C> {
         Pool {
             inner: Arc::new(PoolInner {
                 idle: (0..worker::count()).map(|_| Mutex::default()).collect(),
@@ -95,7 +95,7 @@ impl<C: Parked> Pool<C> {
     }
 
     /// The most recently parked connection to `origin` that is still usable.
-    pub fn checkout(&self, origin: &Authority) -> Option<C> {
+    pub(super) fn checkout(&self, origin: &Authority) -> Option<C> {
         let mut idle = self.idle();
         let parked = idle.get_mut(origin)?;
         while let Some(mut idle) = parked.pop() {
@@ -107,7 +107,7 @@ impl<C: Parked> Pool<C> {
     }
 
     /// Parks `conn` as idle. The first connection parked starts the sweeper.
-    pub fn checkin(&self, origin: Authority, mut conn: C) {
+    pub(super) fn checkin(&self, origin: Authority, mut conn: C) {
         if !conn.usable() {
             return;
         }
@@ -152,7 +152,7 @@ impl<C: Parked> Pool<C> {
 
     /// Idle connections parked right now (for tests).
     #[cfg(test)]
-    pub fn idle_count(&self) -> usize {
+    pub(super) fn idle_count(&self) -> usize {
         let shards = self.inner.idle.iter();
         shards
             .map(|s| lock(s).values().map(Vec::len).sum::<usize>())
@@ -168,7 +168,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// hyper client connections to origins, for the requests hyper serves (bodies, upgrades, HTTP/2,
 /// routes with a PROXY header). Cheap to clone (clones share the pool).
 #[derive(Clone)]
-pub struct OriginClient {
+pub(crate) struct OriginClient {
     pool: Pool<Sender>,
     connect_timeout: Duration,
     /// Written at the start of every new connection (a PROXY header), if set.
@@ -176,7 +176,7 @@ pub struct OriginClient {
 }
 
 impl OriginClient {
-    pub fn new(
+    pub(crate) fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
         proxy_header: Option<Vec<u8>>,
@@ -192,7 +192,7 @@ impl OriginClient {
     /// returns the response head; the body streams and returns the connection to the pool when
     /// it ends. A pooled connection that turns out to be closed before the request was written
     /// is dropped and the request goes on another one.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         origin: &Authority,
         mut req: Request<Incoming>,
@@ -265,7 +265,7 @@ impl OriginClient {
 
 /// An origin's response body. When it has been read to the end, its connection goes back to the
 /// pool; dropped before that, the connection closes with it.
-pub struct OriginBody {
+pub(crate) struct OriginBody {
     body: Incoming,
     ended: bool,
     back: Option<(Sender, Pool<Sender>, Authority)>,

@@ -25,7 +25,7 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A plain connection to an origin and the bytes read from it but not yet relayed.
-pub struct RawConn {
+pub(super) struct RawConn {
     stream: TcpStream,
     buf: BytesMut,
     /// The response head as the client gets it, rewritten for each response.
@@ -51,13 +51,13 @@ impl Parked for RawConn {
 
 /// Plain origin connections, pooled per origin. Cheap to clone.
 #[derive(Clone)]
-pub struct RawOrigins {
+pub(crate) struct RawOrigins {
     pool: Pool<RawConn>,
     connect_timeout: Duration,
 }
 
 /// The request to send.
-pub struct Outgoing<'a> {
+pub(crate) struct Outgoing<'a> {
     pub origin: &'a Authority,
     /// The whole request (it has no body).
     pub head: &'a [u8],
@@ -70,14 +70,14 @@ pub struct Outgoing<'a> {
 
 /// How a relayed exchange ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Exchanged {
+pub(crate) struct Exchanged {
     pub status: u16,
     /// The client connection must close (it was told `connection: close`).
     pub close: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     /// Nothing was sent to the client: it gets a 502 or 504.
     #[error("origin: {0:?}")]
     Upstream(UpstreamError),
@@ -91,7 +91,7 @@ pub enum ExchangeError {
 }
 
 impl RawOrigins {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> RawOrigins {
+    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration) -> RawOrigins {
         RawOrigins {
             pool: Pool::new(idle_timeout),
             connect_timeout,
@@ -101,7 +101,7 @@ impl RawOrigins {
     /// Sends `req` and relays the response to `client`. `timeout` bounds the wait for the
     /// response head, connecting included; `on_head` runs once the head has arrived, before
     /// anything is written to the client.
-    pub async fn exchange<W: AsyncWrite + Unpin>(
+    pub(crate) async fn exchange<W: AsyncWrite + Unpin>(
         &self,
         req: &Outgoing<'_>,
         timeout: Duration,

@@ -42,6 +42,7 @@ struct Pipe {
 }
 
 impl Pipe {
+    #[allow(unsafe_code)]
     fn new() -> io::Result<Pipe> {
         let mut fds = [-1 as libc::c_int; 2];
         // SAFETY: `fds` is a writable array of two c_ints, which is what pipe2 fills in.
@@ -57,6 +58,7 @@ impl Pipe {
 
 /// Moves up to `len` bytes from `from` to `to` without blocking; one of them must be a pipe.
 /// Into a socket whose peer is gone it raises SIGPIPE, as write(2) does: Rust programs ignore it.
+#[allow(unsafe_code)]
 fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are borrowed, so open for the call; null offsets are what splice
     // takes for pipes and sockets; nothing else is passed by pointer.
