@@ -1,4 +1,4 @@
-//! Registry at China-scale: 10 million entries (SPEC §6, issue "Registry service").
+//! Registry at China-scale: 10 million entries (docs/performance.md#registry-at-10-million-entries).
 //!
 //! Measures, on this machine, in one run:
 //! - building the snapshot and its heap size per entry;

@@ -19,7 +19,7 @@ const CONFIG: &str = include_str!("../deploy/icp-gate.toml");
 const SYSUSERS: &str = include_str!("../deploy/icp-gate.sysusers");
 const RULES: &str = include_str!("../deploy/prometheus/icp-gate.rules.yml");
 
-/// Where the README installs the binary and the config, as the unit names them.
+/// Where docs/operations.md installs the binary and the config, as the unit names them.
 const INSTALLED_BIN: &str = "/usr/local/bin/icp-gate";
 const INSTALLED_CONFIG: &str = "/etc/icp-gate/icp-gate.toml";
 const CONFIG_DIR: &str = "/etc/icp-gate";
@@ -120,7 +120,7 @@ fn unit_config_and_service_user_agree() {
     assert_eq!(one("User"), user);
     assert_eq!(one("Group"), user);
 
-    // Start, reload and stop run the commands the README documents, on the installed config.
+    // Start, reload and stop run the commands docs/operations.md documents, on the installed config.
     let check = [INSTALLED_BIN, "check", "--config", INSTALLED_CONFIG];
     assert_eq!(argv(one("ExecStartPre")), check);
     assert_eq!(
@@ -169,7 +169,7 @@ fn unit_config_and_service_user_agree() {
     assert_eq!(one("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
     assert_eq!(one("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
 
-    // Files the config reads are under the config directory the README installs.
+    // Files the config reads are under the config directory docs/operations.md installs.
     let admin = config.admin.as_ref().expect("an [admin] section");
     let token = admin.token_file.as_deref();
     assert!(

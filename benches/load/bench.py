@@ -1063,7 +1063,7 @@ def rounds_table(results: list[Result]) -> list[str]:
 
 def congestion_control() -> str:
     """The system's default TCP congestion control: with `bbr` every sender paces itself with
-    timers, which on loopback moves the TLS bulk figures (README, "TLS bulk")."""
+    timers, which on loopback moves the TLS bulk figures (docs/performance.md, "TLS bulk")."""
     try:
         with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
             return f.read().strip()

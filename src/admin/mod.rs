@@ -1,4 +1,4 @@
-//! The admin listener (SPEC §7): Prometheus metrics, health checks, and the `/v1` registry API
+//! The admin listener (docs/registry-api.md): Prometheus metrics, health checks, and the `/v1` registry API
 //! the filing system calls.
 //!
 //! `/metrics`, `/healthz` and `/readyz` are open. `/v1` needs the bearer token from

@@ -1,4 +1,4 @@
-//! Configuration (SPEC §5): TOML read with serde, then validated into typed values.
+//! Configuration (docs/configuration.md): TOML read with serde, then validated into typed values.
 //!
 //! Parsing rejects unknown keys and wrong types (serde + `deny_unknown_fields`); validation
 //! rejects what types cannot express (overlapping binds, duplicate prefixes, a route without the

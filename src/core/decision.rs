@@ -1,4 +1,4 @@
-//! The enforcement decision (SPEC §2): one pure function, no I/O.
+//! The enforcement decision (docs/behaviour.md#decision-rules): one pure function, no I/O.
 //!
 //! Listeners extract the destination address and the host, normalise the host
 //! ([`crate::wire::host`]), call [`decide`] and act on the [`Verdict`]. `icp-gate explain` and the admin

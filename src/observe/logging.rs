@@ -1,4 +1,4 @@
-//! Logs: the access log (one line per decision, SPEC §8) and diagnostics, both through `tracing`.
+//! Logs: the access log (one line per decision, docs/operations.md#logs) and diagnostics, both through `tracing`.
 //!
 //! `run --log-format json` writes one JSON object per line with the access fields at the top level
 //! (`ts`, `listener`, `client`, `dst`, `host`, `decision`, `reason`, `status`, `request_id`), which

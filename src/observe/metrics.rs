@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §8). Label values come only from the config (listener names) and
+//! Prometheus metrics (docs/operations.md#metrics). Label values come only from the config (listener names) and
 //! from fixed code sets (decisions, reasons, error kinds): never from a client.
 //!
 //! The data path does not look labels up per request: each listener resolves its counters once

@@ -1,4 +1,4 @@
-//! The answer a blocked HTTP request gets (SPEC §4): the bilingual block page, its JSON form, or
+//! The answer a blocked HTTP request gets (docs/behaviour.md): the bilingual block page, its JSON form, or
 //! a redirect to a page the provider hosts.
 //!
 //! The template is split into literal pieces and placeholders once, when the config is loaded,
@@ -424,7 +424,7 @@ pub(crate) fn error_answer(
     }
 }
 
-/// The answer when the origin failed before sending a response (SPEC §4): 504 when it did not
+/// The answer when the origin failed before sending a response (docs/behaviour.md): 504 when it did not
 /// answer in time, 502 otherwise.
 pub(crate) fn upstream_error_answer(kind: UpstreamError, request_id: &str) -> Answer<'_> {
     let status = match kind {

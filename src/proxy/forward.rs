@@ -1,4 +1,4 @@
-//! Forwarding allowed HTTP requests to the route's origin (SPEC §4 "HTTP allow").
+//! Forwarding allowed HTTP requests to the route's origin (docs/behaviour.md, "HTTP: what clients and origins see").
 //!
 //! One keep-alive pool ([`pool`]) serves all routes; bodies stream both ways without buffering.
 //! A route that sends a PROXY header gets a pool per client connection instead, since the header

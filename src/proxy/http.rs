@@ -5,7 +5,7 @@
 //! Simple HTTP/1.1 requests are served by the hand-written fast path ([`fast`]); the first
 //! request that is not simple, and the rest of its connection, by hyper (here).
 //!
-//! Per request: find the host (SPEC §3), [`decide`], then answer with the block page, a 400 for a
+//! Per request: find the host (docs/behaviour.md#host-normalisation), [`decide`], then answer with the block page, a 400 for a
 //! malformed request, or forward to the route's origin.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -323,7 +323,7 @@ impl Target<'_> {
     }
 }
 
-/// SPEC §3: the absolute-form target's authority wins over `Host` in HTTP/1.x (RFC 9112 §3.2.2);
+/// The absolute-form target's authority wins over `Host` in HTTP/1.x (RFC 9112 §3.2.2);
 /// in HTTP/2 `:authority` wins, and a `Host` that names something else is an error. More than
 /// one `Host` header is always an error.
 fn target<B>(req: &Request<B>) -> Target<'_> {

@@ -1,5 +1,5 @@
 //! The TLS listener (`kind = "tls"`): decides on the ClientHello's SNI without terminating TLS
-//! (SPEC §3 TLS, §4).
+//! (docs/behaviour.md#tls-sni-without-terminating).
 //!
 //! The ClientHello is read into a bounded buffer (reassembled across TCP segments and TLS records
 //! by [`crate::wire::clienthello`]), decided, and then either passed through — the buffered bytes first,

@@ -1,5 +1,5 @@
 //! Long-lived connections allowed by a registry entry: TLS passthrough tunnels and upgraded
-//! (WebSocket) HTTP connections. SPEC §6: when an update turns a host from allowed to blocked,
+//! (WebSocket) HTTP connections. When an update turns a host from allowed to blocked,
 //! these close within a second — new requests are decided afresh anyway, tunnels are not.
 //!
 //! Tunnels are indexed by registrable domain, because every entry that can change a host's

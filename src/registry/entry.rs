@@ -1,4 +1,4 @@
-//! Registry entries and their NDJSON form (SPEC §6).
+//! Registry entries and their NDJSON form (docs/registry-api.md#entry-format).
 
 use std::io::BufRead;
 use std::path::Path;

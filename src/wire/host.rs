@@ -1,4 +1,4 @@
-//! Host normalisation (SPEC §3): one set of rules for the HTTP `Host` header, an HTTP/2
+//! Host normalisation (docs/behaviour.md#host-normalisation): one set of rules for the HTTP `Host` header, an HTTP/2
 //! `:authority`, the authority of an absolute-form request-target and the TLS SNI.
 //!
 //! Every name the proxy compares — request hosts, registry domains, `policy.exempt` — goes through

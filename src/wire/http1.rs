@@ -5,9 +5,9 @@
 //! `Expect`, HTTP/1.0, h2c, anything malformed — with the rest of the connection to hyper.
 //!
 //! Why: on the forwarded path hyper's server and client dispatchers were about half of icp-gate's
-//! user time per request (~12.7 µs before this path, ~6.5 µs with it; README "Where the CPU
-//! goes"). Parsing stays with `httparse` (what hyper uses); this module only decides what is
-//! simple enough, writes the heads, and frames origin responses. It does no I/O.
+//! user time per request (~12.7 µs before this path, ~6.5 µs with it; docs/performance.md,
+//! "Where the CPU goes"). Parsing stays with `httparse` (what hyper uses); this module only
+//! decides what is simple enough, writes the heads, and frames origin responses. It does no I/O.
 
 use httparse::{Header, Status};
 

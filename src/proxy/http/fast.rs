@@ -121,7 +121,7 @@ where
     }
 }
 
-/// The origin failed before sending a response: 502 or 504 (SPEC §4).
+/// The origin failed before sending a response: 502 or 504.
 async fn answer_upstream_error<S>(
     io: &mut Watched<S>,
     ctx: &ConnCtx,
