@@ -20,16 +20,18 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::config::{Config, TlsBlock};
+use crate::config::{Config, Limits, Origin, TlsBlock};
 use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::routes::Route;
 use crate::observe::logging::{Access, RequestId};
+use crate::observe::metrics::UpstreamError;
 use crate::proxy::block_page::{BlockContext, wants_json};
 use crate::proxy::forward;
 use crate::proxy::io::{Prefixed, write_all_last};
 use crate::proxy::relay;
 use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::wire::clienthello::{ClientHelloParser, Parse};
-use crate::wire::host::{self};
+use crate::wire::host::{self, Host, HostError};
 use crate::wire::proxy_protocol;
 
 /// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
@@ -101,17 +103,7 @@ pub(crate) async fn serve(
             .map(|raw| (raw, host::parse_host(raw.as_bytes()))),
         _ => None,
     };
-    let input = match (&hello, &sni) {
-        (_, Some((_, Ok(host)))) => HostInput::from(host),
-        (_, Some((_, Err(_)))) => HostInput::InvalidSni,
-        (Hello::Parsed(Parse::Done(_)), None) => HostInput::NoSni,
-        (Hello::Parsed(Parse::NotTls) | Hello::Nothing, None) => HostInput::NotTls,
-        (Hello::Parsed(Parse::Invalid(why)), None) => {
-            debug!(client = %ends.client, why, "invalid client hello");
-            HostInput::InvalidSni
-        }
-        (Hello::Parsed(Parse::Incomplete) | Hello::Truncated, None) => HostInput::InvalidSni,
-    };
+    let input = sni_input(&hello, &sni, &ends);
     let (decision, reason, protocol_error, route, registrable) = {
         let snapshot = shared.registry.load();
         let v = decide(ends.dst.ip(), input, &snapshot, &runtime.policy);
@@ -151,33 +143,10 @@ pub(crate) async fn serve(
                 return;
             };
             let limits = &runtime.config.limits;
-            let mut upstream =
-                match forward::connect(origin.as_str(), limits.origin_connect_timeout).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let kind = if e.kind() == std::io::ErrorKind::TimedOut {
-                            crate::observe::metrics::UpstreamError::Timeout
-                        } else {
-                            crate::observe::metrics::UpstreamError::Connect
-                        };
-                        spec.metrics.upstream_error(kind);
-                        debug!(%origin, error = %e, "tls origin unreachable");
-                        return;
-                    }
-                };
-            if let Some(version) = route.send_proxy_protocol {
-                let header = proxy_protocol::encode(version, ends.client, ends.dst);
-                if upstream.write_all(&header).await.is_err() {
-                    return;
-                }
-            }
-            // The client's bytes exactly as received, the buffered ClientHello first.
-            if upstream.write_all(&buf).await.is_err() {
-                spec.metrics
-                    .upstream_error(crate::observe::metrics::UpstreamError::Reset);
+            let Some(upstream) = open_tunnel(origin, route, &ends, &buf, limits, &spec).await
+            else {
                 return;
-            }
-            spec.metrics.relayed[0].inc_by(buf.len() as u64);
+            };
             let idle = limits.idle_timeout;
             drop(runtime);
             // A tunnel a registry entry allowed closes when an update blocks its host.
@@ -205,19 +174,80 @@ pub(crate) async fn serve(
                 drop(runtime);
                 Box::pin(serve_block_page(acceptor, io, page)).await;
             }
-            None => match tls.block {
-                TlsBlock::Alert => {
-                    // Closing right after sends the FIN, in the alert's segment; a shutdown(2)
-                    // first would only add a syscall.
-                    let _ = write_all_last(&mut tcp, &ACCESS_DENIED_ALERT, &[]).await;
-                }
-                TlsBlock::Reset => {
-                    // SO_LINGER 0: close sends RST instead of FIN.
-                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                }
-            },
+            None => refuse(tcp, tls.block).await,
         },
         Decision::Refuse => {}
+    }
+}
+
+/// The decision input for what the ClientHello read produced: its SNI when it has one, else why
+/// there is none.
+fn sni_input<'h>(
+    hello: &Hello,
+    sni: &'h Option<(&str, Result<Host<'_>, HostError>)>,
+    ends: &Endpoints,
+) -> HostInput<'h> {
+    match (hello, sni) {
+        (_, Some((_, Ok(host)))) => HostInput::from(host),
+        (_, Some((_, Err(_)))) => HostInput::InvalidSni,
+        (Hello::Parsed(Parse::Done(_)), None) => HostInput::NoSni,
+        (Hello::Parsed(Parse::NotTls) | Hello::Nothing, None) => HostInput::NotTls,
+        (Hello::Parsed(Parse::Invalid(why)), None) => {
+            debug!(client = %ends.client, why, "invalid client hello");
+            HostInput::InvalidSni
+        }
+        (Hello::Parsed(Parse::Incomplete) | Hello::Truncated, None) => HostInput::InvalidSni,
+    }
+}
+
+/// Connects to the route's TLS origin and sends it the PROXY header (when the route asks for
+/// one) and the client's bytes so far, exactly as received. `None` when that failed (counted).
+async fn open_tunnel(
+    origin: &Origin,
+    route: &Route,
+    ends: &Endpoints,
+    hello: &[u8],
+    limits: &Limits,
+    spec: &ListenerSpec,
+) -> Option<TcpStream> {
+    let mut upstream = match forward::connect(origin.as_str(), limits.origin_connect_timeout).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+                UpstreamError::Timeout
+            } else {
+                UpstreamError::Connect
+            };
+            spec.metrics.upstream_error(kind);
+            debug!(%origin, error = %e, "tls origin unreachable");
+            return None;
+        }
+    };
+    if let Some(version) = route.send_proxy_protocol {
+        let header = proxy_protocol::encode(version, ends.client, ends.dst);
+        upstream.write_all(&header).await.ok()?;
+    }
+    if upstream.write_all(hello).await.is_err() {
+        spec.metrics.upstream_error(UpstreamError::Reset);
+        return None;
+    }
+    spec.metrics.relayed[0].inc_by(hello.len() as u64);
+    Some(upstream)
+}
+
+/// Refuses a blocked connection when no block certificate is configured: a TLS alert, or a reset.
+async fn refuse(mut tcp: TcpStream, how: TlsBlock) {
+    match how {
+        TlsBlock::Alert => {
+            // Closing right after sends the FIN, in the alert's segment; a shutdown(2) first
+            // would only add a syscall.
+            let _ = write_all_last(&mut tcp, &ACCESS_DENIED_ALERT, &[]).await;
+        }
+        TlsBlock::Reset => {
+            // SO_LINGER 0: close sends RST instead of FIN.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+        }
     }
 }
 

@@ -290,42 +290,11 @@ pub(crate) fn parse_response(
         _ => {}
     }
     let headers: &[Header<'_>] = resp.headers;
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    let mut close = version == 0;
-    let mut has_date = false;
-    // `Connection` names a header to drop (rare: usually only `keep-alive` or `close`).
-    let mut lists_headers = false;
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(BadResponse::ContentLength);
-            }
-            length = Some(n);
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Only the last coding counts (RFC 9112 §6.3 rule 4); later headers come later.
-            if let Some(last) = tokens(h.value).last() {
-                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
-            }
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            for t in tokens(h.value) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    close &= version != 0;
-                } else {
-                    lists_headers = true;
-                }
-            }
-        } else if h.name.eq_ignore_ascii_case("date") {
-            has_date = true;
-        }
-    }
+    let facts = ResponseFacts::scan(headers, version)?;
     let framing = if head_request || status == 204 || status == 304 {
         Framing::Empty
     } else {
-        match (chunked, length) {
+        match (facts.chunked, facts.length) {
             (Some(true), _) => Framing::Chunked,
             (Some(false), _) => Framing::UntilClose,
             (None, Some(n)) => Framing::Length(n),
@@ -333,17 +302,87 @@ pub(crate) fn parse_response(
         }
     };
     // Both framings at once is how smuggling starts: relay by Transfer-Encoding, never reuse.
-    let conflicting = chunked.is_some() && length.is_some();
-    let reusable = !close && !conflicting && framing != Framing::UntilClose;
+    let conflicting = facts.chunked.is_some() && facts.length.is_some();
+    let reusable = !facts.close && !conflicting && framing != Framing::UntilClose;
+    write_client_head(out, status, resp.reason.unwrap_or(""), headers, &facts);
+    Ok(ResponseHead::Final(Final {
+        len,
+        status,
+        framing,
+        reusable,
+    }))
+}
 
+/// What an origin response's headers say about its framing and the connection.
+struct ResponseFacts {
+    length: Option<u64>,
+    /// Whether the last transfer coding is `chunked`, when there is a `Transfer-Encoding`.
+    chunked: Option<bool>,
+    close: bool,
+    has_date: bool,
+    /// `Connection` names a header to drop (rare: usually only `keep-alive` or `close`).
+    lists_headers: bool,
+}
+
+impl ResponseFacts {
+    #[inline]
+    fn scan(headers: &[Header<'_>], version: u8) -> Result<ResponseFacts, BadResponse> {
+        let mut f = ResponseFacts {
+            length: None,
+            chunked: None,
+            close: version == 0,
+            has_date: false,
+            lists_headers: false,
+        };
+        for h in headers {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let n = parse_length(h.value).ok_or(BadResponse::ContentLength)?;
+                if f.length.is_some_and(|l| l != n) {
+                    return Err(BadResponse::ContentLength);
+                }
+                f.length = Some(n);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                // Only the last coding counts (RFC 9112 §6.3 rule 4); later headers come later.
+                if let Some(last) = tokens(h.value).last() {
+                    f.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+                }
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                for t in tokens(h.value) {
+                    if t.eq_ignore_ascii_case(b"close") {
+                        f.close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        f.close &= version != 0;
+                    } else {
+                        f.lists_headers = true;
+                    }
+                }
+            } else if h.name.eq_ignore_ascii_case("date") {
+                f.has_date = true;
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// Writes the response head the client gets: HTTP/1.1, the origin's status and headers less the
+/// hop-by-hop ones (`Transfer-Encoding` stays: the body passes in the framing it names), and a
+/// `date` when the origin sent none.
+#[inline]
+fn write_client_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    headers: &[Header<'_>],
+    facts: &ResponseFacts,
+) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
     out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let listed = |name: &str| {
-        lists_headers
+        facts.lists_headers
             && headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("connection"))
@@ -352,26 +391,19 @@ pub(crate) fn parse_response(
     };
     for h in headers {
         let name = h.name;
-        // Transfer-Encoding stays: the body passes through in the framing it names.
         let te = name.eq_ignore_ascii_case("transfer-encoding");
         let drop = (is_hop_by_hop(name) && !te)
-            || (chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
+            || (facts.chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
             || listed(name);
         if !drop {
             push_header(out, name.as_bytes(), h.value);
         }
     }
-    if !has_date {
+    if !facts.has_date {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(&clock::http_date());
         out.extend_from_slice(b"\r\n");
     }
-    Ok(ResponseHead::Final(Final {
-        len,
-        status,
-        framing,
-        reusable,
-    }))
 }
 
 /// Ends a client head from [`parse_response`].

@@ -1,0 +1,215 @@
+//! The validated configuration: what every other layer reads.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::uri::Authority;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::wire::host::{self, Host};
+pub use crate::wire::proxy_protocol::ProxyProtocolVersion;
+
+/// A configuration error. The message always starts with the file, then the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", file.display())]
+    Syntax { file: PathBuf, message: String },
+    #[error("{}: {key}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// `enforce` blocks; `report` lets everything through but counts and logs what would have been
+/// blocked (how an operator rolls enforcement out without an outage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Report,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
+}
+
+/// What to do with a request the registry cannot decide (IP literal, TLS without SNI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    Http,
+    Tls,
+}
+
+/// How a refused TLS connection is ended when no block certificate is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsBlock {
+    /// A fatal `access_denied` alert, then close.
+    Alert,
+    /// A TCP reset (SO_LINGER 0).
+    Reset,
+}
+
+/// A validated configuration. Paths are absolute or relative to the working directory (they were
+/// resolved against the config file's folder).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from, for error messages and reloads.
+    pub path: PathBuf,
+    pub registry: RegistryConfig,
+    pub policy: PolicyConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub block_page: BlockPageConfig,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub admin: Option<AdminConfig>,
+    pub demo_origin: Option<DemoOriginConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryConfig {
+    pub state_dir: PathBuf,
+    pub seed: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub mode: Mode,
+    pub ip_literal: Action,
+    pub no_sni: Action,
+    /// Normalised names; a request for one of them or any sub-domain is always allowed.
+    pub exempt: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub kind: ListenerKind,
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub dst: IpNet,
+    pub mainland: bool,
+    pub x_forwarded_for: bool,
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// Overrides `policy.mode` for destinations in this route.
+    pub mode: Option<Mode>,
+    pub http_origin: Option<Origin>,
+    pub tls_origin: Option<Origin>,
+}
+
+/// An origin address as written (`10.0.0.5:80` or `origin.internal:80`). Names are resolved at
+/// connect time, as nginx does with a variable `proxy_pass`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin(Authority);
+
+impl Origin {
+    /// Accepts `ip:port`, `[v6]:port` or `name:port`.
+    pub fn parse(text: &str) -> Option<Origin> {
+        let authority: Authority = text.parse().ok()?;
+        authority.port_u16()?;
+        if text.parse::<SocketAddr>().is_ok() {
+            return Some(Origin(authority));
+        }
+        match host::parse_host(authority.host().as_bytes()) {
+            Ok(Host::Name(_)) => Some(Origin(authority)),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// The origin as a URI authority (cheap to clone), for building upstream request URIs.
+    pub fn authority(&self) -> &Authority {
+        &self.0
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockPageConfig {
+    pub status: u16,
+    /// `None`: the built-in page (the shipped `config/block.html`).
+    pub template: Option<PathBuf>,
+    pub redirect: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub block: TlsBlock,
+    pub max_client_hello: usize,
+    pub client_hello_timeout: Duration,
+    pub block_cert: Option<PathBuf>,
+    pub block_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub idle_timeout: Duration,
+    pub origin_connect_timeout: Duration,
+    pub origin_response_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub bind: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    /// Certificate and key (PEM) to serve the admin listener over TLS; required with `client_ca`.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// A built-in origin for demonstrations: answers every request with a short text page naming
+/// the host it received. Not for production; it exists so the README's first command shows a
+/// forwarded request with nothing else running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoOriginConfig {
+    pub http: Option<SocketAddr>,
+    /// HTTPS side, with its certificate and key (PEM).
+    pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
+}
+
+impl Config {
+    /// The listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}

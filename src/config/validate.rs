@@ -1,0 +1,580 @@
+//! From the file as written to a [`Config`]: paths resolved against the config's folder, files
+//! the config names checked readable now, and what types cannot express refused with the key.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+
+use super::file::*;
+use super::model::*;
+use crate::wire::host::{self, Host};
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Validator {
+            file: path,
+            base: path.parent().unwrap_or(Path::new("")),
+        }
+        .validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.base.join(p)
+    }
+
+    /// A file the config names must exist and be readable now, not at the first request.
+    fn readable_file(&self, key: &str, p: &str) -> Result<PathBuf, ConfigError> {
+        let path = self.path(p);
+        std::fs::File::open(&path)
+            .map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let registry = RegistryConfig {
+            state_dir: self.path(&raw.registry.state_dir),
+            seed: match &raw.registry.seed {
+                Some(seed) => Some(self.readable_file("registry.seed", seed)?),
+                None => None,
+            },
+        };
+        let policy = self.policy(raw.policy)?;
+        let listeners = self.listeners(raw.listener)?;
+        let routes = self.routes(raw.route, &listeners)?;
+        let block_page = self.block_page(raw.block_page)?;
+        let tls = self.tls(raw.tls)?;
+        let limits = self.limits(raw.limits)?;
+        let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
+        let demo_origin = raw.demo_origin.map(|d| self.demo_origin(d)).transpose()?;
+        self.distinct_binds(&listeners, admin.as_ref(), demo_origin.as_ref())?;
+        Ok(Config {
+            path: self.file.to_path_buf(),
+            registry,
+            policy,
+            listeners,
+            routes,
+            block_page,
+            tls,
+            limits,
+            admin,
+            demo_origin,
+        })
+    }
+
+    fn policy(&self, raw: RawPolicy) -> Result<PolicyConfig, ConfigError> {
+        let mut exempt = Vec::new();
+        for (i, name) in raw.exempt.iter().enumerate() {
+            match host::parse_host(name.as_bytes()) {
+                Ok(Host::Name(n)) => exempt.push(n.into_owned()),
+                Ok(Host::Ip(_)) => {
+                    return Err(self.err(
+                        format!("policy.exempt[{i}]"),
+                        format!("{name:?} is an IP address; exemptions are domain names"),
+                    ));
+                }
+                Err(e) => {
+                    return Err(self.err(format!("policy.exempt[{i}]"), format!("{name:?}: {e}")));
+                }
+            }
+        }
+        Ok(PolicyConfig {
+            mode: raw.mode,
+            ip_literal: raw.ip_literal,
+            no_sni: raw.no_sni,
+            exempt,
+        })
+    }
+
+    fn admin(&self, a: RawAdmin) -> Result<AdminConfig, ConfigError> {
+        Ok(AdminConfig {
+            bind: a.bind,
+            token_file: match &a.token_file {
+                Some(p) => Some(self.readable_file("admin.token_file", p)?),
+                None => None,
+            },
+            client_ca: match &a.client_ca {
+                Some(p) => Some(self.readable_file("admin.client_ca", p)?),
+                None => None,
+            },
+            tls: match (&a.tls_cert, &a.tls_key, &a.client_ca) {
+                (Some(c), Some(k), _) => Some((
+                    self.readable_file("admin.tls_cert", c)?,
+                    self.readable_file("admin.tls_key", k)?,
+                )),
+                (None, None, None) => None,
+                (None, None, Some(_)) => {
+                    return Err(self.err(
+                        "admin.client_ca",
+                        "mTLS needs admin.tls_cert and admin.tls_key for the listener itself",
+                    ));
+                }
+                (Some(_), None, _) => {
+                    return Err(self.err("admin.tls_key", "required with admin.tls_cert"));
+                }
+                (None, Some(_), _) => {
+                    return Err(self.err("admin.tls_cert", "required with admin.tls_key"));
+                }
+            },
+        })
+    }
+
+    fn demo_origin(&self, d: RawDemoOrigin) -> Result<DemoOriginConfig, ConfigError> {
+        Ok(DemoOriginConfig {
+            http: d.http,
+            tls: match (d.tls, &d.tls_cert, &d.tls_key) {
+                (Some(addr), Some(cert), Some(key)) => Some((
+                    addr,
+                    self.readable_file("demo_origin.tls_cert", cert)?,
+                    self.readable_file("demo_origin.tls_key", key)?,
+                )),
+                (None, None, None) => None,
+                _ => {
+                    return Err(
+                        self.err("demo_origin.tls", "tls, tls_cert and tls_key go together")
+                    );
+                }
+            },
+        })
+    }
+
+    /// Every socket the process binds must be distinct.
+    fn distinct_binds(
+        &self,
+        listeners: &[ListenerConfig],
+        admin: Option<&AdminConfig>,
+        demo_origin: Option<&DemoOriginConfig>,
+    ) -> Result<(), ConfigError> {
+        let mut binds: Vec<(String, SocketAddr)> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("listener[{i}].bind"), l.bind))
+            .collect();
+        if let Some(a) = admin {
+            binds.push(("admin.bind".into(), a.bind));
+        }
+        if let Some(addr) = demo_origin.and_then(|d| d.http) {
+            binds.push(("demo_origin.http".into(), addr));
+        }
+        if let Some((addr, _, _)) = demo_origin.and_then(|d| d.tls.as_ref()) {
+            binds.push(("demo_origin.tls".into(), *addr));
+        }
+        for (i, (key, addr)) in binds.iter().enumerate() {
+            if let Some((other, _)) = binds[..i].iter().find(|(_, a)| binds_overlap(*a, *addr)) {
+                return Err(self.err(key, format!("{addr} overlaps {other}")));
+            }
+        }
+        Ok(())
+    }
+
+    fn listeners(&self, raw: Vec<RawListener>) -> Result<Vec<ListenerConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err("listener", "at least one [[listener]] is required"));
+        }
+        let mut names = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, l) in raw.into_iter().enumerate() {
+            // Names become metric label values and log fields: keep them plain.
+            let plain = !l.name.is_empty()
+                && l.name.len() <= 64
+                && l.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !plain {
+                return Err(self.err(
+                    format!("listener[{i}].name"),
+                    format!("{:?}: use 1-64 letters, digits, '-' or '_'", l.name),
+                ));
+            }
+            if !names.insert(l.name.clone()) {
+                return Err(self.err(
+                    format!("listener[{i}].name"),
+                    format!("{:?} is used by another listener", l.name),
+                ));
+            }
+            out.push(ListenerConfig {
+                name: l.name,
+                bind: l.bind,
+                kind: l.kind,
+                proxy_protocol: l.proxy_protocol,
+            });
+        }
+        Ok(out)
+    }
+
+    fn routes(
+        &self,
+        raw: Vec<RawRoute>,
+        listeners: &[ListenerConfig],
+    ) -> Result<Vec<RouteConfig>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err("route", "at least one [[route]] is required"));
+        }
+        let has_http = listeners.iter().any(|l| l.kind == ListenerKind::Http);
+        let has_tls = listeners.iter().any(|l| l.kind == ListenerKind::Tls);
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, r) in raw.into_iter().enumerate() {
+            let dst: IpNet = r.dst.parse().map_err(|_| {
+                self.err(
+                    format!("route[{i}].dst"),
+                    format!("{:?} is not an IP prefix like 10.0.0.0/8", r.dst),
+                )
+            })?;
+            if dst != dst.trunc() {
+                return Err(self.err(
+                    format!("route[{i}].dst"),
+                    format!("{dst} has host bits set; did you mean {}?", dst.trunc()),
+                ));
+            }
+            if !seen.insert(dst) {
+                return Err(self.err(format!("route[{i}].dst"), format!("{dst} is listed twice")));
+            }
+            let http_origin = self.origin(&format!("route[{i}].http_origin"), r.http_origin)?;
+            let tls_origin = self.origin(&format!("route[{i}].tls_origin"), r.tls_origin)?;
+            if has_http && http_origin.is_none() {
+                return Err(self.err(
+                    format!("route[{i}].http_origin"),
+                    "required: an http listener forwards allowed requests there",
+                ));
+            }
+            if has_tls && tls_origin.is_none() {
+                return Err(self.err(
+                    format!("route[{i}].tls_origin"),
+                    "required: a tls listener passes allowed connections through there",
+                ));
+            }
+            out.push(RouteConfig {
+                dst,
+                mainland: r.mainland,
+                x_forwarded_for: r.x_forwarded_for,
+                send_proxy_protocol: r.send_proxy_protocol,
+                mode: r.mode,
+                http_origin,
+                tls_origin,
+            });
+        }
+        Ok(out)
+    }
+
+    fn origin(&self, key: &str, raw: Option<String>) -> Result<Option<Origin>, ConfigError> {
+        let Some(text) = raw else { return Ok(None) };
+        match Origin::parse(&text) {
+            Some(origin) => Ok(Some(origin)),
+            None => Err(self.err(key, format!("{text:?} is not host:port"))),
+        }
+    }
+
+    fn block_page(&self, raw: RawBlockPage) -> Result<BlockPageConfig, ConfigError> {
+        // A block answer must carry a body, so statuses that forbid one are refused.
+        if !(200..=599).contains(&raw.status) || matches!(raw.status, 204 | 205 | 304) {
+            return Err(self.err(
+                "block_page.status",
+                format!(
+                    "{} cannot carry a block page (use 200-599 except 204, 205, 3xx)",
+                    raw.status
+                ),
+            ));
+        }
+        if (300..400).contains(&raw.status) {
+            return Err(self.err(
+                "block_page.status",
+                format!("{}: for a redirect set block_page.redirect", raw.status),
+            ));
+        }
+        let template = match &raw.template {
+            Some(p) => Some(self.readable_file("block_page.template", p)?),
+            None => None,
+        };
+        if let Some(url) = &raw.redirect {
+            let ok = (url.starts_with("https://") || url.starts_with("http://"))
+                && url.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(self.err(
+                    "block_page.redirect",
+                    format!("{url:?} is not an absolute http(s) URL without spaces"),
+                ));
+            }
+        }
+        Ok(BlockPageConfig {
+            status: raw.status,
+            template,
+            redirect: raw.redirect,
+        })
+    }
+
+    fn tls(&self, raw: RawTls) -> Result<TlsConfig, ConfigError> {
+        if !(512..=1 << 20).contains(&raw.max_client_hello) {
+            return Err(self.err(
+                "tls.max_client_hello",
+                format!("{} is outside 512..=1048576 bytes", raw.max_client_hello),
+            ));
+        }
+        if raw.client_hello_timeout.0.is_zero() {
+            return Err(self.err("tls.client_hello_timeout", "must be more than 0"));
+        }
+        let (block_cert, block_key) = match (&raw.block_cert, &raw.block_key) {
+            (Some(c), Some(k)) => (
+                Some(self.readable_file("tls.block_cert", c)?),
+                Some(self.readable_file("tls.block_key", k)?),
+            ),
+            (None, None) => (None, None),
+            (Some(_), None) => {
+                return Err(self.err("tls.block_key", "required with tls.block_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("tls.block_cert", "required with tls.block_key"));
+            }
+        };
+        Ok(TlsConfig {
+            block: raw.block,
+            max_client_hello: raw.max_client_hello,
+            client_hello_timeout: raw.client_hello_timeout.0,
+            block_cert,
+            block_key,
+        })
+    }
+
+    fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        if raw.max_connections == 0 {
+            return Err(self.err("limits.max_connections", "must be at least 1"));
+        }
+        // hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+        if !(8192..=16 << 20).contains(&raw.max_header_bytes) {
+            return Err(self.err(
+                "limits.max_header_bytes",
+                format!("{} is outside 8192..=16777216", raw.max_header_bytes),
+            ));
+        }
+        for (key, d) in [
+            ("limits.header_read_timeout", raw.header_read_timeout),
+            ("limits.idle_timeout", raw.idle_timeout),
+            ("limits.origin_connect_timeout", raw.origin_connect_timeout),
+            (
+                "limits.origin_response_timeout",
+                raw.origin_response_timeout,
+            ),
+        ] {
+            if d.0.is_zero() {
+                return Err(self.err(key, "must be more than 0"));
+            }
+        }
+        Ok(Limits {
+            max_connections: raw.max_connections,
+            header_read_timeout: raw.header_read_timeout.0,
+            max_header_bytes: raw.max_header_bytes,
+            idle_timeout: raw.idle_timeout.0,
+            origin_connect_timeout: raw.origin_connect_timeout.0,
+            origin_response_timeout: raw.origin_response_timeout.0,
+            drain_timeout: raw.drain_timeout.0,
+        })
+    }
+}
+
+/// Two binds collide when they share a port and one address covers the other. Port 0 (pick any)
+/// never collides, so tests can bind several ephemeral ports.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MINIMAL: &str = r#"
+[registry]
+state_dir = "var/registry"
+
+[[listener]]
+name = "http"
+bind = "127.0.0.1:8080"
+kind = "http"
+
+[[route]]
+dst = "127.0.0.0/8"
+mainland = true
+http_origin = "127.0.0.1:9080"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/icp-gate/icp-gate.toml"))
+    }
+
+    fn error(text: &str) -> String {
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_spec_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.registry.state_dir,
+            Path::new("/etc/icp-gate/var/registry")
+        );
+        assert_eq!(c.policy.mode, Mode::Enforce);
+        assert_eq!(c.policy.ip_literal, Action::Allow);
+        assert_eq!(c.policy.no_sni, Action::Block);
+        assert_eq!(c.block_page.status, 403);
+        assert_eq!(c.tls.block, TlsBlock::Alert);
+        assert_eq!(c.tls.max_client_hello, 16384);
+        assert_eq!(c.tls.client_hello_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_connections, 100_000);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits.max_header_bytes, 65536);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.origin_connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.limits.origin_response_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.drain_timeout, Duration::from_secs(30));
+        assert!(c.routes[0].x_forwarded_for);
+        assert_eq!(c.routes[0].send_proxy_protocol, None);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_file_and_key() {
+        let e = error(&format!("{MINIMAL}\n[limits]\nmax_conections = 5\n"));
+        assert!(e.starts_with("/etc/icp-gate/icp-gate.toml: "), "{e}");
+        assert!(e.contains("max_conections"), "{e}");
+        let e = error(&MINIMAL.replace("mainland = true", "mainland = true\nmainlnd = 1"));
+        assert!(e.contains("mainlnd"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            (
+                MINIMAL.replace("127.0.0.0/8", "127.0.0.0/33"),
+                "route[0].dst",
+            ),
+            (
+                MINIMAL.replace("127.0.0.0/8", "127.0.0.1/8"),
+                "route[0].dst",
+            ),
+            (
+                MINIMAL.replace("\"127.0.0.1:9080\"", "\"nope\""),
+                "route[0].http_origin",
+            ),
+            (
+                MINIMAL.replace("name = \"http\"", "name = \"h t\""),
+                "listener[0].name",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_header_bytes = 100\n"),
+                "limits.max_header_bytes",
+            ),
+            (
+                format!("{MINIMAL}[limits]\nmax_connections = 0\n"),
+                "limits.max_connections",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\nstatus = 302\n"),
+                "block_page.status",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\nredirect = \"ftp://x\"\n"),
+                "block_page.redirect",
+            ),
+            (
+                format!("{MINIMAL}[policy]\nexempt = [\"a..b\"]\n"),
+                "policy.exempt[0]",
+            ),
+            (
+                format!("{MINIMAL}[tls]\nblock_cert = \"x.pem\"\n"),
+                "tls.block_key",
+            ),
+            (
+                format!("{MINIMAL}[block_page]\ntemplate = \"missing.html\"\n"),
+                "block_page.template",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = error(&text);
+            assert!(
+                e.contains(&format!(": {key}: ")),
+                "expected key {key} in {e}"
+            );
+        }
+        let e = error(&format!("{MINIMAL}[limits]\nidle_timeout = \"soon\"\n"));
+        assert!(
+            e.contains("idle_timeout") && e.contains("bad duration"),
+            "{e}"
+        );
+        let e = error(&MINIMAL.replace("kind = \"http\"", "kind = \"udp\""));
+        assert!(e.contains("udp"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_binds_and_duplicate_prefixes_are_rejected() {
+        let two = format!(
+            "{MINIMAL}\n[[listener]]\nname = \"other\"\nbind = \"0.0.0.0:8080\"\nkind = \"http\"\n"
+        );
+        assert!(error(&two).contains("listener[1].bind: 0.0.0.0:8080 overlaps listener[0].bind"));
+        let admin = format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:8080\"\n");
+        assert!(error(&admin).contains("admin.bind"));
+        let dup = format!(
+            "{MINIMAL}\n[[route]]\ndst = \"127.0.0.0/8\"\nmainland = false\nhttp_origin = \"127.0.0.1:1\"\n"
+        );
+        assert!(error(&dup).contains("route[1].dst: 127.0.0.0/8 is listed twice"));
+        let ephemeral = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0")
+            + "\n[[listener]]\nname = \"b\"\nbind = \"127.0.0.1:0\"\nkind = \"http\"\n";
+        assert!(parse(&ephemeral).is_ok());
+    }
+
+    #[test]
+    fn tls_listener_requires_tls_origin() {
+        let text = format!(
+            "{MINIMAL}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:8443\"\nkind = \"tls\"\n"
+        );
+        assert!(error(&text).contains("route[0].tls_origin: required"));
+    }
+
+    #[test]
+    fn exempt_names_are_normalised_and_origins_may_be_names() {
+        let text = MINIMAL.replace("\"127.0.0.1:9080\"", "\"origin.internal:80\"")
+            + "[policy]\nexempt = [\"Console.例子.中国.\"]\nmode = \"report\"\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.policy.exempt,
+            vec!["console.xn--fsqu00a.xn--fiqs8s".to_string()]
+        );
+        assert_eq!(c.policy.mode, Mode::Report);
+        assert_eq!(
+            c.routes[0].http_origin.as_ref().unwrap().as_str(),
+            "origin.internal:80"
+        );
+    }
+}
