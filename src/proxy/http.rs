@@ -18,8 +18,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
@@ -40,22 +39,6 @@ use crate::wire::host::{self, Host};
 
 /// Response bodies: icp-gate's own answers, or the origin's streamed body.
 pub(crate) type Body = Either<Full<Bytes>, OriginBody>;
-
-/// The HTTP/1 and HTTP/2 server settings for the given limits.
-pub(crate) fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // The read buffer bounds the request head (bodies stream past it): hyper answers 431.
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(250);
-    b
-}
 
 /// Serves one client connection until it closes, idles out or the process drains: the fast
 /// path ([`fast`]) while requests are simple, then hyper for the rest of the connection.

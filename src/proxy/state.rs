@@ -2,24 +2,25 @@
 //! the drain signal and the live tunnels. The runtime builds it; listeners and the admin API read it.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{self, Config, Limits, ListenerConfig};
 use crate::core::decision::Policy;
 use crate::core::routes::RouteTable;
 use crate::observe::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::block_page::{BlockPage, BlockPageError};
 use crate::proxy::forward::{self, OriginClient, RawOrigins, origin_client};
 use crate::proxy::tunnels::LiveTunnels;
-use crate::proxy::{http, tls};
 use crate::registry::{Registry, RegistryWriter, Snapshot};
 
 /// A config that cannot be put in force.
@@ -42,7 +43,8 @@ pub(crate) struct Generation {
     /// The same for the HTTP fast path.
     pub raw_origins: RawOrigins,
     pub http: auto::Builder<TokioExecutor>,
-    pub tls: tls::TlsRuntime,
+    /// Serves the block page to refused TLS clients, when `tls.block_cert` is configured.
+    pub block_acceptor: Option<TlsAcceptor>,
 }
 
 impl Generation {
@@ -51,8 +53,14 @@ impl Generation {
         let block_page = BlockPage::load(&config.block_page)?;
         let origins = origin_client(&config.limits, None);
         let raw_origins = forward::raw_origins(&config.limits);
-        let http = http::builder(&config.limits);
-        let tls = tls::TlsRuntime::new(&config).map_err(GenerationError::Tls)?;
+        let http = http_builder(&config.limits);
+        let block_acceptor = match (&config.tls.block_cert, &config.tls.block_key) {
+            (Some(cert), Some(key)) => Some(
+                acceptor(cert, key)
+                    .map_err(|e| GenerationError::Tls(format!("tls.block_cert/block_key: {e}")))?,
+            ),
+            _ => None,
+        };
         Ok(Generation {
             config,
             policy,
@@ -60,7 +68,7 @@ impl Generation {
             origins,
             raw_origins,
             http,
-            tls,
+            block_acceptor,
         })
     }
 }
@@ -169,4 +177,26 @@ impl Drop for ConnectionGuard {
 pub(crate) struct Endpoints {
     pub client: SocketAddr,
     pub dst: SocketAddr,
+}
+
+/// The HTTP/1 and HTTP/2 server settings for the given limits.
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // The read buffer bounds the request head (bodies stream past it): hyper answers 431.
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(250);
+    b
+}
+
+/// A TLS acceptor for a PEM certificate chain and key, offering h2 and http/1.1.
+pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let config = config::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }

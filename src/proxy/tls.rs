@@ -6,7 +6,6 @@
 //! exactly as received, then a byte relay — or refused: a block page over TLS with the block
 //! certificate, a fatal `access_denied` alert, or a TCP reset.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
-use crate::config::{Config, Limits, Origin, TlsBlock};
+use crate::config::{Limits, Origin, TlsBlock};
 use crate::core::decision::{Decision, HostInput, Reason, decide};
 use crate::core::routes::Route;
 use crate::observe::logging::{Access, RequestId};
@@ -36,32 +35,6 @@ use crate::wire::proxy_protocol;
 
 /// A fatal `access_denied` alert record (RFC 8446 §6): level 2, description 49.
 const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
-
-/// The TLS part of a runtime: the acceptor that serves the block page, when a block certificate
-/// is configured.
-pub(crate) struct TlsRuntime {
-    block_acceptor: Option<TlsAcceptor>,
-}
-
-impl TlsRuntime {
-    pub(crate) fn new(config: &Config) -> Result<TlsRuntime, String> {
-        let (Some(cert), Some(key)) = (&config.tls.block_cert, &config.tls.block_key) else {
-            return Ok(TlsRuntime {
-                block_acceptor: None,
-            });
-        };
-        let acceptor = acceptor(cert, key).map_err(|e| format!("tls.block_cert/block_key: {e}"))?;
-        Ok(TlsRuntime {
-            block_acceptor: Some(acceptor),
-        })
-    }
-}
-
-/// A TLS acceptor for a PEM certificate chain and key, offering h2 and http/1.1.
-pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
-    let config = crate::config::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
 
 /// Buffer growth per ClientHello read.
 const HELLO_READ: usize = 4096;
@@ -162,7 +135,7 @@ pub(crate) async fn serve(
             debug!(client = %ends.client, sni = %sni, ?r, "tunnel closed");
         }
         Decision::Block if protocol_error => {}
-        Decision::Block => match &runtime.tls.block_acceptor {
+        Decision::Block => match &runtime.block_acceptor {
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let page = BlockPageJob {

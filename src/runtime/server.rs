@@ -99,7 +99,7 @@ impl Listeners {
                 demo_origin.push((bind_here("demo_origin", addr)?, None));
             }
             if let Some((addr, cert, key)) = &demo.tls {
-                let acceptor = crate::proxy::tls::acceptor(cert, key)
+                let acceptor = crate::proxy::state::acceptor(cert, key)
                     .map_err(|e| ServerError::DemoOrigin(format!("demo_origin: {e}")))?;
                 demo_origin.push((bind_here("demo_origin", *addr)?, Some(acceptor)));
             }
