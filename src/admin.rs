@@ -34,8 +34,8 @@ use crate::config::AdminConfig;
 use crate::decision::{HostInput, decide};
 use crate::host::{self, Host};
 use crate::registry::{
-    Applied, Entry, EntryError, Op, RawEntry, SnapshotBuilder, WriteError, WriteKind,
-    normalize_domain,
+    Applied, Entry, EntryError, MAX_JOURNAL_RECORD, Op, RawEntry, SnapshotBuilder, WriteError,
+    WriteKind, journal_record_len, normalize_domain,
 };
 use crate::server::Shared;
 
@@ -388,7 +388,16 @@ async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> 
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
-    let result = write(shared, WriteKind::Batch, ops, expect).await;
+    // Refused here, not queued: it could never be stored.
+    let bytes = journal_record_len(&ops);
+    let result = if bytes > MAX_JOURNAL_RECORD as usize {
+        Err(WriteError::TooLarge {
+            bytes,
+            limit: MAX_JOURNAL_RECORD,
+        })
+    } else {
+        write(shared, WriteKind::Batch, ops, expect).await
+    };
     written(
         shared,
         WriteKind::Batch,
@@ -486,6 +495,10 @@ fn written(
         Err(e @ WriteError::NotFound(_)) => {
             count(shared, kind, "not_found");
             error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ WriteError::TooLarge { .. }) => {
+            count(shared, kind, "too_large");
+            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
         Err(e @ WriteError::Storage(_)) => {
             count(shared, kind, "error");

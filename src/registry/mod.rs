@@ -18,7 +18,10 @@ pub use entry::{
 };
 pub use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{BuildError, EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
-pub use store::{Recovered, Store, StoreError, read_state, write_snapshot};
+pub use store::{
+    MAX_RECORD as MAX_JOURNAL_RECORD, Recovered, Store, StoreError, read_state,
+    record_len as journal_record_len, write_snapshot,
+};
 
 /// The published registry. Readers take the current snapshot without locking (`arc-swap`); a
 /// writer builds the next snapshot aside and swaps it in with one atomic store, so a reader sees

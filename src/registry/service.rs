@@ -16,7 +16,7 @@ use std::thread;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::store::{Store, StoreError, write_snapshot};
+use super::store::{MAX_RECORD, Store, StoreError, record_len, write_snapshot};
 use super::{Op, Registry, Snapshot, SnapshotBuilder};
 
 /// Journal records after which a background compaction starts.
@@ -60,6 +60,12 @@ pub enum WriteError {
     Conflict { expected: u64, current: u64 },
     #[error("no entry for {0}")]
     NotFound(String),
+    /// The request's fault, not storage's: it is refused and the writer goes on.
+    #[error(
+        "the batch takes {bytes} bytes in the journal, over the {limit} bytes one journal record \
+         holds: split it"
+    )]
+    TooLarge { bytes: usize, limit: u32 },
     /// The write could not be made durable; the registry refuses further writes until restarted.
     #[error("registry storage failed: {0}")]
     Storage(String),
@@ -292,6 +298,13 @@ impl Writer {
             {
                 return Err(WriteError::NotFound(op.domain().to_string()));
             }
+        }
+        let bytes = record_len(ops);
+        if bytes > MAX_RECORD as usize {
+            return Err(WriteError::TooLarge {
+                bytes,
+                limit: MAX_RECORD,
+            });
         }
         let revision = self.current.revision() + 1;
         if let Err(e) = self.store.append(revision, ops) {

@@ -35,8 +35,8 @@ const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
 const MAGIC: &[u8; 8] = b"ICPGSNP1";
 /// Bound on one journal record (a batch of roughly a million entries), so a corrupt length field
-/// cannot make recovery allocate gigabytes.
-const MAX_RECORD: u32 = 256 << 20;
+/// cannot make recovery allocate gigabytes. A batch over it is refused before it is queued.
+pub const MAX_RECORD: u32 = 256 << 20;
 /// Ops replayed per snapshot application during recovery.
 const REPLAY_CHUNK: usize = 200_000;
 
@@ -549,6 +549,19 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     let len = s.len().min(255);
     buf.push(len as u8);
     buf.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+/// Bytes `ops` take as the payload of one journal record (what [`MAX_RECORD`] bounds), without
+/// encoding them.
+pub fn record_len(ops: &[Op]) -> usize {
+    let str_len = |s: &str| 1 + s.len().min(255);
+    12 + ops
+        .iter()
+        .map(|op| match op {
+            Op::Put(e) => 1 + str_len(&e.domain) + str_len(&e.icp) + 1,
+            Op::Delete(domain) => 1 + str_len(domain),
+        })
+        .sum::<usize>()
 }
 
 fn encode_record(buf: &mut Vec<u8>, revision: u64, ops: &[Op]) {
@@ -1067,6 +1080,8 @@ mod tests {
         );
         let (rev, ops) = decode_record(&ok).unwrap();
         assert_eq!((rev, ops.len()), (9, 2));
+        assert_eq!(record_len(&ops), ok.len());
+        assert_eq!(record_len(&[]), 12);
         ok.push(0);
         assert!(decode_record(&ok).is_none(), "trailing bytes");
     }
