@@ -202,6 +202,10 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
+            let writable = shared
+                .writer()
+                .is_some_and(|w| w.storage_failure().is_none());
+            shared.metrics.registry_writable.set(i64::from(writable));
             let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -210,7 +214,15 @@ async fn route(
             resp
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if shared.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") if shared.is_ready() => {
+            match shared.writer().and_then(|w| w.storage_failure()) {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("registry writes refused: storage failed: {why}\n"),
+                ),
+            }
+        }
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "loading\n"),
         (_, p) if p == "/v1" || p.starts_with("/v1/") => {
             if let Some(denied) = refusal(&req, auth, client_verified) {
@@ -637,8 +649,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
     json_answer(status, json!({"error": message.into()}))
 }
 
-fn text(status: StatusCode, body: &'static str) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,

@@ -8,10 +8,17 @@
 //!
 //! The journal is compacted into a new snapshot file in the background when it grows; a full
 //! replace writes its snapshot directly.
+//!
+//! When storage fails (disk full, I/O error), nothing of the failed group is acknowledged, writes
+//! are refused and [`RegistryWriter::storage_failure`] says why (`/readyz` is 503). The writer
+//! retries by itself — at the next write, and on a timer backing off to [`RETRY_MAX`] — by cutting
+//! the journal back to what was acknowledged and starting a fresh one ([`Store::reopen`]); it
+//! accepts writes again as soon as the folder takes them, without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
@@ -23,6 +30,9 @@ use super::{Op, Registry, Snapshot, SnapshotBuilder};
 const COMPACT_AFTER_RECORDS: u64 = 100_000;
 /// Most writes applied under one fsync.
 const MAX_GROUP: usize = 4096;
+/// First wait before retrying failed storage; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Which API call a write came from (the `op` label of `icp_gate_registry_updates_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +76,7 @@ pub enum WriteError {
          holds: split it"
     )]
     TooLarge { bytes: usize, limit: u32 },
-    /// The write could not be made durable; the registry refuses further writes until restarted.
+    /// The write could not be made durable; writes are refused until storage works again.
     #[error("registry storage failed: {0}")]
     Storage(String),
 }
@@ -89,12 +99,15 @@ enum Request {
     },
     /// A background compaction made a snapshot at this revision durable.
     Compacted(u64),
+    /// Time to try failed storage again.
+    Retry,
 }
 
 /// A handle for submitting writes; cheap to clone.
 #[derive(Clone)]
 pub struct RegistryWriter {
     tx: mpsc::Sender<Request>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl RegistryWriter {
@@ -107,22 +120,35 @@ impl RegistryWriter {
         on_publish: OnPublish,
     ) -> RegistryWriter {
         let (tx, rx) = mpsc::channel(MAX_GROUP);
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let writer = Writer {
             store,
+            durable: current.clone(),
             current,
             registry,
             on_publish,
             rx,
-            compactions: tx.downgrade(),
+            to_self: tx.downgrade(),
             snapshot_file: Arc::default(),
             records_since_snapshot: 0,
             failed: None,
+            failure: failure.clone(),
+            retry_after: RETRY_FIRST,
+            retry_pending: false,
         };
         thread::Builder::new()
             .name("registry-writer".into())
             .spawn(move || writer.run())
             .expect("spawning the registry writer thread");
-        RegistryWriter { tx }
+        RegistryWriter { tx, failure }
+    }
+
+    /// Why writes are refused, while storage is failing; `None` when they are accepted.
+    pub fn storage_failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Applies `ops` all-or-nothing as one revision.
@@ -178,14 +204,22 @@ struct Writer {
     store: Store,
     /// The newest snapshot: published, or about to be once its group is durable.
     current: Arc<Snapshot>,
+    /// The state the store holds through its last sync: where a failed write falls back to.
+    durable: Arc<Snapshot>,
     registry: Arc<Registry>,
     on_publish: OnPublish,
     rx: mpsc::Receiver<Request>,
-    compactions: mpsc::WeakSender<Request>,
+    /// For background work (compactions, retry timers) to report back.
+    to_self: mpsc::WeakSender<Request>,
     snapshot_file: Arc<SnapshotFile>,
     records_since_snapshot: u64,
-    /// Set after a storage failure: the on-disk state is uncertain, so no more writes.
+    /// Set after a storage failure, until [`Store::reopen`] succeeds: no writes meanwhile.
     failed: Option<String>,
+    /// `failed`, for [`RegistryWriter::storage_failure`].
+    failure: Arc<Mutex<Option<String>>>,
+    retry_after: Duration,
+    /// A retry timer is running (there is one while storage is failing).
+    retry_pending: bool,
 }
 
 type Reply = (
@@ -208,16 +242,29 @@ impl Writer {
     }
 
     fn apply_group(&mut self, group: Vec<Request>) {
+        // A write is the moment to see whether storage works again. Only here, between groups,
+        // where what is in memory is what is durable.
+        let writes = group
+            .iter()
+            .any(|r| matches!(r, Request::Ops { .. } | Request::Replace { .. }));
+        if self.failed.is_some() && writes {
+            self.retry_storage();
+        }
         let published = self.current.clone();
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         let mut changed: Vec<String> = Vec::new();
         let mut replaced = false;
+        let mut retry = false;
         for request in group {
             match request {
                 Request::Compacted(revision) => {
                     if let Err(e) = self.store.remove_journals_through(revision) {
                         warn!(error = %e, "could not remove compacted journals");
                     }
+                }
+                Request::Retry => {
+                    self.retry_pending = false;
+                    retry = true;
                 }
                 Request::Ops {
                     ops,
@@ -243,32 +290,93 @@ impl Writer {
             }
         }
 
-        if self.current.revision() != published.revision() {
-            if let Err(e) = self.store.sync() {
-                self.fail(&e);
+        if self.current.revision() != self.durable.revision() && self.failed.is_none() {
+            match self.store.sync() {
+                Ok(()) => self.durable = self.current.clone(),
+                Err(e) => self.fail(&e),
             }
-            match &self.failed {
-                Some(why) => {
-                    // Nothing of this group is acknowledged or published.
-                    self.current = published;
-                    for (_, result) in &mut replies {
-                        if result.is_ok() {
-                            *result = Err(WriteError::Storage(why.clone()));
-                        }
-                    }
+        }
+        if let Some(why) = &self.failed {
+            // Nothing of this group past the last sync is acknowledged or published (a full
+            // replace syncs what came before it in the group: that stands).
+            self.current = self.durable.clone();
+            for (_, result) in &mut replies {
+                if matches!(result, Ok(a) if a.revision > self.durable.revision()) {
+                    *result = Err(WriteError::Storage(why.clone()));
                 }
-                None => {
-                    self.registry.publish_arc(self.current.clone());
-                    let touched: Vec<&str> = changed.iter().map(String::as_str).collect();
-                    (self.on_publish)(&self.current, (!replaced).then_some(&touched[..]));
-                    self.maybe_compact();
-                }
+            }
+        }
+        if self.current.revision() != published.revision() {
+            self.registry.publish_arc(self.current.clone());
+            let touched: Vec<&str> = changed.iter().map(String::as_str).collect();
+            (self.on_publish)(&self.current, (!replaced).then_some(&touched[..]));
+            if self.failed.is_none() {
+                self.maybe_compact();
             }
         }
         for (reply, result) in replies {
             // The requester may have gone away; the write stands regardless.
             let _ = reply.send(result);
         }
+        if retry && self.failed.is_some() {
+            self.retry_storage();
+            if let Some(why) = &self.failed {
+                warn!(error = %why, retry_in = ?self.retry_after, "registry storage still failing");
+                self.schedule_retry();
+            }
+        }
+    }
+
+    /// Tries to make storage take writes again ([`Store::reopen`]); on success writes are
+    /// accepted from the next one on.
+    fn retry_storage(&mut self) {
+        match self.store.reopen(self.durable.revision()) {
+            Ok(newer) => {
+                if let Some(snapshot) = newer {
+                    // A full replace answered as failed was stored after all; a restart would
+                    // load it, so continue from it rather than reuse its revision.
+                    warn!(
+                        revision = snapshot.revision(),
+                        "the folder holds a full replace that failed after its snapshot was \
+                         renamed into place; continuing from it"
+                    );
+                    self.current = Arc::new(snapshot);
+                    self.durable = self.current.clone();
+                    self.records_since_snapshot = 0;
+                    self.registry.publish_arc(self.current.clone());
+                    (self.on_publish)(&self.current, None);
+                }
+                info!(
+                    revision = self.durable.revision(),
+                    "registry storage works again; writes are accepted"
+                );
+                self.set_failed(None);
+                self.retry_after = RETRY_FIRST;
+            }
+            Err(e) => self.set_failed(Some(e.to_string())),
+        }
+    }
+
+    /// Sends [`Request::Retry`] after the current back-off, unless a timer already runs.
+    fn schedule_retry(&mut self) {
+        if self.retry_pending {
+            return;
+        }
+        self.retry_pending = true;
+        let wait = self.retry_after;
+        self.retry_after = (wait * 2).min(RETRY_MAX);
+        let to_self = self.to_self.clone();
+        thread::spawn(move || {
+            thread::sleep(wait);
+            if let Some(tx) = to_self.upgrade() {
+                let _ = tx.blocking_send(Request::Retry);
+            }
+        });
+    }
+
+    fn set_failed(&mut self, why: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = why.clone();
+        self.failed = why;
     }
 
     fn check(&self, expect_revision: Option<u64>) -> Result<(), WriteError> {
@@ -330,15 +438,24 @@ impl Writer {
         self.check(expect_revision)?;
         let revision = self.current.revision() + 1;
         let next = Arc::new(entries.finish(revision));
+        if let Err(e) = self.store.sync() {
+            self.fail(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = self.current.clone();
         let durable = self
             .store
-            .sync()
-            .and_then(|()| self.store.rotate(revision))
-            .and_then(|()| self.snapshot_file.write(self.store.dir(), &next))
-            .and_then(|()| self.store.remove_journals_through(revision));
+            .rotate(revision)
+            .and_then(|()| self.snapshot_file.write(self.store.dir(), &next));
         if let Err(e) = durable {
             self.fail(&e);
             return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = next.clone();
+        // The replace stands; journals left behind are only replayed (and skipped) until the
+        // next compaction removes them.
+        if let Err(e) = self.store.remove_journals_through(revision) {
+            warn!(error = %e, "could not remove the journals a full replace covers");
         }
         self.records_since_snapshot = 0;
         let applied = next.len();
@@ -364,7 +481,7 @@ impl Writer {
         self.records_since_snapshot = 0;
         let snapshot = self.current.clone();
         let dir: PathBuf = self.store.dir().to_path_buf();
-        let done = self.compactions.clone();
+        let done = self.to_self.clone();
         let file = self.snapshot_file.clone();
         thread::spawn(move || match file.write(&dir, &snapshot) {
             Ok(()) => {
@@ -379,8 +496,14 @@ impl Writer {
     }
 
     fn fail(&mut self, e: &StoreError) {
-        error!(error = %e, "registry storage failed; refusing further writes until restart");
-        self.failed.get_or_insert_with(|| e.to_string());
+        if self.failed.is_none() {
+            error!(
+                error = %e,
+                "registry storage failed; writes are refused until it works again (retried by itself)"
+            );
+        }
+        self.set_failed(Some(e.to_string()));
+        self.schedule_retry();
     }
 }
 

@@ -22,6 +22,11 @@
 //! the background ([`write_snapshot`]), then removes the journals R covers. A crash between any
 //! two steps recovers the same state: the old snapshot plus every journal, or the new one plus
 //! the records after it.
+//!
+//! A write that fails (disk full, I/O error) may leave part of a record behind. Before anything
+//! more is appended, [`Store::reopen`] cuts the journal back to its last sync and continues in a
+//! fresh journal, so a partial record is never followed by others and the folder holds exactly
+//! what was acknowledged.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -33,6 +38,11 @@ use super::{Entry, EntryRef, Op, Snapshot, SnapshotBuilder, Status};
 
 const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
+/// Written and removed by [`Store::reopen`] to see that the folder takes writes again.
+const PROBE: &str = "probe.tmp";
+const PROBE_BYTES: usize = 64 * 1024;
+/// Appended records are written to the file once this many bytes wait (and at every sync).
+const FLUSH_AT: usize = 64 * 1024;
 const MAGIC: &[u8; 8] = b"ICPGSNP1";
 /// Bound on one journal record (a batch of roughly a million entries), so a corrupt length field
 /// cannot make recovery allocate gigabytes. A batch over it is refused before it is queued.
@@ -73,21 +83,31 @@ pub struct Recovered {
 /// The open journal of a state folder. Owned by the registry writer; not shared.
 pub struct Store {
     dir: PathBuf,
-    journal: BufWriter<File>,
+    journal: File,
     journal_path: PathBuf,
+    /// Records appended but not yet written to the file. Not a `BufWriter`: after a failed write
+    /// its bytes must be thrown away, never written out later.
+    pending: Vec<u8>,
+    /// Length of the journal through its last sync: what a failed write is cut back to.
+    synced_len: u64,
+    /// Length of the journal with what was written since.
+    written_len: u64,
     /// Revision of the last record appended or recovered.
     last: u64,
-    encoded: Vec<u8>,
+    /// Records after the snapshot found at open.
+    recovered_records: u64,
 }
 
 impl Store {
     /// Creates `dir` if missing, recovers its state, and opens a journal for appending.
     pub fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = dir.join(SNAPSHOT_TMP);
-        if tmp.exists() {
-            // An interrupted snapshot write: the rename never happened, so it holds nothing.
-            fs::remove_file(&tmp).map_err(io_err(&tmp))?;
+        // An interrupted snapshot write (the rename never happened) or probe: they hold nothing.
+        for leftover in [SNAPSHOT_TMP, PROBE] {
+            let path = dir.join(leftover);
+            if path.exists() {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
         }
         let state = recover(dir, true)?;
         let (journal_path, file) = match state.journals.last() {
@@ -100,14 +120,24 @@ impl Store {
             }
             None => create_journal(dir, state.revision)?,
         };
+        let len = file.metadata().map_err(io_err(&journal_path))?.len();
         let store = Store {
             dir: dir.to_path_buf(),
-            journal: BufWriter::with_capacity(1 << 16, file),
+            journal: file,
             journal_path,
+            pending: Vec::new(),
+            synced_len: len,
+            written_len: len,
             last: state.revision,
-            encoded: Vec::new(),
+            recovered_records: state.recovered.records_replayed as u64,
         };
         Ok((store, state.recovered))
+    }
+
+    /// Journal records after the snapshot when the store was opened: they count toward the next
+    /// compaction as much as the ones appended since.
+    pub fn recovered_records(&self) -> u64 {
+        self.recovered_records
     }
 
     pub fn dir(&self) -> &Path {
@@ -123,38 +153,116 @@ impl Store {
                 format!("append of revision {revision} after {}", self.last),
             ));
         }
-        self.encoded.clear();
-        encode_record(&mut self.encoded, revision, ops);
-        let len = u32::try_from(self.encoded.len())
-            .ok()
-            .filter(|&l| l <= MAX_RECORD)
-            .ok_or_else(|| corrupt(&self.journal_path, "batch too large for one journal record"))?;
-        let crc = crc32fast::hash(&self.encoded);
-        let path = &self.journal_path;
-        self.journal
-            .write_all(&len.to_le_bytes())
-            .and_then(|()| self.journal.write_all(&crc.to_le_bytes()))
-            .and_then(|()| self.journal.write_all(&self.encoded))
-            .map_err(io_err(path))?;
+        if record_len(ops) > MAX_RECORD as usize {
+            return Err(corrupt(
+                &self.journal_path,
+                "batch too large for one journal record",
+            ));
+        }
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; 8]);
+        encode_record(&mut self.pending, revision, ops);
+        let payload = &self.pending[start + 8..];
+        let len = (payload.len() as u32).to_le_bytes();
+        let crc = crc32fast::hash(payload).to_le_bytes();
+        self.pending[start..start + 4].copy_from_slice(&len);
+        self.pending[start + 4..start + 8].copy_from_slice(&crc);
         self.last = revision;
+        if self.pending.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.journal
+            .write_all(&self.pending)
+            .map_err(io_err(&self.journal_path))?;
+        self.written_len += self.pending.len() as u64;
+        self.pending.clear();
+        // One huge batch must not keep its buffer for good.
+        self.pending.shrink_to(FLUSH_AT * 2);
         Ok(())
     }
 
     /// Makes every append so far durable (one fsync for however many records: group commit).
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        let path = &self.journal_path;
-        self.journal.flush().map_err(io_err(path))?;
-        self.journal.get_ref().sync_data().map_err(io_err(path))
+        self.flush()?;
+        self.journal
+            .sync_data()
+            .map_err(io_err(&self.journal_path))?;
+        self.synced_len = self.written_len;
+        Ok(())
     }
 
     /// Starts a new journal for the records after `revision` (a snapshot of it is being written).
     pub fn rotate(&mut self, revision: u64) -> Result<(), StoreError> {
         self.sync()?;
         let (path, file) = create_journal(&self.dir, revision)?;
-        self.journal = BufWriter::with_capacity(1 << 16, file);
+        self.use_journal(path, file, revision)
+    }
+
+    fn use_journal(&mut self, path: PathBuf, file: File, revision: u64) -> Result<(), StoreError> {
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        self.journal = file;
         self.journal_path = path;
+        self.synced_len = len;
+        self.written_len = len;
         self.last = revision;
         Ok(())
+    }
+
+    /// After a failed write, makes the folder hold exactly the revisions through `acknowledged`
+    /// (the last one made durable) and continues in a fresh journal after it, once the folder
+    /// takes writes again; an error means it does not yet, and changes nothing acknowledged.
+    ///
+    /// Returns the folder's state when it turns out newer than `acknowledged`: a full replace
+    /// whose snapshot was renamed into place before a later step failed. A restart would load
+    /// that snapshot, so the writer must continue from it, never reuse its revision.
+    pub fn reopen(&mut self, acknowledged: u64) -> Result<Option<Snapshot>, StoreError> {
+        // What the failed write left in memory or in the file — part of a record, records never
+        // acknowledged — goes, so nothing is ever appended after it.
+        self.pending.clear();
+        let path = &self.journal_path;
+        let len = self.journal.metadata().map_err(io_err(path))?.len();
+        if len < self.synced_len {
+            return Err(corrupt(
+                path,
+                format!("{len} bytes, shorter than the {} synced", self.synced_len),
+            ));
+        }
+        self.journal
+            .set_len(self.synced_len)
+            .map_err(io_err(path))?;
+        self.journal.sync_all().map_err(io_err(path))?;
+        self.written_len = self.synced_len;
+
+        let snapshot_path = self.dir.join(SNAPSHOT);
+        let newer = if read_snapshot_revision(&snapshot_path)? > acknowledged {
+            recover(&self.dir, false)?.recovered.snapshot
+        } else {
+            None
+        };
+        let revision = newer.as_ref().map_or(acknowledged, Snapshot::revision);
+        // A journal started after `revision` (by a full replace that then failed) holds nothing.
+        for (base, path) in list_journals(&self.dir)? {
+            if base > revision {
+                if fs::metadata(&path).map_err(io_err(&path))?.len() > 0 {
+                    return Err(corrupt(
+                        &path,
+                        format!("records after revision {revision}, which was the last stored"),
+                    ));
+                }
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+        }
+        probe(&self.dir)?;
+        let (path, file) = create_journal(&self.dir, revision)?;
+        self.use_journal(path, file, revision)?;
+        Ok(newer)
     }
 
     /// Deletes the journals whose records all lie at or below `revision`, now that a snapshot of
@@ -189,7 +297,19 @@ pub fn read_state(dir: &Path) -> Result<Option<Snapshot>, StoreError> {
 /// Writes `snapshot` as `dir/snapshot.bin`, durably and atomically.
 pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
     let tmp = dir.join(SNAPSHOT_TMP);
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let written = write_snapshot_tmp(&tmp, snapshot);
+    if written.is_err() {
+        // A part-written file would hold on to the space a full disk needs back.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    let path = dir.join(SNAPSHOT);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+fn write_snapshot_tmp(tmp: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
+    let file = File::create(tmp).map_err(io_err(tmp))?;
     let mut out = CrcWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -211,10 +331,33 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError>
         out.inner.flush()?;
         out.inner.get_ref().sync_all()
     };
-    write().map_err(io_err(&tmp))?;
-    let path = dir.join(SNAPSHOT);
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir)
+    write().map_err(io_err(tmp))
+}
+
+/// The revision `snapshot.bin` holds, from its header alone.
+fn read_snapshot_revision(path: &Path) -> Result<u64, StoreError> {
+    let mut header = [0u8; 16];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(io_err(path))?;
+    if &header[..8] != MAGIC {
+        return Err(corrupt(
+            path,
+            "not an icp-gate snapshot (bad magic at byte 0)",
+        ));
+    }
+    let mut revision = [0u8; 8];
+    revision.copy_from_slice(&header[8..]);
+    Ok(u64::from_le_bytes(revision))
+}
+
+/// Whether `dir` takes writes: a small file written, synced and removed.
+fn probe(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(PROBE);
+    let written = File::create(&path)
+        .and_then(|mut f| f.write_all(&[0; PROBE_BYTES]).and_then(|()| f.sync_data()));
+    let _ = fs::remove_file(&path);
+    written.map_err(io_err(&path))
 }
 
 struct State {
@@ -1004,6 +1147,87 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn reopen_cuts_what_a_failed_write_left_and_continues_in_a_fresh_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        for i in 0..2 {
+            snap = write(
+                &mut store,
+                snap,
+                vec![Op::Put(entry(&format!("ok{i}.cn"), Status::Filed))],
+            );
+        }
+        let old = store.journal_path.clone();
+        let synced = fs::metadata(&old).unwrap().len();
+        // A write that failed: one whole record and part of another reached the file, and one
+        // more waits in memory; none of them acknowledged.
+        store
+            .append(3, &[Op::Put(entry("lost.cn", Status::Filed))])
+            .unwrap();
+        store.flush().unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&old)
+            .unwrap()
+            .write_all(&[40, 0, 0, 0, 1, 2])
+            .unwrap();
+        store
+            .append(4, &[Op::Put(entry("lost2.cn", Status::Filed))])
+            .unwrap();
+
+        assert!(store.reopen(2).unwrap().is_none());
+        assert_eq!(fs::metadata(&old).unwrap().len(), synced, "cut back");
+        assert_ne!(store.journal_path, old, "a fresh journal");
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("after.cn", Status::Filed))],
+        );
+        drop(store);
+        let rec = reopen(dir.path());
+        assert!(!rec.torn_tail_dropped);
+        assert_eq!(model(&rec.snapshot.unwrap()), model(&snap));
+        assert!(!dir.path().join(PROBE).exists());
+    }
+
+    #[test]
+    fn reopen_after_a_failed_full_replace_follows_what_the_folder_holds() {
+        // The replace's snapshot never got into place: its empty journal goes.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        snap = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+        store.rotate(2).unwrap();
+        assert!(store.reopen(1).unwrap().is_none());
+        assert_eq!(list_journals(dir.path()).unwrap().len(), 2);
+        assert!(!dir.path().join("journal-00000000000000000002.log").exists());
+        snap = write(&mut store, snap, vec![Op::Delete("s1.cn".into())]);
+        drop(store);
+        assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), model(&snap));
+
+        // It did (renamed, then a later step failed): the writer must continue from it, or its
+        // next write would reuse revision 2 and vanish behind the snapshot after a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, snap) = seeded(dir.path(), 3);
+        let snap = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+        store.rotate(2).unwrap();
+        let replaced = Snapshot::from_entries(&[entry("only.cn", Status::Filed)], 2).unwrap();
+        write_snapshot(dir.path(), &replaced).unwrap();
+        let newer = store
+            .reopen(1)
+            .unwrap()
+            .expect("the folder is at revision 2");
+        assert_eq!(newer.revision(), 2);
+        assert_eq!(model(&newer), model(&replaced));
+        let after = write(
+            &mut store,
+            newer,
+            vec![Op::Put(entry("after.cn", Status::Filed))],
+        );
+        drop((store, snap));
+        assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), model(&after));
     }
 
     #[test]
