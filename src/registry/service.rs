@@ -119,6 +119,18 @@ impl RegistryWriter {
         registry: Arc<Registry>,
         on_publish: OnPublish,
     ) -> RegistryWriter {
+        Self::spawn(store, current, registry, on_publish, COMPACT_AFTER_RECORDS).0
+    }
+
+    /// [`RegistryWriter::start`] with a compaction threshold of its own (tests); also returns the
+    /// writer thread, which ends (after any compaction it started) once every handle is gone.
+    fn spawn(
+        store: Store,
+        current: Arc<Snapshot>,
+        registry: Arc<Registry>,
+        on_publish: OnPublish,
+        compact_after: u64,
+    ) -> (RegistryWriter, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_GROUP);
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
         let writer = Writer {
@@ -131,16 +143,18 @@ impl RegistryWriter {
             to_self: tx.downgrade(),
             snapshot_file: Arc::default(),
             records_since_snapshot: 0,
+            compact_after,
+            compaction: None,
             failed: None,
             failure: failure.clone(),
             retry_after: RETRY_FIRST,
             retry_pending: false,
         };
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("registry-writer".into())
             .spawn(move || writer.run())
             .expect("spawning the registry writer thread");
-        RegistryWriter { tx, failure }
+        (RegistryWriter { tx, failure }, thread)
     }
 
     /// Why writes are refused, while storage is failing; `None` when they are accepted.
@@ -213,6 +227,10 @@ struct Writer {
     to_self: mpsc::WeakSender<Request>,
     snapshot_file: Arc<SnapshotFile>,
     records_since_snapshot: u64,
+    /// Journal records after which a background compaction starts.
+    compact_after: u64,
+    /// The latest background compaction.
+    compaction: Option<thread::JoinHandle<()>>,
     /// Set after a storage failure, until [`Store::reopen`] succeeds: no writes meanwhile.
     failed: Option<String>,
     /// `failed`, for [`RegistryWriter::storage_failure`].
@@ -238,6 +256,9 @@ impl Writer {
                 }
             }
             self.apply_group(group);
+        }
+        if let Some(compaction) = self.compaction.take() {
+            let _ = compaction.join();
         }
     }
 
@@ -470,7 +491,7 @@ impl Writer {
     /// Starts a background snapshot once the journal is long, so restarts stay fast. The
     /// snapshot is immutable, so writing it needs no lock; new writes go to a rotated journal.
     fn maybe_compact(&mut self) {
-        if self.records_since_snapshot < COMPACT_AFTER_RECORDS {
+        if self.records_since_snapshot < self.compact_after {
             return;
         }
         let revision = self.current.revision();
@@ -483,7 +504,7 @@ impl Writer {
         let dir: PathBuf = self.store.dir().to_path_buf();
         let done = self.to_self.clone();
         let file = self.snapshot_file.clone();
-        thread::spawn(move || match file.write(&dir, &snapshot) {
+        self.compaction = Some(thread::spawn(move || match file.write(&dir, &snapshot) {
             Ok(()) => {
                 info!(revision, "registry compacted");
                 if let Some(tx) = done.upgrade() {
@@ -492,7 +513,7 @@ impl Writer {
             }
             // The journals stay, so nothing is lost; the next compaction tries again.
             Err(e) => warn!(error = %e, "registry compaction failed"),
-        });
+        }));
     }
 
     fn fail(&mut self, e: &StoreError) {
