@@ -133,6 +133,9 @@ impl RegistryWriter {
     ) -> (RegistryWriter, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_GROUP);
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        // The records a start replays count too: counting from zero at every start, a proxy
+        // restarted more often than every 100 000 writes never compacted.
+        let records_since_snapshot = store.recovered_records();
         let writer = Writer {
             store,
             durable: current.clone(),
@@ -142,7 +145,7 @@ impl RegistryWriter {
             rx,
             to_self: tx.downgrade(),
             snapshot_file: Arc::default(),
-            records_since_snapshot: 0,
+            records_since_snapshot,
             compact_after,
             compaction: None,
             failed: None,
@@ -247,6 +250,9 @@ type Reply = (
 
 impl Writer {
     fn run(mut self) {
+        // A journal already over the threshold (older versions never compacted across
+        // restarts) is compacted now, not at the next write.
+        self.maybe_compact();
         while let Some(first) = self.rx.blocking_recv() {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
@@ -546,5 +552,106 @@ impl SnapshotFile {
         write_snapshot(dir, snapshot)?;
         *written = snapshot.revision();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Entry, Status};
+
+    /// Starts a writer on `dir` as the server does (seeding an empty registry the first time).
+    fn start(dir: &Path, compact_after: u64) -> (RegistryWriter, thread::JoinHandle<()>) {
+        let (store, recovered) = Store::open(dir).unwrap();
+        let snapshot = recovered.snapshot.unwrap_or_else(|| {
+            write_snapshot(dir, &Snapshot::empty()).unwrap();
+            Snapshot::empty()
+        });
+        let current = Arc::new(snapshot);
+        let registry = Arc::new(Registry::new(Snapshot::empty()));
+        registry.publish_arc(current.clone());
+        RegistryWriter::spawn(store, current, registry, Box::new(|_, _| {}), compact_after)
+    }
+
+    /// Writes `n` single puts, then stops the writer as a restart would.
+    fn run(dir: &Path, compact_after: u64, n: usize, tag: u64) {
+        let (writer, thread) = start(dir, compact_after);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for i in 0..n {
+            let entry = Entry {
+                domain: format!("r{tag}-{i}.cn"),
+                icp: "京ICP备1号-1".into(),
+                status: Status::Filed,
+                access_here: true,
+            };
+            rt.block_on(writer.write(WriteKind::Put, vec![Op::Put(entry)], None))
+                .unwrap();
+        }
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    fn snapshot_revision(dir: &Path) -> u64 {
+        let bytes = std::fs::read(dir.join("snapshot.bin")).unwrap();
+        u64::from_le_bytes(bytes[8..16].try_into().unwrap())
+    }
+
+    /// Journal records a start would replay (after the snapshot), and the revision it reaches.
+    fn replay(dir: &Path) -> (usize, u64) {
+        let (_, recovered) = Store::open(dir).unwrap();
+        (
+            recovered.records_replayed,
+            recovered.snapshot.unwrap().revision(),
+        )
+    }
+
+    fn journals(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("journal-")
+            })
+            .count()
+    }
+
+    #[test]
+    fn records_found_at_start_count_toward_compaction() {
+        const COMPACT_AFTER: u64 = 10;
+        // Each run writes 7 records, under the threshold on its own: only counting what the
+        // journal held at start ever compacts it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut snapshots = Vec::new();
+        for tag in 0..6u64 {
+            run(dir.path(), COMPACT_AFTER, 7, tag);
+            let (replayed, revision) = replay(dir.path());
+            assert_eq!(revision, (tag + 1) * 7);
+            assert!(
+                (replayed as u64) < COMPACT_AFTER && journals(dir.path()) <= 2,
+                "run {tag}: {replayed} records in {} journals to replay at revision {revision}",
+                journals(dir.path())
+            );
+            snapshots.push(snapshot_revision(dir.path()));
+        }
+        assert!(snapshots.windows(2).all(|w| w[0] <= w[1]), "{snapshots:?}");
+        assert!(
+            *snapshots.last().unwrap() > 42 - COMPACT_AFTER,
+            "{snapshots:?}"
+        );
+    }
+
+    #[test]
+    fn a_journal_over_the_threshold_at_start_is_compacted_at_once() {
+        // Written by a writer that never compacted (as before this was fixed).
+        let dir = tempfile::tempdir().unwrap();
+        run(dir.path(), u64::MAX, 15, 0);
+        assert_eq!(replay(dir.path()), (15, 15));
+        // A start with nothing written compacts.
+        run(dir.path(), 10, 0, 1);
+        assert_eq!(snapshot_revision(dir.path()), 15);
+        assert_eq!(replay(dir.path()), (0, 15));
+        assert_eq!(journals(dir.path()), 1);
     }
 }

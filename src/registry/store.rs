@@ -121,7 +121,7 @@ impl Store {
             None => create_journal(dir, state.revision)?,
         };
         let len = file.metadata().map_err(io_err(&journal_path))?.len();
-        let store = Store {
+        let mut store = Store {
             dir: dir.to_path_buf(),
             journal: file,
             journal_path,
@@ -131,6 +131,10 @@ impl Store {
             last: state.revision,
             recovered_records: state.recovered.records_replayed as u64,
         };
+        // Journals the snapshot covers, whose removal a restart interrupted, only cost replay.
+        if let Err(e) = store.remove_journals_through(state.snapshot_revision) {
+            warn!(error = %e, "could not remove journals the snapshot covers");
+        }
         Ok((store, state.recovered))
     }
 
@@ -362,6 +366,8 @@ fn probe(dir: &Path) -> Result<(), StoreError> {
 
 struct State {
     recovered: Recovered,
+    /// Revision of `snapshot.bin` (0 without one).
+    snapshot_revision: u64,
     /// Revision after recovery.
     revision: u64,
     journals: Vec<(u64, PathBuf)>,
@@ -434,6 +440,7 @@ fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
             records_replayed: replayed,
             torn_tail_dropped: torn,
         },
+        snapshot_revision: snapshot_revision.unwrap_or(0),
         revision,
         journals,
     })
