@@ -1,5 +1,6 @@
 //! Registry durability with the real binary: `kill -9` right after a 2xx loses nothing, a torn
-//! journal tail is dropped, a corrupt snapshot refuses to start, and the seed is read only once.
+//! journal tail is dropped with a warning, a damaged record length or a corrupt snapshot refuses
+//! to start, and the seed is read only once.
 
 mod common;
 
@@ -134,12 +135,21 @@ async fn a_torn_journal_tail_is_dropped() {
     // A crash in the middle of the next append leaves half a record behind.
     let journal = newest_journal(&state_dir(dir.path()));
     let mut bytes = std::fs::read(&journal).unwrap();
+    let good_len = bytes.len();
     bytes.extend_from_slice(&[200, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]);
     std::fs::write(&journal, bytes).unwrap();
 
     let (mut p, admin) = start(&config);
     let recovered = p.logged("registry recovered");
     assert_eq!(recovered["torn_tail_dropped"], true, "{recovered}");
+    // Never dropped silently: the warning says where, and which revision it would have been.
+    let warned =
+        p.logged("journal ends in a torn record (a crash mid-write, never acknowledged); dropped");
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert_eq!(warned["file"], journal.display().to_string(), "{warned}");
+    assert_eq!(warned["offset"], good_len, "{warned}");
+    assert_eq!(warned["revision"], 2, "{warned}");
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), good_len as u64);
     assert_eq!(
         api(admin, "GET", "/v1/registry/entries/kept.cn", "")
             .await
@@ -163,6 +173,70 @@ async fn a_torn_journal_tail_is_dropped() {
     assert_eq!(
         api(admin, "GET", "/v1/registry", "").await.1,
         json!({"revision": 2, "entries": 8})
+    );
+}
+
+/// Runs `icp-gate run` on `config`, which must refuse to start (exit 1); returns its stderr.
+fn refuses_to_start(config: &Path) -> String {
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("icp-gate started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "must refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_length_refuses_to_start_and_truncates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let (mut p, admin) = start(&config);
+    for d in ["one.cn", "two.cn", "three.cn"] {
+        let path = format!("/v1/registry/entries/{d}");
+        assert_eq!(api(admin, "PUT", &path, &entry(d)).await.0, 200);
+    }
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // One flipped bit in the first record's length: it now claims more bytes than the file
+    // holds, like a torn tail would, but two acknowledged records follow it.
+    let journal = newest_journal(&state_dir(dir.path()));
+    let good = std::fs::read(&journal).unwrap();
+    let mut damaged = good.clone();
+    damaged[3] ^= 0x01;
+    std::fs::write(&journal, &damaged).unwrap();
+
+    let err = refuses_to_start(&config);
+    let name = journal.file_name().unwrap().to_string_lossy();
+    assert!(
+        err.contains(&*name) && err.contains("byte 0"),
+        "error must name the file and the offset: {err}"
+    );
+    assert_eq!(
+        std::fs::read(&journal).unwrap(),
+        damaged,
+        "acknowledged records were cut off"
+    );
+
+    // Once the operator repairs the byte, everything acknowledged is there.
+    std::fs::write(&journal, &good).unwrap();
+    let (_p, admin) = start(&config);
+    assert_eq!(
+        api(admin, "GET", "/v1/registry", "").await.1,
+        json!({"revision": 3, "entries": 9})
     );
 }
 

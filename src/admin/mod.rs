@@ -31,8 +31,8 @@ use crate::config::{AdminConfig, tls};
 use crate::core::decision::{HostInput, decide};
 use crate::proxy::state::Shared;
 use crate::registry::{
-    Applied, Entry, EntryError, Op, RawEntry, SnapshotBuilder, WriteError, WriteKind,
-    normalize_domain,
+    Applied, Entry, EntryError, MAX_JOURNAL_RECORD, Op, RawEntry, SnapshotBuilder, WriteError,
+    WriteKind, journal_record_len, normalize_domain,
 };
 use crate::wire::host::{self};
 
@@ -171,6 +171,10 @@ async fn route(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
+            let writable = shared
+                .writer()
+                .is_some_and(|w| w.storage_failure().is_none());
+            shared.metrics.registry_writable.set(i64::from(writable));
             let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -179,7 +183,15 @@ async fn route(
             resp
         }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if shared.is_ready() => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/readyz") if shared.is_ready() => {
+            match shared.writer().and_then(|w| w.storage_failure()) {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("registry writes refused: storage failed: {why}\n"),
+                ),
+            }
+        }
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "loading\n"),
         (_, p) if p == "/v1" || p.starts_with("/v1/") => {
             if let Some(denied) = refusal(&req, auth, client_verified) {
@@ -357,7 +369,16 @@ async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> 
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
-    let result = write(shared, WriteKind::Batch, ops, expect).await;
+    // Refused here, not queued: it could never be stored.
+    let bytes = journal_record_len(&ops);
+    let result = if bytes > MAX_JOURNAL_RECORD as usize {
+        Err(WriteError::TooLarge {
+            bytes,
+            limit: MAX_JOURNAL_RECORD,
+        })
+    } else {
+        write(shared, WriteKind::Batch, ops, expect).await
+    };
     written(
         shared,
         WriteKind::Batch,
@@ -450,6 +471,10 @@ fn written(
         Err(e @ WriteError::NotFound(_)) => {
             count(shared, kind, "not_found");
             error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e @ WriteError::TooLarge { .. }) => {
+            count(shared, kind, "too_large");
+            error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
         Err(e @ WriteError::Storage(_)) => {
             count(shared, kind, "error");
@@ -588,8 +613,8 @@ fn error(status: StatusCode, message: impl Into<String>) -> Answer {
     json_answer(status, json!({"error": message.into()}))
 }
 
-fn text(status: StatusCode, body: &'static str) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,

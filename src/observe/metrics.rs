@@ -52,6 +52,9 @@ pub(crate) struct Metrics {
     pub registry_revision: IntGauge,
     pub registry_last_update: Gauge,
     pub registry_updates: IntCounterVec,
+    /// 1 while registry writes are accepted; 0 while storage fails (or before the registry is
+    /// loaded). Set at each scrape.
+    pub registry_writable: IntGauge,
     log_dropped: IntCounter,
     /// The drop count `log_dropped` has caught up to.
     log_dropped_seen: AtomicU64,
@@ -136,7 +139,12 @@ impl Metrics {
             "Unix time of the last applied registry write (or of the load at start-up).",
         )
         .expect("valid metric definition");
-        for g in [&registry_entries, &registry_revision] {
+        let registry_writable = IntGauge::new(
+            "icp_gate_registry_writable",
+            "1 while registry writes are accepted, 0 while its storage fails (see /readyz).",
+        )
+        .expect("valid metric definition");
+        for g in [&registry_entries, &registry_revision, &registry_writable] {
             r.register(Box::new(g.clone()))
                 .expect("metric registered once");
         }
@@ -168,6 +176,7 @@ impl Metrics {
             registry_revision,
             registry_last_update,
             registry_updates,
+            registry_writable,
             log_dropped,
             log_dropped_seen: AtomicU64::new(0),
         })

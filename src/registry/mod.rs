@@ -17,7 +17,7 @@ pub use entry::{
 pub use published::Registry;
 pub(crate) use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
-pub(crate) use store::Store;
+pub(crate) use store::{MAX_RECORD as MAX_JOURNAL_RECORD, Store, record_len as journal_record_len};
 pub use store::{StoreError, read_state, write_snapshot};
 
 /// The registry as the proxy would start with it, read without changing anything: the state in

@@ -8,22 +8,32 @@
 //!
 //! The journal is compacted into a new snapshot file in the background when it grows; a full
 //! replace writes its snapshot directly.
+//!
+//! When storage fails (disk full, I/O error), nothing of the failed group is acknowledged, writes
+//! are refused and [`RegistryWriter::storage_failure`] says why (`/readyz` is 503). The writer
+//! retries by itself — at the next write, and on a timer backing off to [`RETRY_MAX`] — by cutting
+//! the journal back to what was acknowledged and starting a fresh one ([`Store::reopen`]); it
+//! accepts writes again as soon as the folder takes them, without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::published::Registry;
 use super::snapshot::{Op, Snapshot, SnapshotBuilder};
-use super::store::{Store, StoreError, write_snapshot};
+use super::store::{MAX_RECORD, Store, StoreError, record_len, write_snapshot};
 
 /// Journal records after which a background compaction starts.
 const COMPACT_AFTER_RECORDS: u64 = 100_000;
 /// Most writes applied under one fsync.
 const MAX_GROUP: usize = 4096;
+/// First wait before retrying failed storage; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Which API call a write came from (the `op` label of `icp_gate_registry_updates_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,7 +71,13 @@ pub(crate) enum WriteError {
     Conflict { expected: u64, current: u64 },
     #[error("no entry for {0}")]
     NotFound(String),
-    /// The write could not be made durable; the registry refuses further writes until restarted.
+    /// The request's fault, not storage's: it is refused and the writer goes on.
+    #[error(
+        "the batch takes {bytes} bytes in the journal, over the {limit} bytes one journal record \
+         holds: split it"
+    )]
+    TooLarge { bytes: usize, limit: u32 },
+    /// The write could not be made durable; writes are refused until storage works again.
     #[error("registry storage failed: {0}")]
     Storage(String),
 }
@@ -84,12 +100,15 @@ enum Request {
     },
     /// A background compaction made a snapshot at this revision durable.
     Compacted(u64),
+    /// Time to try failed storage again.
+    Retry,
 }
 
 /// A handle for submitting writes; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct RegistryWriter {
     tx: mpsc::Sender<Request>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl RegistryWriter {
@@ -101,23 +120,53 @@ impl RegistryWriter {
         registry: Arc<Registry>,
         on_publish: OnPublish,
     ) -> RegistryWriter {
+        Self::spawn(store, current, registry, on_publish, COMPACT_AFTER_RECORDS).0
+    }
+
+    /// [`RegistryWriter::start`] with a compaction threshold of its own (tests); also returns the
+    /// writer thread, which ends (after any compaction it started) once every handle is gone.
+    fn spawn(
+        store: Store,
+        current: Arc<Snapshot>,
+        registry: Arc<Registry>,
+        on_publish: OnPublish,
+        compact_after: u64,
+    ) -> (RegistryWriter, thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(MAX_GROUP);
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        // The records a start replays count too: counting from zero at every start, a proxy
+        // restarted more often than every 100 000 writes never compacted.
+        let records_since_snapshot = store.recovered_records();
         let writer = Writer {
             store,
+            durable: current.clone(),
             current,
             registry,
             on_publish,
             rx,
-            compactions: tx.downgrade(),
+            to_self: tx.downgrade(),
             snapshot_file: Arc::default(),
-            records_since_snapshot: 0,
+            records_since_snapshot,
+            compact_after,
+            compaction: None,
             failed: None,
+            failure: failure.clone(),
+            retry_after: RETRY_FIRST,
+            retry_pending: false,
         };
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("registry-writer".into())
             .spawn(move || writer.run())
             .expect("spawning the registry writer thread");
-        RegistryWriter { tx }
+        (RegistryWriter { tx, failure }, thread)
+    }
+
+    /// Why writes are refused, while storage is failing; `None` when they are accepted.
+    pub(crate) fn storage_failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Applies `ops` all-or-nothing as one revision.
@@ -173,14 +222,26 @@ struct Writer {
     store: Store,
     /// The newest snapshot: published, or about to be once its group is durable.
     current: Arc<Snapshot>,
+    /// The state the store holds through its last sync: where a failed write falls back to.
+    durable: Arc<Snapshot>,
     registry: Arc<Registry>,
     on_publish: OnPublish,
     rx: mpsc::Receiver<Request>,
-    compactions: mpsc::WeakSender<Request>,
+    /// For background work (compactions, retry timers) to report back.
+    to_self: mpsc::WeakSender<Request>,
     snapshot_file: Arc<SnapshotFile>,
     records_since_snapshot: u64,
-    /// Set after a storage failure: the on-disk state is uncertain, so no more writes.
+    /// Journal records after which a background compaction starts.
+    compact_after: u64,
+    /// The latest background compaction.
+    compaction: Option<thread::JoinHandle<()>>,
+    /// Set after a storage failure, until [`Store::reopen`] succeeds: no writes meanwhile.
     failed: Option<String>,
+    /// `failed`, for [`RegistryWriter::storage_failure`].
+    failure: Arc<Mutex<Option<String>>>,
+    retry_after: Duration,
+    /// A retry timer is running (there is one while storage is failing).
+    retry_pending: bool,
 }
 
 type Reply = (
@@ -190,6 +251,9 @@ type Reply = (
 
 impl Writer {
     fn run(mut self) {
+        // A journal already over the threshold (older versions never compacted across
+        // restarts) is compacted now, not at the next write.
+        self.maybe_compact();
         while let Some(first) = self.rx.blocking_recv() {
             let mut group = vec![first];
             while group.len() < MAX_GROUP {
@@ -200,19 +264,35 @@ impl Writer {
             }
             self.apply_group(group);
         }
+        if let Some(compaction) = self.compaction.take() {
+            let _ = compaction.join();
+        }
     }
 
     fn apply_group(&mut self, group: Vec<Request>) {
+        // A write is the moment to see whether storage works again. Only here, between groups,
+        // where what is in memory is what is durable.
+        let writes = group
+            .iter()
+            .any(|r| matches!(r, Request::Ops { .. } | Request::Replace { .. }));
+        if self.failed.is_some() && writes {
+            self.retry_storage();
+        }
         let published = self.current.clone();
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
         let mut changed: Vec<String> = Vec::new();
         let mut replaced = false;
+        let mut retry = false;
         for request in group {
             match request {
                 Request::Compacted(revision) => {
                     if let Err(e) = self.store.remove_journals_through(revision) {
                         warn!(error = %e, "could not remove compacted journals");
                     }
+                }
+                Request::Retry => {
+                    self.retry_pending = false;
+                    retry = true;
                 }
                 Request::Ops {
                     ops,
@@ -238,32 +318,93 @@ impl Writer {
             }
         }
 
-        if self.current.revision() != published.revision() {
-            if let Err(e) = self.store.sync() {
-                self.fail(&e);
+        if self.current.revision() != self.durable.revision() && self.failed.is_none() {
+            match self.store.sync() {
+                Ok(()) => self.durable = self.current.clone(),
+                Err(e) => self.fail(&e),
             }
-            match &self.failed {
-                Some(why) => {
-                    // Nothing of this group is acknowledged or published.
-                    self.current = published;
-                    for (_, result) in &mut replies {
-                        if result.is_ok() {
-                            *result = Err(WriteError::Storage(why.clone()));
-                        }
-                    }
+        }
+        if let Some(why) = &self.failed {
+            // Nothing of this group past the last sync is acknowledged or published (a full
+            // replace syncs what came before it in the group: that stands).
+            self.current = self.durable.clone();
+            for (_, result) in &mut replies {
+                if matches!(result, Ok(a) if a.revision > self.durable.revision()) {
+                    *result = Err(WriteError::Storage(why.clone()));
                 }
-                None => {
-                    self.registry.publish_arc(self.current.clone());
-                    let touched: Vec<&str> = changed.iter().map(String::as_str).collect();
-                    (self.on_publish)(&self.current, (!replaced).then_some(&touched[..]));
-                    self.maybe_compact();
-                }
+            }
+        }
+        if self.current.revision() != published.revision() {
+            self.registry.publish_arc(self.current.clone());
+            let touched: Vec<&str> = changed.iter().map(String::as_str).collect();
+            (self.on_publish)(&self.current, (!replaced).then_some(&touched[..]));
+            if self.failed.is_none() {
+                self.maybe_compact();
             }
         }
         for (reply, result) in replies {
             // The requester may have gone away; the write stands regardless.
             let _ = reply.send(result);
         }
+        if retry && self.failed.is_some() {
+            self.retry_storage();
+            if let Some(why) = &self.failed {
+                warn!(error = %why, retry_in = ?self.retry_after, "registry storage still failing");
+                self.schedule_retry();
+            }
+        }
+    }
+
+    /// Tries to make storage take writes again ([`Store::reopen`]); on success writes are
+    /// accepted from the next one on.
+    fn retry_storage(&mut self) {
+        match self.store.reopen(self.durable.revision()) {
+            Ok(newer) => {
+                if let Some(snapshot) = newer {
+                    // A full replace answered as failed was stored after all; a restart would
+                    // load it, so continue from it rather than reuse its revision.
+                    warn!(
+                        revision = snapshot.revision(),
+                        "the folder holds a full replace that failed after its snapshot was \
+                         renamed into place; continuing from it"
+                    );
+                    self.current = Arc::new(snapshot);
+                    self.durable = self.current.clone();
+                    self.records_since_snapshot = 0;
+                    self.registry.publish_arc(self.current.clone());
+                    (self.on_publish)(&self.current, None);
+                }
+                info!(
+                    revision = self.durable.revision(),
+                    "registry storage works again; writes are accepted"
+                );
+                self.set_failed(None);
+                self.retry_after = RETRY_FIRST;
+            }
+            Err(e) => self.set_failed(Some(e.to_string())),
+        }
+    }
+
+    /// Sends [`Request::Retry`] after the current back-off, unless a timer already runs.
+    fn schedule_retry(&mut self) {
+        if self.retry_pending {
+            return;
+        }
+        self.retry_pending = true;
+        let wait = self.retry_after;
+        self.retry_after = (wait * 2).min(RETRY_MAX);
+        let to_self = self.to_self.clone();
+        thread::spawn(move || {
+            thread::sleep(wait);
+            if let Some(tx) = to_self.upgrade() {
+                let _ = tx.blocking_send(Request::Retry);
+            }
+        });
+    }
+
+    fn set_failed(&mut self, why: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = why.clone();
+        self.failed = why;
     }
 
     fn check(&self, expect_revision: Option<u64>) -> Result<(), WriteError> {
@@ -294,6 +435,13 @@ impl Writer {
                 return Err(WriteError::NotFound(op.domain().to_string()));
             }
         }
+        let bytes = record_len(ops);
+        if bytes > MAX_RECORD as usize {
+            return Err(WriteError::TooLarge {
+                bytes,
+                limit: MAX_RECORD,
+            });
+        }
         let revision = self.current.revision() + 1;
         if let Err(e) = self.store.append(revision, ops) {
             self.fail(&e);
@@ -318,15 +466,24 @@ impl Writer {
         self.check(expect_revision)?;
         let revision = self.current.revision() + 1;
         let next = Arc::new(entries.finish(revision));
+        if let Err(e) = self.store.sync() {
+            self.fail(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = self.current.clone();
         let durable = self
             .store
-            .sync()
-            .and_then(|()| self.store.rotate(revision))
-            .and_then(|()| self.snapshot_file.write(self.store.dir(), &next))
-            .and_then(|()| self.store.remove_journals_through(revision));
+            .rotate(revision)
+            .and_then(|()| self.snapshot_file.write(self.store.dir(), &next));
         if let Err(e) = durable {
             self.fail(&e);
             return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = next.clone();
+        // The replace stands; journals left behind are only replayed (and skipped) until the
+        // next compaction removes them.
+        if let Err(e) = self.store.remove_journals_through(revision) {
+            warn!(error = %e, "could not remove the journals a full replace covers");
         }
         self.records_since_snapshot = 0;
         let applied = next.len();
@@ -341,7 +498,7 @@ impl Writer {
     /// Starts a background snapshot once the journal is long, so restarts stay fast. The
     /// snapshot is immutable, so writing it needs no lock; new writes go to a rotated journal.
     fn maybe_compact(&mut self) {
-        if self.records_since_snapshot < COMPACT_AFTER_RECORDS {
+        if self.records_since_snapshot < self.compact_after {
             return;
         }
         let revision = self.current.revision();
@@ -352,9 +509,9 @@ impl Writer {
         self.records_since_snapshot = 0;
         let snapshot = self.current.clone();
         let dir: PathBuf = self.store.dir().to_path_buf();
-        let done = self.compactions.clone();
+        let done = self.to_self.clone();
         let file = self.snapshot_file.clone();
-        thread::spawn(move || match file.write(&dir, &snapshot) {
+        self.compaction = Some(thread::spawn(move || match file.write(&dir, &snapshot) {
             Ok(()) => {
                 info!(revision, "registry compacted");
                 if let Some(tx) = done.upgrade() {
@@ -363,12 +520,18 @@ impl Writer {
             }
             // The journals stay, so nothing is lost; the next compaction tries again.
             Err(e) => warn!(error = %e, "registry compaction failed"),
-        });
+        }));
     }
 
     fn fail(&mut self, e: &StoreError) {
-        error!(error = %e, "registry storage failed; refusing further writes until restart");
-        self.failed.get_or_insert_with(|| e.to_string());
+        if self.failed.is_none() {
+            error!(
+                error = %e,
+                "registry storage failed; writes are refused until it works again (retried by itself)"
+            );
+        }
+        self.set_failed(Some(e.to_string()));
+        self.schedule_retry();
     }
 }
 
@@ -390,5 +553,106 @@ impl SnapshotFile {
         write_snapshot(dir, snapshot)?;
         *written = snapshot.revision();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Entry, Status};
+
+    /// Starts a writer on `dir` as the server does (seeding an empty registry the first time).
+    fn start(dir: &Path, compact_after: u64) -> (RegistryWriter, thread::JoinHandle<()>) {
+        let (store, recovered) = Store::open(dir).unwrap();
+        let snapshot = recovered.snapshot.unwrap_or_else(|| {
+            write_snapshot(dir, &Snapshot::empty()).unwrap();
+            Snapshot::empty()
+        });
+        let current = Arc::new(snapshot);
+        let registry = Arc::new(Registry::new(Snapshot::empty()));
+        registry.publish_arc(current.clone());
+        RegistryWriter::spawn(store, current, registry, Box::new(|_, _| {}), compact_after)
+    }
+
+    /// Writes `n` single puts, then stops the writer as a restart would.
+    fn run(dir: &Path, compact_after: u64, n: usize, tag: u64) {
+        let (writer, thread) = start(dir, compact_after);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for i in 0..n {
+            let entry = Entry {
+                domain: format!("r{tag}-{i}.cn"),
+                icp: "京ICP备1号-1".into(),
+                status: Status::Filed,
+                access_here: true,
+            };
+            rt.block_on(writer.write(WriteKind::Put, vec![Op::Put(entry)], None))
+                .unwrap();
+        }
+        drop(writer);
+        thread.join().unwrap();
+    }
+
+    fn snapshot_revision(dir: &Path) -> u64 {
+        let bytes = std::fs::read(dir.join("snapshot.bin")).unwrap();
+        u64::from_le_bytes(bytes[8..16].try_into().unwrap())
+    }
+
+    /// Journal records a start would replay (after the snapshot), and the revision it reaches.
+    fn replay(dir: &Path) -> (usize, u64) {
+        let (_, recovered) = Store::open(dir).unwrap();
+        (
+            recovered.records_replayed,
+            recovered.snapshot.unwrap().revision(),
+        )
+    }
+
+    fn journals(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("journal-")
+            })
+            .count()
+    }
+
+    #[test]
+    fn records_found_at_start_count_toward_compaction() {
+        const COMPACT_AFTER: u64 = 10;
+        // Each run writes 7 records, under the threshold on its own: only counting what the
+        // journal held at start ever compacts it.
+        let dir = tempfile::tempdir().unwrap();
+        let mut snapshots = Vec::new();
+        for tag in 0..6u64 {
+            run(dir.path(), COMPACT_AFTER, 7, tag);
+            let (replayed, revision) = replay(dir.path());
+            assert_eq!(revision, (tag + 1) * 7);
+            assert!(
+                (replayed as u64) < COMPACT_AFTER && journals(dir.path()) <= 2,
+                "run {tag}: {replayed} records in {} journals to replay at revision {revision}",
+                journals(dir.path())
+            );
+            snapshots.push(snapshot_revision(dir.path()));
+        }
+        assert!(snapshots.windows(2).all(|w| w[0] <= w[1]), "{snapshots:?}");
+        assert!(
+            *snapshots.last().unwrap() > 42 - COMPACT_AFTER,
+            "{snapshots:?}"
+        );
+    }
+
+    #[test]
+    fn a_journal_over_the_threshold_at_start_is_compacted_at_once() {
+        // Written by a writer that never compacted (as before this was fixed).
+        let dir = tempfile::tempdir().unwrap();
+        run(dir.path(), u64::MAX, 15, 0);
+        assert_eq!(replay(dir.path()), (15, 15));
+        // A start with nothing written compacts.
+        run(dir.path(), 10, 0, 1);
+        assert_eq!(snapshot_revision(dir.path()), 15);
+        assert_eq!(replay(dir.path()), (0, 15));
+        assert_eq!(journals(dir.path()), 1);
     }
 }

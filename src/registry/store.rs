@@ -13,28 +13,41 @@
 //!
 //! Recovery loads the snapshot and replays the journals in order, skipping records at or below
 //! S and requiring the rest to follow each other without gaps. The last record of the last
-//! journal may be torn by a crash mid-append: it is dropped (and cut off the file). Any other
-//! damage — a bad snapshot, a bad record with data after it, a gap — stops start-up with an error
-//! naming the file: the registry is never silently emptied.
+//! journal may be torn by a crash mid-append (it was never acknowledged): it is dropped, cut off
+//! the file, and logged. Any other damage — a bad snapshot, a bad record with a valid one after
+//! it, a gap — stops start-up with an error naming the file and the byte: acknowledged records
+//! are never dropped, and the registry is never silently emptied.
 //!
 //! Compaction: the writer rotates to a new journal after revision R, writes the snapshot of R in
 //! the background ([`write_snapshot`]), then removes the journals R covers. A crash between any
 //! two steps recovers the same state: the old snapshot plus every journal, or the new one plus
 //! the records after it.
+//!
+//! A write that fails (disk full, I/O error) may leave part of a record behind. Before anything
+//! more is appended, [`Store::reopen`] cuts the journal back to its last sync and continues in a
+//! fresh journal, so a partial record is never followed by others and the folder holds exactly
+//! what was acknowledged.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+
+use tracing::warn;
 
 use super::entry::{Entry, Status};
 use super::snapshot::{EntryRef, Op, Snapshot, SnapshotBuilder};
 
 const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
+/// Written and removed by [`Store::reopen`] to see that the folder takes writes again.
+const PROBE: &str = "probe.tmp";
+const PROBE_BYTES: usize = 64 * 1024;
+/// Appended records are written to the file once this many bytes wait (and at every sync).
+const FLUSH_AT: usize = 64 * 1024;
 const MAGIC: &[u8; 8] = b"ICPGSNP1";
 /// Bound on one journal record (a batch of roughly a million entries), so a corrupt length field
-/// cannot make recovery allocate gigabytes.
-const MAX_RECORD: u32 = 256 << 20;
+/// cannot make recovery allocate gigabytes. A batch over it is refused before it is queued.
+pub(crate) const MAX_RECORD: u32 = 256 << 20;
 /// Ops replayed per snapshot application during recovery.
 const REPLAY_CHUNK: usize = 200_000;
 
@@ -71,21 +84,31 @@ pub(crate) struct Recovered {
 /// The open journal of a state folder. Owned by the registry writer; not shared.
 pub(crate) struct Store {
     dir: PathBuf,
-    journal: BufWriter<File>,
+    journal: File,
     journal_path: PathBuf,
+    /// Records appended but not yet written to the file. Not a `BufWriter`: after a failed write
+    /// its bytes must be thrown away, never written out later.
+    pending: Vec<u8>,
+    /// Length of the journal through its last sync: what a failed write is cut back to.
+    synced_len: u64,
+    /// Length of the journal with what was written since.
+    written_len: u64,
     /// Revision of the last record appended or recovered.
     last: u64,
-    encoded: Vec<u8>,
+    /// Records after the snapshot found at open.
+    recovered_records: u64,
 }
 
 impl Store {
     /// Creates `dir` if missing, recovers its state, and opens a journal for appending.
     pub(crate) fn open(dir: &Path) -> Result<(Store, Recovered), StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let tmp = dir.join(SNAPSHOT_TMP);
-        if tmp.exists() {
-            // An interrupted snapshot write: the rename never happened, so it holds nothing.
-            fs::remove_file(&tmp).map_err(io_err(&tmp))?;
+        // An interrupted snapshot write (the rename never happened) or probe: they hold nothing.
+        for leftover in [SNAPSHOT_TMP, PROBE] {
+            let path = dir.join(leftover);
+            if path.exists() {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
         }
         let state = recover(dir, true)?;
         let (journal_path, file) = match state.journals.last() {
@@ -98,14 +121,28 @@ impl Store {
             }
             None => create_journal(dir, state.revision)?,
         };
-        let store = Store {
+        let len = file.metadata().map_err(io_err(&journal_path))?.len();
+        let mut store = Store {
             dir: dir.to_path_buf(),
-            journal: BufWriter::with_capacity(1 << 16, file),
+            journal: file,
             journal_path,
+            pending: Vec::new(),
+            synced_len: len,
+            written_len: len,
             last: state.revision,
-            encoded: Vec::new(),
+            recovered_records: state.recovered.records_replayed as u64,
         };
+        // Journals the snapshot covers, whose removal a restart interrupted, only cost replay.
+        if let Err(e) = store.remove_journals_through(state.snapshot_revision) {
+            warn!(error = %e, "could not remove journals the snapshot covers");
+        }
         Ok((store, state.recovered))
+    }
+
+    /// Journal records after the snapshot when the store was opened: they count toward the next
+    /// compaction as much as the ones appended since.
+    pub(crate) fn recovered_records(&self) -> u64 {
+        self.recovered_records
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -121,38 +158,116 @@ impl Store {
                 format!("append of revision {revision} after {}", self.last),
             ));
         }
-        self.encoded.clear();
-        encode_record(&mut self.encoded, revision, ops);
-        let len = u32::try_from(self.encoded.len())
-            .ok()
-            .filter(|&l| l <= MAX_RECORD)
-            .ok_or_else(|| corrupt(&self.journal_path, "batch too large for one journal record"))?;
-        let crc = crc32fast::hash(&self.encoded);
-        let path = &self.journal_path;
-        self.journal
-            .write_all(&len.to_le_bytes())
-            .and_then(|()| self.journal.write_all(&crc.to_le_bytes()))
-            .and_then(|()| self.journal.write_all(&self.encoded))
-            .map_err(io_err(path))?;
+        if record_len(ops) > MAX_RECORD as usize {
+            return Err(corrupt(
+                &self.journal_path,
+                "batch too large for one journal record",
+            ));
+        }
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&[0; 8]);
+        encode_record(&mut self.pending, revision, ops);
+        let payload = &self.pending[start + 8..];
+        let len = (payload.len() as u32).to_le_bytes();
+        let crc = crc32fast::hash(payload).to_le_bytes();
+        self.pending[start..start + 4].copy_from_slice(&len);
+        self.pending[start + 4..start + 8].copy_from_slice(&crc);
         self.last = revision;
+        if self.pending.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.journal
+            .write_all(&self.pending)
+            .map_err(io_err(&self.journal_path))?;
+        self.written_len += self.pending.len() as u64;
+        self.pending.clear();
+        // One huge batch must not keep its buffer for good.
+        self.pending.shrink_to(FLUSH_AT * 2);
         Ok(())
     }
 
     /// Makes every append so far durable (one fsync for however many records: group commit).
     pub(crate) fn sync(&mut self) -> Result<(), StoreError> {
-        let path = &self.journal_path;
-        self.journal.flush().map_err(io_err(path))?;
-        self.journal.get_ref().sync_data().map_err(io_err(path))
+        self.flush()?;
+        self.journal
+            .sync_data()
+            .map_err(io_err(&self.journal_path))?;
+        self.synced_len = self.written_len;
+        Ok(())
     }
 
     /// Starts a new journal for the records after `revision` (a snapshot of it is being written).
     pub(crate) fn rotate(&mut self, revision: u64) -> Result<(), StoreError> {
         self.sync()?;
         let (path, file) = create_journal(&self.dir, revision)?;
-        self.journal = BufWriter::with_capacity(1 << 16, file);
+        self.use_journal(path, file, revision)
+    }
+
+    fn use_journal(&mut self, path: PathBuf, file: File, revision: u64) -> Result<(), StoreError> {
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        self.journal = file;
         self.journal_path = path;
+        self.synced_len = len;
+        self.written_len = len;
         self.last = revision;
         Ok(())
+    }
+
+    /// After a failed write, makes the folder hold exactly the revisions through `acknowledged`
+    /// (the last one made durable) and continues in a fresh journal after it, once the folder
+    /// takes writes again; an error means it does not yet, and changes nothing acknowledged.
+    ///
+    /// Returns the folder's state when it turns out newer than `acknowledged`: a full replace
+    /// whose snapshot was renamed into place before a later step failed. A restart would load
+    /// that snapshot, so the writer must continue from it, never reuse its revision.
+    pub(crate) fn reopen(&mut self, acknowledged: u64) -> Result<Option<Snapshot>, StoreError> {
+        // What the failed write left in memory or in the file — part of a record, records never
+        // acknowledged — goes, so nothing is ever appended after it.
+        self.pending.clear();
+        let path = &self.journal_path;
+        let len = self.journal.metadata().map_err(io_err(path))?.len();
+        if len < self.synced_len {
+            return Err(corrupt(
+                path,
+                format!("{len} bytes, shorter than the {} synced", self.synced_len),
+            ));
+        }
+        self.journal
+            .set_len(self.synced_len)
+            .map_err(io_err(path))?;
+        self.journal.sync_all().map_err(io_err(path))?;
+        self.written_len = self.synced_len;
+
+        let snapshot_path = self.dir.join(SNAPSHOT);
+        let newer = if read_snapshot_revision(&snapshot_path)? > acknowledged {
+            recover(&self.dir, false)?.recovered.snapshot
+        } else {
+            None
+        };
+        let revision = newer.as_ref().map_or(acknowledged, Snapshot::revision);
+        // A journal started after `revision` (by a full replace that then failed) holds nothing.
+        for (base, path) in list_journals(&self.dir)? {
+            if base > revision {
+                if fs::metadata(&path).map_err(io_err(&path))?.len() > 0 {
+                    return Err(corrupt(
+                        &path,
+                        format!("records after revision {revision}, which was the last stored"),
+                    ));
+                }
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+        }
+        probe(&self.dir)?;
+        let (path, file) = create_journal(&self.dir, revision)?;
+        self.use_journal(path, file, revision)?;
+        Ok(newer)
     }
 
     /// Deletes the journals whose records all lie at or below `revision`, now that a snapshot of
@@ -187,7 +302,19 @@ pub fn read_state(dir: &Path) -> Result<Option<Snapshot>, StoreError> {
 /// Writes `snapshot` as `dir/snapshot.bin`, durably and atomically.
 pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
     let tmp = dir.join(SNAPSHOT_TMP);
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let written = write_snapshot_tmp(&tmp, snapshot);
+    if written.is_err() {
+        // A part-written file would hold on to the space a full disk needs back.
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    let path = dir.join(SNAPSHOT);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+fn write_snapshot_tmp(tmp: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
+    let file = File::create(tmp).map_err(io_err(tmp))?;
     let mut out = CrcWriter {
         inner: BufWriter::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
@@ -209,14 +336,39 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError>
         out.inner.flush()?;
         out.inner.get_ref().sync_all()
     };
-    write().map_err(io_err(&tmp))?;
-    let path = dir.join(SNAPSHOT);
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir)
+    write().map_err(io_err(tmp))
+}
+
+/// The revision `snapshot.bin` holds, from its header alone.
+fn read_snapshot_revision(path: &Path) -> Result<u64, StoreError> {
+    let mut header = [0u8; 16];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(io_err(path))?;
+    if &header[..8] != MAGIC {
+        return Err(corrupt(
+            path,
+            "not an icp-gate snapshot (bad magic at byte 0)",
+        ));
+    }
+    let mut revision = [0u8; 8];
+    revision.copy_from_slice(&header[8..]);
+    Ok(u64::from_le_bytes(revision))
+}
+
+/// Whether `dir` takes writes: a small file written, synced and removed.
+fn probe(dir: &Path) -> Result<(), StoreError> {
+    let path = dir.join(PROBE);
+    let written = File::create(&path)
+        .and_then(|mut f| f.write_all(&[0; PROBE_BYTES]).and_then(|()| f.sync_data()));
+    let _ = fs::remove_file(&path);
+    written.map_err(io_err(&path))
 }
 
 struct State {
     recovered: Recovered,
+    /// Revision of `snapshot.bin` (0 without one).
+    snapshot_revision: u64,
     /// Revision after recovery.
     revision: u64,
     journals: Vec<(u64, PathBuf)>,
@@ -240,16 +392,23 @@ fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
     let last_index = journals.len().saturating_sub(1);
     for (i, (_, path)) in journals.iter().enumerate() {
         let records = read_journal(path, i == last_index, repair)?;
-        torn |= records.torn;
-        for (rev, ops) in records.records {
+        for (at, rev, ops) in records.records {
             match snapshot_revision {
                 // The seed snapshot is written before any record: records alone are damage.
-                None => return Err(corrupt(path, "journal records without a snapshot")),
+                None => {
+                    return Err(corrupt(
+                        path,
+                        format!("journal records without a snapshot (the record at byte {at})"),
+                    ));
+                }
                 Some(s) if rev <= s => continue,
                 Some(_) => {}
             }
             if rev != revision + 1 {
-                return Err(corrupt(path, format!("revision {rev} follows {revision}")));
+                return Err(corrupt(
+                    path,
+                    format!("revision {rev} follows {revision} (the record at byte {at})"),
+                ));
             }
             revision = rev;
             replayed += 1;
@@ -257,6 +416,18 @@ fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
             if pending.len() >= REPLAY_CHUNK {
                 current = current.map(|s| s.apply(&std::mem::take(&mut pending), revision));
             }
+        }
+        if let Some(tail) = records.torn {
+            torn = true;
+            // Never fewer records without a word: the operator sees what was dropped.
+            warn!(
+                file = %path.display(),
+                offset = tail.at,
+                bytes = tail.bytes,
+                revision = revision + 1,
+                cut = repair,
+                "journal ends in a torn record (a crash mid-write, never acknowledged); dropped"
+            );
         }
     }
     if let Some(s) = &current {
@@ -270,6 +441,7 @@ fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
             records_replayed: replayed,
             torn_tail_dropped: torn,
         },
+        snapshot_revision: snapshot_revision.unwrap_or(0),
         revision,
         journals,
     })
@@ -281,10 +453,11 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     let mut r = CrcReader {
         inner: BufReader::with_capacity(1 << 20, file),
         crc: crc32fast::Hasher::new(),
+        at: 0,
     };
     let truncated = |e: io::Error| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
-            corrupt(path, "truncated")
+            corrupt(path, format!("truncated: ends at byte {file_len}"))
         } else {
             StoreError::Io {
                 path: path.to_path_buf(),
@@ -295,7 +468,10 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(truncated)?;
     if &magic != MAGIC {
-        return Err(corrupt(path, "not an icp-gate snapshot (bad magic)"));
+        return Err(corrupt(
+            path,
+            "not an icp-gate snapshot (bad magic at byte 0)",
+        ));
     }
     let revision = r.u64().map_err(truncated)?;
     let count = r.u64().map_err(truncated)?;
@@ -303,7 +479,7 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     if count > file_len / 5 {
         return Err(corrupt(
             path,
-            format!("entry count {count} does not fit the file"),
+            format!("entry count {count} at byte 16 does not fit the file"),
         ));
     }
     // Every entry carries 3 bytes of framing besides its name and number.
@@ -311,10 +487,11 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     let mut builder = SnapshotBuilder::with_capacity(count as usize, payload);
     let (mut domain, mut icp) = (Vec::with_capacity(256), Vec::with_capacity(256));
     for i in 0..count {
+        let at = r.at;
         r.string(&mut domain).map_err(truncated)?;
         r.string(&mut icp).map_err(truncated)?;
         let flags = r.u8().map_err(truncated)?;
-        let bad = |why: &str| corrupt(path, format!("entry {i}: {why}"));
+        let bad = |why: &str| corrupt(path, format!("entry {i} at byte {at}: {why}"));
         let (Ok(domain), Ok(icp)) = (std::str::from_utf8(&domain), std::str::from_utf8(&icp))
         else {
             return Err(bad("not UTF-8"));
@@ -333,65 +510,130 @@ fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     let mut stored = [0u8; 4];
     r.inner.read_exact(&mut stored).map_err(truncated)?;
     if u32::from_le_bytes(stored) != computed {
-        return Err(corrupt(path, "checksum mismatch"));
+        return Err(corrupt(
+            path,
+            format!("checksum mismatch (the checksum at byte {})", r.at),
+        ));
     }
     if r.inner.read(&mut [0u8; 1]).map_err(io_err(path))? != 0 {
-        return Err(corrupt(path, "data after the checksum"));
+        return Err(corrupt(
+            path,
+            format!("data after the checksum at byte {}", r.at + 4),
+        ));
     }
     Ok(builder.finish(revision))
 }
 
 struct JournalRecords {
-    records: Vec<(u64, Vec<Op>)>,
-    torn: bool,
+    /// Byte offset, revision and operations of each record.
+    records: Vec<(usize, u64, Vec<Op>)>,
+    torn: Option<TornTail>,
 }
 
-/// Reads every record of one journal. In the last journal, a final record that is incomplete or
-/// fails its checksum with nothing after it is a torn write: dropped (and, with `repair`, cut
-/// off).
+/// The torn record a crash left at the end of the last journal.
+struct TornTail {
+    at: usize,
+    bytes: usize,
+}
+
+/// The record at the start of some bytes, as far as its frame tells.
+enum Frame<'a> {
+    /// Complete, and its checksum matches.
+    Whole { payload: &'a [u8], len: usize },
+    /// Complete, and its checksum does not match.
+    BadChecksum { len: usize },
+    /// The header, or the length it states, runs past the bytes (or over [`MAX_RECORD`]).
+    Incomplete(String),
+}
+
+fn frame(bytes: &[u8]) -> Frame<'_> {
+    let Some(header) = bytes.get(..8) else {
+        return Frame::Incomplete(format!("only {} bytes of a record header", bytes.len()));
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    let payload = (len <= MAX_RECORD)
+        .then(|| bytes.get(8..8 + len as usize))
+        .flatten();
+    match payload {
+        None => Frame::Incomplete(format!(
+            "record length {len} runs past the end of the file ({} bytes left)",
+            bytes.len() - 8
+        )),
+        Some(payload) if crc32fast::hash(payload) != crc => Frame::BadChecksum {
+            len: 8 + len as usize,
+        },
+        Some(payload) => Frame::Whole {
+            payload,
+            len: 8 + len as usize,
+        },
+    }
+}
+
+/// Where a complete, checksummed, decodable record starts after `from`, if anywhere.
+fn valid_record_after(bytes: &[u8], from: usize) -> Option<usize> {
+    (from + 1..bytes.len()).find(|&at| {
+        matches!(frame(&bytes[at..]), Frame::Whole { payload, .. } if decode_record(payload).is_some())
+    })
+}
+
+/// Reads every record of one journal.
+///
+/// A torn append leaves a prefix of one record at the very end of the last journal: a record
+/// that is incomplete, or complete with a bad checksum, and ends the file. Only then is it torn —
+/// dropped (and, with `repair`, cut off). A flipped bit in a length field looks the same (the
+/// record seems to run past the end of the file), but acknowledged records follow it: so if a
+/// valid record starts anywhere after the bad one, it is damage, and recovery refuses rather than
+/// cut them off. Damage anywhere else refuses too, naming the byte.
 fn read_journal(path: &Path, last: bool, repair: bool) -> Result<JournalRecords, StoreError> {
     let bytes = fs::read(path).map_err(io_err(path))?;
     let mut records = Vec::new();
     let mut at = 0usize;
-    let mut torn = false;
+    let mut torn = None;
     while at < bytes.len() {
-        let header = bytes.get(at..at + 8);
-        let end = header.and_then(|h| {
-            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-            (len <= MAX_RECORD).then(|| at + 8 + len as usize)
-        });
-        let complete = end.filter(|&e| e <= bytes.len());
-        let Some((header, end)) = header.zip(complete) else {
-            // The record runs past the end of the file.
-            if last {
-                torn = true;
-                break;
+        let why = match frame(&bytes[at..]) {
+            Frame::Whole { payload, len } => {
+                let (revision, ops) = decode_record(payload)
+                    .ok_or_else(|| corrupt(path, format!("undecodable record at byte {at}")))?;
+                records.push((at, revision, ops));
+                at += len;
+                continue;
             }
-            return Err(corrupt(path, format!("incomplete record at byte {at}")));
+            Frame::BadChecksum { len } if at + len < bytes.len() => {
+                return Err(corrupt(
+                    path,
+                    format!("checksum mismatch in the record at byte {at}"),
+                ));
+            }
+            Frame::BadChecksum { .. } => "checksum mismatch".to_string(),
+            Frame::Incomplete(why) => why,
         };
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let payload = &bytes[at + 8..end];
-        if crc32fast::hash(payload) != crc {
-            if last && end == bytes.len() {
-                torn = true;
-                break;
-            }
+        if !last {
             return Err(corrupt(
                 path,
-                format!("checksum mismatch in the record at byte {at}"),
+                format!("damaged record at byte {at}: {why}, in a journal that is not the last"),
             ));
         }
-        let record = decode_record(payload)
-            .ok_or_else(|| corrupt(path, format!("undecodable record at byte {at}")))?;
-        records.push(record);
-        at = end;
+        if let Some(next) = valid_record_after(&bytes, at) {
+            return Err(corrupt(
+                path,
+                format!(
+                    "damaged record at byte {at}: {why}, yet a valid record follows at byte {next}"
+                ),
+            ));
+        }
+        torn = Some(TornTail {
+            at,
+            bytes: bytes.len() - at,
+        });
+        break;
     }
-    if torn && repair {
+    if let (Some(tail), true) = (&torn, repair) {
         let file = OpenOptions::new()
             .write(true)
             .open(path)
             .map_err(io_err(path))?;
-        file.set_len(at as u64).map_err(io_err(path))?;
+        file.set_len(tail.at as u64).map_err(io_err(path))?;
         file.sync_all().map_err(io_err(path))?;
     }
     Ok(JournalRecords { records, torn })
@@ -458,6 +700,19 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     let len = s.len().min(255);
     buf.push(len as u8);
     buf.extend_from_slice(&s.as_bytes()[..len]);
+}
+
+/// Bytes `ops` take as the payload of one journal record (what [`MAX_RECORD`] bounds), without
+/// encoding them.
+pub(crate) fn record_len(ops: &[Op]) -> usize {
+    let str_len = |s: &str| 1 + s.len().min(255);
+    12 + ops
+        .iter()
+        .map(|op| match op {
+            Op::Put(e) => 1 + str_len(&e.domain) + str_len(&e.icp) + 1,
+            Op::Delete(domain) => 1 + str_len(domain),
+        })
+        .sum::<usize>()
 }
 
 fn encode_record(buf: &mut Vec<u8>, revision: u64, ops: &[Op]) {
@@ -542,12 +797,15 @@ impl<W: Write> Write for CrcWriter<W> {
 struct CrcReader<R> {
     inner: R,
     crc: crc32fast::Hasher,
+    /// Bytes read so far (for errors that name where the damage is).
+    at: u64,
 }
 
 impl<R: Read> CrcReader<R> {
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read_exact(buf)?;
         self.crc.update(buf);
+        self.at += buf.len() as u64;
         Ok(())
     }
 
@@ -784,6 +1042,202 @@ mod tests {
         assert!(read_state(dir.path()).is_err());
     }
 
+    /// What `open` logs at WARN and above, as text.
+    fn open_logging(dir: &Path) -> (Result<(Store, Recovered), StoreError>, String) {
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || LogCapture(sink.clone()))
+            .finish();
+        let result = tracing::subscriber::with_default(subscriber, || Store::open(dir));
+        let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+        (result, text)
+    }
+
+    struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for LogCapture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Bit rot or a stray write anywhere in a small journal or snapshot: start-up refuses with
+    /// an error naming the file and the byte, or — only for damage inside the very last record of
+    /// the last journal, which is what a torn append looks like — drops that one record with a
+    /// warning. It never comes up with fewer acknowledged records silently.
+    #[test]
+    fn a_flipped_byte_anywhere_refuses_or_drops_only_the_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        let journal = store.journal_path.clone();
+        let mut starts = Vec::new();
+        let mut states = vec![model(&snap)];
+        for i in 0..4 {
+            starts.push(fs::metadata(&journal).unwrap().len() as usize);
+            let mut ops = vec![Op::Put(entry(&format!("w{i}.cn"), Status::Filed))];
+            if i % 2 == 1 {
+                ops.push(Op::Delete(format!("s{i}.cn")));
+            }
+            snap = write(&mut store, snap, ops);
+            states.push(model(&snap));
+        }
+        drop(store);
+        let name = journal.file_name().unwrap().to_string_lossy().into_owned();
+        let full = fs::read(&journal).unwrap();
+        let last_start = starts[3];
+        let (mut refused, mut dropped) = (0, 0);
+        for at in 0..full.len() {
+            for mask in [0x01u8, 0x80, 0xff] {
+                let mut damaged = full.clone();
+                damaged[at] ^= mask;
+                fs::write(&journal, &damaged).unwrap();
+                let (result, logged) = open_logging(dir.path());
+                let case = format!("byte {at} ^ {mask:#04x}");
+                match result {
+                    Err(e) => {
+                        let msg = e.to_string();
+                        assert!(
+                            msg.contains(&name) && msg.contains("byte "),
+                            "{case}: the error must name the file and the offset: {msg}"
+                        );
+                        assert_eq!(fs::read(&journal).unwrap(), damaged, "{case}: file changed");
+                        refused += 1;
+                    }
+                    Ok((_, rec)) => {
+                        assert!(
+                            at >= last_start,
+                            "{case}: damage before the last record came up without refusing"
+                        );
+                        assert!(rec.torn_tail_dropped, "{case}");
+                        assert_eq!(rec.records_replayed, 3, "{case}");
+                        assert_eq!(model(&rec.snapshot.unwrap()), states[3], "{case}");
+                        assert!(
+                            logged.contains("WARN")
+                                && logged.contains(&name)
+                                && logged.contains(&format!("offset={last_start}")),
+                            "{case}: the dropped record must be logged: {logged:?}"
+                        );
+                        assert_eq!(fs::read(&journal).unwrap(), full[..last_start], "{case}");
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        // Both outcomes happened: this walked through the last record and the ones before it.
+        assert!(
+            refused > 0 && dropped > 0,
+            "{refused} refused, {dropped} dropped"
+        );
+        fs::write(&journal, &full).unwrap();
+        assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), states[4]);
+
+        let path = dir.path().join(SNAPSHOT);
+        let good = fs::read(&path).unwrap();
+        for at in 0..good.len() {
+            for mask in [0x01u8, 0x80, 0xff] {
+                let mut damaged = good.clone();
+                damaged[at] ^= mask;
+                fs::write(&path, &damaged).unwrap();
+                let msg = match Store::open(dir.path()) {
+                    Ok(_) => panic!("snapshot byte {at} ^ {mask:#04x}: came up"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    msg.contains("snapshot.bin") && msg.contains("byte "),
+                    "snapshot byte {at} ^ {mask:#04x}: {msg}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn reopen_cuts_what_a_failed_write_left_and_continues_in_a_fresh_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        for i in 0..2 {
+            snap = write(
+                &mut store,
+                snap,
+                vec![Op::Put(entry(&format!("ok{i}.cn"), Status::Filed))],
+            );
+        }
+        let old = store.journal_path.clone();
+        let synced = fs::metadata(&old).unwrap().len();
+        // A write that failed: one whole record and part of another reached the file, and one
+        // more waits in memory; none of them acknowledged.
+        store
+            .append(3, &[Op::Put(entry("lost.cn", Status::Filed))])
+            .unwrap();
+        store.flush().unwrap();
+        OpenOptions::new()
+            .append(true)
+            .open(&old)
+            .unwrap()
+            .write_all(&[40, 0, 0, 0, 1, 2])
+            .unwrap();
+        store
+            .append(4, &[Op::Put(entry("lost2.cn", Status::Filed))])
+            .unwrap();
+
+        assert!(store.reopen(2).unwrap().is_none());
+        assert_eq!(fs::metadata(&old).unwrap().len(), synced, "cut back");
+        assert_ne!(store.journal_path, old, "a fresh journal");
+        snap = write(
+            &mut store,
+            snap,
+            vec![Op::Put(entry("after.cn", Status::Filed))],
+        );
+        drop(store);
+        let rec = reopen(dir.path());
+        assert!(!rec.torn_tail_dropped);
+        assert_eq!(model(&rec.snapshot.unwrap()), model(&snap));
+        assert!(!dir.path().join(PROBE).exists());
+    }
+
+    #[test]
+    fn reopen_after_a_failed_full_replace_follows_what_the_folder_holds() {
+        // The replace's snapshot never got into place: its empty journal goes.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut snap) = seeded(dir.path(), 3);
+        snap = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+        store.rotate(2).unwrap();
+        assert!(store.reopen(1).unwrap().is_none());
+        assert_eq!(list_journals(dir.path()).unwrap().len(), 2);
+        assert!(!dir.path().join("journal-00000000000000000002.log").exists());
+        snap = write(&mut store, snap, vec![Op::Delete("s1.cn".into())]);
+        drop(store);
+        assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), model(&snap));
+
+        // It did (renamed, then a later step failed): the writer must continue from it, or its
+        // next write would reuse revision 2 and vanish behind the snapshot after a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, snap) = seeded(dir.path(), 3);
+        let snap = write(&mut store, snap, vec![Op::Delete("s0.cn".into())]);
+        store.rotate(2).unwrap();
+        let replaced = Snapshot::from_entries(&[entry("only.cn", Status::Filed)], 2).unwrap();
+        write_snapshot(dir.path(), &replaced).unwrap();
+        let newer = store
+            .reopen(1)
+            .unwrap()
+            .expect("the folder is at revision 2");
+        assert_eq!(newer.revision(), 2);
+        assert_eq!(model(&newer), model(&replaced));
+        let after = write(
+            &mut store,
+            newer,
+            vec![Op::Put(entry("after.cn", Status::Filed))],
+        );
+        drop((store, snap));
+        assert_eq!(model(&reopen(dir.path()).snapshot.unwrap()), model(&after));
+    }
+
     #[test]
     fn a_corrupt_snapshot_is_an_error_never_an_empty_registry() {
         let dir = tempfile::tempdir().unwrap();
@@ -858,6 +1312,8 @@ mod tests {
         );
         let (rev, ops) = decode_record(&ok).unwrap();
         assert_eq!((rev, ops.len()), (9, 2));
+        assert_eq!(record_len(&ops), ok.len());
+        assert_eq!(record_len(&[]), 12);
         ok.push(0);
         assert!(decode_record(&ok).is_none(), "trailing bytes");
     }
