@@ -43,6 +43,7 @@ fn policy() -> Policy {
         x_forwarded_for: true,
         send_proxy_protocol: None,
         mode: None,
+        require_access_here: true,
         http_origin: Origin::parse("127.0.0.1:80"),
         tls_origin: None,
     };

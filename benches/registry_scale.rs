@@ -315,6 +315,7 @@ fn policy() -> Policy {
         x_forwarded_for: true,
         send_proxy_protocol: None,
         mode: None,
+        require_access_here: true,
         http_origin: None,
         tls_origin: None,
     };

@@ -106,6 +106,75 @@ fn explain_prints_the_decision() {
     );
 }
 
+/// A route with `require_access_here = false`: `explain` shows the waiver and `filed_elsewhere`,
+/// and the served request's access-log line carries the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waived_access_is_explained_and_logged_as_filed_elsewhere() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[listener]]\nname = \"mail\"\nbind = \"127.0.0.4:0\"\nkind = \"http\"\n\n\
+         [[route]]\ndst = \"127.0.0.4/32\"\nmainland = true\nrequire_access_here = false\n\
+         http_origin = \"{}\"\n",
+        origin.addr
+    );
+    let path = write_config(dir.path(), origin.addr, &extra);
+    let explain = |dst: &str| {
+        let out = Command::new(BIN)
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args(["mail.elsewhere.cn", "--dst", dst])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = explain("127.0.0.4");
+    for want in [
+        "route:       127.0.0.4/32 (mainland, enforce, require_access_here = false)",
+        "decision:    allow",
+        "reason:      filed_elsewhere",
+        "matched:     elsewhere.cn (沪ICP备00000002号-1, filed, access_here=false)",
+    ] {
+        assert!(out.contains(want), "{want}\n{out}");
+    }
+    let out = explain("127.0.0.1");
+    for want in [
+        "route:       127.0.0.1/32 (mainland, enforce)\n",
+        "decision:    block",
+        "reason:      not_accessed",
+    ] {
+        assert!(out.contains(want), "{want}\n{out}");
+    }
+
+    let mut proc = Proc::start(&path);
+    let mail = loop {
+        let line = proc.wait_for("listening");
+        if line["listener"] == "mail" {
+            break line["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    proc.wait_for("ready");
+    let (status, _, _) = http1(mail, "GET", "/", &[("host", "mail.elsewhere.cn")], b"").await;
+    assert_eq!(status, 200);
+    let line = proc.access_line("mail.elsewhere.cn");
+    assert_eq!(
+        (
+            &line["listener"],
+            &line["decision"],
+            &line["reason"],
+            &line["status"]
+        ),
+        (
+            &serde_json::json!("mail"),
+            &serde_json::json!("allow"),
+            &serde_json::json!("filed_elsewhere"),
+            &serde_json::json!(200)
+        ),
+        "{line}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_without_rebinding_and_keeps_old_config_on_error() {
     let origin = Origin::start().await;

@@ -715,3 +715,103 @@ async fn malformed_origin_response_is_502() {
             .contains(r#"icp_gate_upstream_errors_total{kind="reset",listener="http"} 1"#)
     );
 }
+
+/// Hosted mail: on a route with `require_access_here = false` a name filed with another
+/// provider reaches the origin (`filed_elsewhere`), the default route still blocks it
+/// (`not_accessed`), the waiver never covers a missing or revoked filing, and a revocation
+/// closes an upgraded connection it allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_waives_the_access_forwards_names_filed_elsewhere() {
+    let origin = Origin::start().await;
+    let cfg = config(origin.addr, "")
+        + r#"
+[[listener]]
+name = "mail"
+bind = "127.0.0.4:0"
+kind = "http"
+
+[[route]]
+dst = "127.0.0.4/32"
+mainland = true
+require_access_here = false
+http_origin = "ORIGIN"
+"#
+        .replace("ORIGIN", &origin.addr.to_string())
+        .as_str();
+    let gate = Gate::start(&cfg).await;
+    let mail = gate.server.listener_addr("mail").await.unwrap();
+    let get_mail = |host: &'static str| async move {
+        http1(mail, "GET", "/owa/", &[("host", host)], b"").await
+    };
+
+    let (status, headers, body) = get_mail("mail.elsewhere.cn").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "origin saw mail.elsewhere.cn/owa/")
+    );
+    assert!(headers.get("icp-gate-reason").is_none());
+    let (status, headers, _) = get(&gate, "mail.elsewhere.cn").await;
+    assert_eq!((status, reason(&headers)), (403, "not_accessed"));
+    for (host, want) in [
+        ("unfiled.cn", "unfiled"),
+        ("gone.cn", "revoked"),
+        ("edu.x.gov.cn", "revoked"),
+    ] {
+        let (status, headers, _) = get_mail(host).await;
+        assert_eq!((status, reason(&headers)), (403, want), "{host}");
+    }
+    assert_eq!(get_mail("filed.cn").await.0, 200);
+    assert_eq!(origin.count(), 2, "blocked requests never reach the origin");
+
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    for (dst, decision, why) in [
+        ("127.0.0.4", "allow", "filed_elsewhere"),
+        ("127.0.0.1", "block", "not_accessed"),
+    ] {
+        let path = format!("/v1/decision?host=mail.elsewhere.cn&dst={dst}");
+        let (status, _, body) = http1(gate.admin, "GET", &path, &auth, b"").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"decision": decision, "reason": why, "matched": "elsewhere.cn", "registrable": "elsewhere.cn"}),
+            "{dst}"
+        );
+    }
+
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_requests_total{decision="allow",listener="mail",reason="filed_elsewhere"} 1"#,
+        r#"icp_gate_requests_total{decision="block",listener="http",reason="not_accessed"} 1"#,
+        r#"icp_gate_requests_total{decision="allow",listener="mail",reason="filed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+
+    // An upgraded connection the waiver allowed is closed when the filing is revoked.
+    let mut ws = TcpStream::connect(mail).await.unwrap();
+    let head = ask(
+        &mut ws,
+        b"GET /ws HTTP/1.1\r\nHost: mail.elsewhere.cn\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(gate.server.live_tunnels(), 1);
+    let entry = r#"{"domain":"elsewhere.cn","icp":"沪ICP备00000002号-1","status":"revoked","access_here":false}"#;
+    let (status, _, body) = http1(
+        gate.admin,
+        "PUT",
+        "/v1/registry/entries/elsewhere.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        closed_within(&mut ws, Duration::from_secs(1)).await,
+        "the upgraded connection outlived the revocation"
+    );
+    let (status, headers, _) = get_mail("mail.elsewhere.cn").await;
+    assert_eq!((status, reason(&headers)), (403, "revoked"));
+}

@@ -20,7 +20,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// A rustls HTTPS origin answering `tls origin saw <host>`.
 async fn tls_origin(pki: &Pki) -> SocketAddr {
-    let (chain, key, _, _) = pki.leaf(&["www.filed.cn", "www.filed-example.com.cn"]);
+    let (chain, key, _, _) = pki.leaf(&[
+        "www.filed.cn",
+        "www.filed-example.com.cn",
+        "mail.elsewhere.cn",
+    ]);
     let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -186,6 +190,141 @@ async fn filed_sni_gets_a_verified_tls_session_with_the_origin() {
     );
     assert!(!metrics.contains(
         r#"icp_gate_relayed_bytes_total{direction="client_to_origin",listener="tls"} 0"#
+    ));
+}
+
+/// One HTTP/1.1 request on an open client connection; returns status and body text.
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: &str,
+) -> (u16, String) {
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn alert_of(err: &std::io::Error) -> Option<rustls::Error> {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .cloned()
+}
+
+/// Hosted mail over TLS: on a route with `require_access_here = false` a name filed with another
+/// provider passes through to the real TLS origin (verified end to end); another route refuses
+/// it. The live tunnel survives `access_here` changing either way and is closed within a second
+/// when the filing is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_waives_the_access_passes_names_filed_elsewhere_through() {
+    let pki = Pki::new();
+    let tls_origin = tls_origin(&pki).await;
+    let cfg = format!(
+        r#"
+[registry]
+state_dir = "{{dir}}/state"
+seed = "seed.ndjson"
+
+[[listener]]
+name = "tls"
+bind = "127.0.0.1:0"
+kind = "tls"
+
+[[listener]]
+name = "tls-default"
+bind = "127.0.0.5:0"
+kind = "tls"
+
+[[route]]
+dst = "127.0.0.1/32"
+mainland = true
+require_access_here = false
+tls_origin = "{tls_origin}"
+
+[[route]]
+dst = "127.0.0.5/32"
+mainland = true
+tls_origin = "{tls_origin}"
+
+[admin]
+bind = "127.0.0.1:0"
+token_file = "admin.token"
+"#
+    );
+    let (gate, waived) = start(&cfg).await;
+    let default = gate.server.listener_addr("tls-default").await.unwrap();
+
+    let tcp = TcpStream::connect(waived).await.unwrap();
+    let tls = pki
+        .client(&[b"http/1.1"])
+        .connect(ServerName::try_from("mail.elsewhere.cn").unwrap(), tcp)
+        .await
+        .expect("the origin's certificate verifies through the tunnel");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let mut conn = tokio::spawn(conn);
+    assert_eq!(
+        send(&mut sender, "mail.elsewhere.cn").await,
+        (200, "tls origin saw mail.elsewhere.cn".to_string())
+    );
+    assert_eq!(gate.server.live_tunnels(), 1, "registered for revocation");
+
+    let err = https_get(&pki.client(&[]), default, "mail.elsewhere.cn")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        alert_of(&err),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::AccessDenied
+        )),
+        "{err}"
+    );
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_tls_connections_total{decision="allow",listener="tls",reason="filed_elsewhere"} 1"#,
+        r#"icp_gate_tls_connections_total{decision="block",listener="tls-default",reason="not_accessed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+
+    let put = |status: &'static str, access_here: bool| {
+        let admin = gate.admin;
+        async move {
+            let entry = format!(
+                r#"{{"domain":"elsewhere.cn","icp":"沪ICP备00000002号-1","status":"{status}","access_here":{access_here}}}"#
+            );
+            let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+            let path = "/v1/registry/entries/elsewhere.cn";
+            let (code, _, body) = http1(admin, "PUT", path, &auth, entry.as_bytes()).await;
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    // The access moving here and away again leaves the tunnel open.
+    for access_here in [true, false] {
+        put("filed", access_here).await;
+        assert_eq!(
+            send(&mut sender, "mail.elsewhere.cn").await.0,
+            200,
+            "access_here = {access_here}"
+        );
+    }
+
+    put("revoked", false).await;
+    tokio::time::timeout(Duration::from_secs(1), &mut conn)
+        .await
+        .expect("the tunnel outlived the revocation")
+        .unwrap()
+        .ok();
+    let err = https_get(&pki.client(&[]), waived, "mail.elsewhere.cn")
+        .await
+        .unwrap_err();
+    assert!(alert_of(&err).is_some(), "{err}");
+    assert!(gate.metrics().await.contains(
+        r#"icp_gate_tls_connections_total{decision="block",listener="tls",reason="revoked"} 1"#
     ));
 }
 

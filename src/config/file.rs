@@ -73,6 +73,8 @@ pub(super) struct RawRoute {
     pub(super) x_forwarded_for: bool,
     pub(super) send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub(super) mode: Option<Mode>,
+    /// Defaults to `true`; an `Option` so that setting it where nothing is looked up is an error.
+    pub(super) require_access_here: Option<bool>,
     pub(super) http_origin: Option<String>,
     pub(super) tls_origin: Option<String>,
 }

@@ -121,6 +121,9 @@ pub struct RouteConfig {
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     /// Overrides `policy.mode` for destinations in this route.
     pub mode: Option<Mode>,
+    /// `false`: a filed name whose access (接入) is registered with another provider is allowed
+    /// (`filed_elsewhere`) instead of blocked (`not_accessed`). Always `true` off the mainland.
+    pub require_access_here: bool,
     pub http_origin: Option<Origin>,
     pub tls_origin: Option<Origin>,
 }

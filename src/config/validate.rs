@@ -274,12 +274,20 @@ impl Validator<'_> {
                     "required: a tls listener passes allowed connections through there",
                 ));
             }
+            // Off the mainland nothing is looked up, so the key would be silently ignored.
+            if !r.mainland && r.require_access_here.is_some() {
+                return Err(self.err(
+                    format!("route[{i}].require_access_here"),
+                    "only for mainland routes: a route with mainland = false looks nothing up",
+                ));
+            }
             out.push(RouteConfig {
                 dst,
                 mainland: r.mainland,
                 x_forwarded_for: r.x_forwarded_for,
                 send_proxy_protocol: r.send_proxy_protocol,
                 mode: r.mode,
+                require_access_here: r.require_access_here.unwrap_or(true),
                 http_origin,
                 tls_origin,
             });
@@ -462,6 +470,42 @@ http_origin = "127.0.0.1:9080"
         assert_eq!(c.limits.drain_timeout, Duration::from_secs(30));
         assert!(c.routes[0].x_forwarded_for);
         assert_eq!(c.routes[0].send_proxy_protocol, None);
+        assert!(c.routes[0].require_access_here);
+    }
+
+    #[test]
+    fn require_access_here_is_a_mainland_route_key() {
+        let waived = MINIMAL.replace(
+            "mainland = true",
+            "mainland = true\nrequire_access_here = false",
+        );
+        assert!(!parse(&waived).unwrap().routes[0].require_access_here);
+        let explicit = MINIMAL.replace(
+            "mainland = true",
+            "mainland = true\nrequire_access_here = true",
+        );
+        assert!(parse(&explicit).unwrap().routes[0].require_access_here);
+
+        // Where nothing is looked up the key means nothing: refused, either value.
+        for value in ["false", "true"] {
+            let abroad = format!(
+                "{MINIMAL}\n[[route]]\ndst = \"192.0.2.0/24\"\nmainland = false\nrequire_access_here = {value}\nhttp_origin = \"127.0.0.1:1\"\n"
+            );
+            let e = error(&abroad);
+            assert!(
+                e.starts_with("/etc/icp-gate/icp-gate.toml: route[1].require_access_here: "),
+                "{e}"
+            );
+        }
+        let abroad = format!(
+            "{MINIMAL}\n[[route]]\ndst = \"192.0.2.0/24\"\nmainland = false\nhttp_origin = \"127.0.0.1:1\"\n"
+        );
+        assert!(parse(&abroad).unwrap().routes[1].require_access_here);
+        let e = error(&MINIMAL.replace(
+            "mainland = true",
+            "mainland = true\nrequire_access_here = \"no\"",
+        ));
+        assert!(e.contains("require_access_here"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! 5. host or a parent in `policy.exempt` → allow (`exempt`);
 //! 6. longest match from the host down to its registrable domain; a host that is a public suffix
 //!    or has no registrable domain → block (`invalid_host`); no entry → block (`unfiled`);
-//!    revoked → block (`revoked`); filed but accessed elsewhere → block (`not_accessed`); filed
-//!    and accessed here → allow (`filed`).
+//!    revoked → block (`revoked`); filed but accessed elsewhere → block (`not_accessed`), unless
+//!    the route has `require_access_here = false` → allow (`filed_elsewhere`); filed and accessed
+//!    here → allow (`filed`).
 //!
 //! In report mode (globally or on the route) a block becomes `report`: the request goes through,
 //! counted and logged with the reason it would have been blocked for. Protocol errors stay
@@ -80,11 +81,12 @@ pub enum Reason {
     Unfiled,
     Revoked,
     NotAccessed,
+    FiledElsewhere,
     Filed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 14] = [
         Reason::NoRoute,
         Reason::NonMainland,
         Reason::MissingHost,
@@ -97,6 +99,7 @@ impl Reason {
         Reason::Unfiled,
         Reason::Revoked,
         Reason::NotAccessed,
+        Reason::FiledElsewhere,
         Reason::Filed,
     ];
 
@@ -114,8 +117,15 @@ impl Reason {
             Reason::Unfiled => "unfiled",
             Reason::Revoked => "revoked",
             Reason::NotAccessed => "not_accessed",
+            Reason::FiledElsewhere => "filed_elsewhere",
             Reason::Filed => "filed",
         }
+    }
+
+    /// A registry entry allowed it: a tunnel opened for it must close when an update blocks the
+    /// host, so listeners register such tunnels for revocation.
+    pub fn registry_allowed(self) -> bool {
+        matches!(self, Reason::Filed | Reason::FiledElsewhere)
     }
 }
 
@@ -265,7 +275,10 @@ pub fn decide<'p, 'h, 's>(
     let (decision, reason) = match matched {
         None => (Decision::Block, Reason::Unfiled),
         Some(e) if e.status == Status::Revoked => (Decision::Block, Reason::Revoked),
-        Some(e) if !e.access_here => (Decision::Block, Reason::NotAccessed),
+        Some(e) if !e.access_here && r.require_access_here => {
+            (Decision::Block, Reason::NotAccessed)
+        }
+        Some(e) if !e.access_here => (Decision::Allow, Reason::FiledElsewhere),
         Some(_) => (Decision::Allow, Reason::Filed),
     };
     let v = Verdict {
@@ -334,6 +347,9 @@ mod tests {
     const MAINLAND: &str = "10.0.0.1";
     const ABROAD: &str = "192.0.2.1";
     const UNROUTED: &str = "203.0.113.9";
+    /// Mainland, `require_access_here = false`; and the same in report mode.
+    const WAIVED: &str = "10.7.0.1";
+    const WAIVED_REPORT: &str = "10.6.0.1";
 
     fn entry(domain: &str, status: Status, access_here: bool) -> Entry {
         Entry {
@@ -355,6 +371,9 @@ mod tests {
             entry("open.gone.cn", Status::Filed, true),
             entry("xn--fsqu00a.xn--fiqs8s", Status::Filed, true),
             entry("github.io", Status::Filed, true),
+            // Under a waiving route the longest match still decides, both ways.
+            entry("old.elsewhere.cn", Status::Revoked, false),
+            entry("mail.gone.cn", Status::Filed, false),
         ];
         Snapshot::from_entries(&entries, 1).unwrap()
     }
@@ -366,6 +385,7 @@ mod tests {
             x_forwarded_for: true,
             send_proxy_protocol: None,
             mode,
+            require_access_here: true,
             http_origin: Some(Origin::parse("127.0.0.1:1").unwrap()),
             tls_origin: None,
         }
@@ -376,6 +396,14 @@ mod tests {
             route("10.0.0.0/8", true, None),
             route("10.9.0.0/16", true, Some(Mode::Report)),
             route("10.8.0.0/16", true, Some(Mode::Enforce)),
+            RouteConfig {
+                require_access_here: false,
+                ..route("10.7.0.0/16", true, None)
+            },
+            RouteConfig {
+                require_access_here: false,
+                ..route("10.6.0.0/16", true, Some(Mode::Report))
+            },
             route("192.0.2.0/24", false, None),
         ]);
         Policy::new(
@@ -543,6 +571,121 @@ mod tests {
             name(MAINLAND, "gone.cn"),
             (Decision::Block, Reason::Revoked)
         );
+    }
+
+    #[test]
+    fn rule6_waived_access_allows_filed_elsewhere_only() {
+        for host in ["elsewhere.cn", "smtp.elsewhere.cn", "mail.gone.cn"] {
+            assert_eq!(
+                name(WAIVED, host),
+                (Decision::Allow, Reason::FiledElsewhere),
+                "{host}"
+            );
+            // Every other route still requires the access here.
+            assert_eq!(
+                name(MAINLAND, host),
+                (Decision::Block, Reason::NotAccessed),
+                "{host}"
+            );
+        }
+        // The waiver covers the access only: no filing, or a revoked one, is still blocked.
+        for (host, reason) in [
+            ("unfiled.cn", Reason::Unfiled),
+            ("gone.cn", Reason::Revoked),
+            ("www.gone.cn", Reason::Revoked),
+            ("old.elsewhere.cn", Reason::Revoked),
+            ("a.old.elsewhere.cn", Reason::Revoked),
+            ("edu.x.gov.cn", Reason::Revoked),
+        ] {
+            assert_eq!(name(WAIVED, host), (Decision::Block, reason), "{host}");
+        }
+        assert_eq!(
+            name(WAIVED, "com.cn"),
+            (Decision::Block, Reason::InvalidHost)
+        );
+        assert_eq!(name(WAIVED, "filed.cn"), (Decision::Allow, Reason::Filed));
+        assert_eq!(
+            name(WAIVED, "console.example"),
+            (Decision::Allow, Reason::Exempt)
+        );
+        let snap = registry();
+        let p = policy();
+        let v = decide(
+            WAIVED.parse().unwrap(),
+            HostInput::Name("smtp.elsewhere.cn"),
+            &snap,
+            &p,
+        );
+        assert_eq!(v.matched.map(|e| e.domain), Some("elsewhere.cn"));
+        assert_eq!(v.registrable, Some("elsewhere.cn"));
+        assert!(!v.protocol_error);
+    }
+
+    #[test]
+    fn rule6_waiver_in_report_mode() {
+        // filed_elsewhere is an allow, so report mode leaves it alone; blocks become reports.
+        assert_eq!(
+            name(WAIVED_REPORT, "elsewhere.cn"),
+            (Decision::Allow, Reason::FiledElsewhere)
+        );
+        assert_eq!(
+            name(WAIVED_REPORT, "unfiled.cn"),
+            (Decision::Report, Reason::Unfiled)
+        );
+        assert_eq!(
+            name(WAIVED_REPORT, "gone.cn"),
+            (Decision::Report, Reason::Revoked)
+        );
+        let global_report = policy_with(Mode::Report, Action::Allow, Action::Block, &[]);
+        assert_eq!(
+            check(WAIVED, HostInput::Name("elsewhere.cn"), &global_report),
+            (Decision::Allow, Reason::FiledElsewhere)
+        );
+        assert_eq!(
+            check(WAIVED, HostInput::Name("old.elsewhere.cn"), &global_report),
+            (Decision::Report, Reason::Revoked)
+        );
+        assert_eq!(
+            check(MAINLAND, HostInput::Name("elsewhere.cn"), &global_report),
+            (Decision::Report, Reason::NotAccessed)
+        );
+    }
+
+    /// Listeners register a tunnel for revocation by `registry_allowed`: it must hold exactly
+    /// for the allows an entry made, or a tunnel an update blocks would stay open.
+    #[test]
+    fn registry_allowed_is_exactly_an_allow_by_an_entry() {
+        let snap = registry();
+        let p = policy();
+        for dst in [MAINLAND, WAIVED, WAIVED_REPORT, ABROAD, UNROUTED] {
+            for host in [
+                "filed.cn",
+                "elsewhere.cn",
+                "mail.gone.cn",
+                "unfiled.cn",
+                "gone.cn",
+                "console.example",
+                "com.cn",
+            ] {
+                let v = decide(dst.parse().unwrap(), HostInput::Name(host), &snap, &p);
+                assert_eq!(
+                    v.reason.registry_allowed(),
+                    v.decision == Decision::Allow && v.matched.is_some(),
+                    "{dst} {host}: {v:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_reason_is_listed_once_in_declaration_order() {
+        // Metrics and block pages index by position in ALL, block pages by `reason as usize`.
+        let mut seen = HashSet::new();
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+            assert!(seen.insert(reason.as_str()), "{reason:?}");
+        }
+        assert_eq!(Reason::FiledElsewhere.as_str(), "filed_elsewhere");
     }
 
     #[test]

@@ -59,7 +59,15 @@ pub(crate) fn reason_texts(reason: Reason) -> (&'static str, &'static str) {
             "access by IP address is not allowed",
         ),
         Reason::NoSni => ("请求未携带域名", "the connection names no host (no SNI)"),
-        _ => ("域名无效", "the host name is not valid"),
+        Reason::InvalidHost | Reason::InvalidSni | Reason::NotTls => {
+            ("域名无效", "the host name is not valid")
+        }
+        // Never a block, so never on a page; listed so that a new reason must pick its text.
+        Reason::NoRoute
+        | Reason::NonMainland
+        | Reason::Exempt
+        | Reason::FiledElsewhere
+        | Reason::Filed => ("域名无效", "the host name is not valid"),
     }
 }
 
@@ -78,7 +86,17 @@ fn advice_texts(reason: Reason) -> (&'static str, &'static str) {
             "网站所有者：该域名的备案已被注销。请重新办理ICP备案并在本服务商接入。",
             "Site owner: the filing for this domain was revoked. File again and add access through this provider.",
         ),
-        _ => (
+        Reason::MissingHost
+        | Reason::InvalidHost
+        | Reason::InvalidSni
+        | Reason::NotTls
+        | Reason::IpLiteral
+        | Reason::NoSni
+        | Reason::NoRoute
+        | Reason::NonMainland
+        | Reason::Exempt
+        | Reason::FiledElsewhere
+        | Reason::Filed => (
             "访客：请使用网站的正式域名访问。",
             "Visitor: please use the site's domain name.",
         ),

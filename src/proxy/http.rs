@@ -28,7 +28,7 @@ mod fast;
 use conn::{ConnCtx, log};
 
 use crate::config::Limits;
-use crate::core::decision::{Decision, HostInput, Reason, decide};
+use crate::core::decision::{Decision, HostInput, decide};
 use crate::observe::logging::RequestId;
 use crate::proxy::block_page::{BlockContext, error_response, upstream_error_answer, wants_json};
 use crate::proxy::forward::{self, ForwardError, ForwardOptions, OriginBody, OriginClient};
@@ -211,7 +211,7 @@ async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Response<Body>,
                     forwarded_for,
                     upgrade: forward::upgrade_offer(req.headers()),
                 };
-                let tunnel = (reason == Reason::Filed).then_some(host_text.as_str());
+                let tunnel = reason.registry_allowed().then_some(host_text.as_str());
                 forward_request(req, client, opts, ctx, &runtime.config.limits, &id, tunnel).await
             }
         },

@@ -124,7 +124,7 @@ pub(crate) async fn serve(
             drop(runtime);
             // A tunnel a registry entry allowed closes when an update blocks its host.
             let stop = shared.drain.child_token();
-            let _registered = registrable.filter(|_| reason == Reason::Filed).map(|r| {
+            let _registered = registrable.filter(|_| reason.registry_allowed()).map(|r| {
                 shared
                     .tunnels
                     .register(&sni, r, ends.dst.ip(), stop.clone())

@@ -134,3 +134,92 @@ impl Drop for TunnelGuard {
             });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Action, Mode, PolicyConfig, RouteConfig};
+    use crate::core::routes::RouteTable;
+    use crate::registry::{Entry, Status};
+
+    fn snapshot(entries: &[(&str, Status, bool)]) -> Snapshot {
+        let entries: Vec<Entry> = entries
+            .iter()
+            .map(|&(domain, status, access_here)| Entry {
+                domain: domain.into(),
+                icp: "京ICP备1号-1".into(),
+                status,
+                access_here,
+            })
+            .collect();
+        Snapshot::from_entries(&entries, 1).unwrap()
+    }
+
+    /// 10.0.0.0/8 requires the access here; 10.7.0.0/16 does not.
+    fn policy() -> Policy {
+        let route = |dst: &str, require_access_here| RouteConfig {
+            dst: dst.parse().unwrap(),
+            mainland: true,
+            x_forwarded_for: true,
+            send_proxy_protocol: None,
+            mode: None,
+            require_access_here,
+            http_origin: None,
+            tls_origin: None,
+        };
+        Policy::new(
+            RouteTable::new(vec![route("10.0.0.0/8", true), route("10.7.0.0/16", false)]),
+            &PolicyConfig {
+                mode: Mode::Enforce,
+                ip_literal: Action::Allow,
+                no_sni: Action::Block,
+                exempt: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn revocation_re_decides_with_the_routes_access_setting() {
+        let p = policy();
+        let tunnels = Arc::new(LiveTunnels::default());
+        let waived = CancellationToken::new();
+        let _w = tunnels.register(
+            "mail.elsewhere.cn",
+            "elsewhere.cn",
+            "10.7.0.1".parse().unwrap(),
+            waived.clone(),
+        );
+        let here = CancellationToken::new();
+        let _h = tunnels.register(
+            "www.filed.cn",
+            "filed.cn",
+            "10.0.0.1".parse().unwrap(),
+            here.clone(),
+        );
+        let changed = Some(&["elsewhere.cn", "filed.cn"][..]);
+
+        // The access moving here, or away again, keeps a tunnel on the waiving route open.
+        for access_here in [true, false] {
+            let snap = snapshot(&[
+                ("elsewhere.cn", Status::Filed, access_here),
+                ("filed.cn", Status::Filed, true),
+            ]);
+            assert_eq!(tunnels.revoke(changed, &snap, &p), 0, "{access_here}");
+            assert_eq!(tunnels.revoke(None, &snap, &p), 0, "{access_here}");
+        }
+        assert!(!waived.is_cancelled() && !here.is_cancelled());
+
+        // On a route that requires it, the access moving away closes the tunnel.
+        let snap = snapshot(&[
+            ("elsewhere.cn", Status::Filed, false),
+            ("filed.cn", Status::Filed, false),
+        ]);
+        assert_eq!(tunnels.revoke(changed, &snap, &p), 1);
+        assert!(here.is_cancelled() && !waived.is_cancelled());
+
+        // A revocation closes the filed-elsewhere tunnel: the waiver never covers the filing.
+        let snap = snapshot(&[("elsewhere.cn", Status::Revoked, false)]);
+        assert_eq!(tunnels.revoke(Some(&["elsewhere.cn"]), &snap, &p), 1);
+        assert!(waived.is_cancelled());
+    }
+}

@@ -54,14 +54,20 @@ pub fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<Strin
     let route = v.route.map_or("none".to_string(), |r| {
         let mode = r.mode.unwrap_or(policy.mode);
         format!(
-            "{} ({}, {})",
+            "{} ({}, {}{})",
             r.dst,
             if r.mainland {
                 "mainland"
             } else {
                 "not mainland"
             },
-            mode.as_str()
+            mode.as_str(),
+            // Shown only where it is waived: it is what turns not_accessed into filed_elsewhere.
+            if r.require_access_here {
+                ""
+            } else {
+                ", require_access_here = false"
+            }
         )
     });
     let matched = v.matched.map_or("-".to_string(), |e| {

@@ -100,6 +100,22 @@ impl Proc {
         }
     }
 
+    /// Waits for the access-log line of a request or connection for `host`.
+    pub fn access_line(&mut self, host: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no access line for {host:?}; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            if line["target"] == "access" && line["host"] == host {
+                return line;
+            }
+        }
+    }
+
     /// Like [`Proc::wait_for`], but an already-received line counts too.
     pub fn logged(&mut self, msg: &str) -> serde_json::Value {
         match self.seen(msg) {
