@@ -2,8 +2,12 @@
 //!
 //! For each request it reads the HTTP Host or the TLS SNI, looks the domain up in the filing
 //! registry and either forwards the traffic to the tenant's origin untouched or answers with a
-//! "not filed" block page. The rules live in [`core::decision`]; everything else extracts inputs for it
-//! or acts on its verdict.
+//! "not filed" block page. The rules live in [`core::decision`]; everything else extracts inputs
+//! for it or acts on its verdict.
+//!
+//! The layers, each using only those before it: `wire` (parsers of untrusted bytes), `config`,
+//! `registry`, `core` (the decision), `observe` (metrics, logs), `proxy` (the data path), `admin`
+//! (the control API), `runtime` (the process). docs/design.md says why.
 
 #![deny(unsafe_code)]
 #![warn(unreachable_pub)]
