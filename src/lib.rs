@@ -31,4 +31,5 @@ pub use runtime::server::{Listeners, ServerError, ServerHandle};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::proxy::relay::{End, Relayed, relay, relay_tcp};
+    pub use crate::registry::damage::{check_damaged_state, check_state_bytes};
 }

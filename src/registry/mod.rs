@@ -1,6 +1,7 @@
 //! The filing registry: entries, the immutable snapshot the data path reads, and the handle
 //! through which a new snapshot is published.
 
+pub(crate) mod damage;
 mod entry;
 mod published;
 mod service;
