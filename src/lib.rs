@@ -27,4 +27,5 @@ pub use runtime::server::{Listeners, ServerError, ServerHandle};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::proxy::relay::{End, Relayed, relay, relay_tcp};
+    pub use crate::wire::proxy_protocol::{Addresses, Parsed, parse as parse_proxy_header};
 }

@@ -28,14 +28,14 @@ pub enum ProxyProtocolVersion {
 
 /// The addresses a PROXY header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Addresses {
+pub struct Addresses {
     pub client: SocketAddr,
     pub dst: SocketAddr,
 }
 
 /// What the start of a connection holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Parsed {
+pub enum Parsed {
     /// Not a complete header yet: read more.
     Incomplete,
     /// A header of `len` bytes naming these addresses (`None` for `LOCAL`/`UNKNOWN`, e.g. a load
@@ -51,7 +51,7 @@ pub(crate) enum Parsed {
 /// Parses a PROXY v1 or v2 header at the start of `buf`. Pure and resumable: call again with more
 /// bytes after [`Parsed::Incomplete`], which is only answered while `buf` can still become a
 /// valid header. Bytes after the header are not looked at.
-pub(crate) fn parse(buf: &[u8]) -> Parsed {
+pub fn parse(buf: &[u8]) -> Parsed {
     if agrees_with(buf, V2_SIGNATURE) {
         // Also the empty buffer. The signature and `PROXY ` differ in their first byte.
         parse_v2(buf)
