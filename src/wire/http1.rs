@@ -285,6 +285,8 @@ pub(crate) fn parse_response(
         return Err(BadResponse::Head);
     };
     match status {
+        // httparse reads any three digits; "020" is no status (hyper refuses it too).
+        0..=99 => return Err(BadResponse::Head),
         101 => return Err(BadResponse::UnaskedSwitch),
         100..=199 => return Ok(ResponseHead::Interim { len }),
         _ => {}
@@ -687,6 +689,12 @@ mod tests {
             parse(b"HTTX/1.1 200 OK\r\n\r\n").err(),
             Some(BadResponse::Head)
         );
+        // Found by the http1_response fuzz target: httparse reads "020" as status 20, which the
+        // client head would have carried as "HTTP/1.1 20 OK".
+        for raw in [&b"HTTP/1.1 020 OK\r\n\r\n"[..], b"HTTP/1.1 000 X\r\n\r\n"] {
+            let text = String::from_utf8_lossy(raw);
+            assert_eq!(parse(raw).err(), Some(BadResponse::Head), "{text:?}");
+        }
         assert!(matches!(
             parse(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200"),
             Ok(ResponseHead::Interim { len: 40 })
