@@ -394,9 +394,12 @@ fn write_client_head(
     for h in headers {
         let name = h.name;
         let te = name.eq_ignore_ascii_case("transfer-encoding");
+        let length = name.eq_ignore_ascii_case("content-length");
+        // The body passes in the origin's framing, so its headers stay even when `Connection`
+        // lists them: without them the client would read the body until the close.
         let drop = (is_hop_by_hop(name) && !te)
-            || (facts.chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
-            || listed(name);
+            || (facts.chunked.is_some() && length)
+            || (!te && !length && listed(name));
         if !drop {
             push_header(out, name.as_bytes(), h.value);
         }
@@ -715,6 +718,31 @@ mod tests {
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "HTTP/1.1 200 Fine\r\nDate: Sun, 29 Nov 2026 08:56:34 GMT\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    /// Caught by the http1_response fuzz target's framing property (on an input tried by hand):
+    /// `Connection` naming a framing header dropped it from the client head while the body was
+    /// relayed in that framing, so the client read a kept-alive response until the close.
+    #[test]
+    fn client_head_keeps_framing_headers_that_connection_lists() {
+        let (f, head) = fin_head(
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Secret\r\nContent-Length: 5\r\nX-Secret: 1\r\n\r\n",
+            false,
+        );
+        assert_eq!((f.framing, f.reusable), (Framing::Length(5), true));
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.contains("\r\nContent-Length: 5\r\n"), "{head}");
+        assert!(!head.contains("X-Secret"), "{head}");
+        let (f, head) = fin_head(
+            b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(f.framing, Framing::Chunked);
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.contains("\r\nTransfer-Encoding: chunked\r\n"),
+            "{head}"
         );
     }
 
