@@ -17,11 +17,11 @@ use crate::wire::clock;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
-pub(crate) const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// What a buffer holds at the start of a request.
 #[derive(Debug)]
-pub(crate) enum RequestHead<'h, 'b> {
+pub enum RequestHead<'h, 'b> {
     /// Not a complete head yet.
     Partial,
     /// Complete or not, hyper must serve this request and the rest of the connection.
@@ -31,7 +31,7 @@ pub(crate) enum RequestHead<'h, 'b> {
 
 /// A request the fast path serves.
 #[derive(Debug)]
-pub(crate) struct Simple<'h, 'b> {
+pub struct Simple<'h, 'b> {
     /// Length of the head in the buffer; the request has no body, so also of the request.
     pub len: usize,
     pub method: &'b str,
@@ -64,10 +64,7 @@ impl Simple<'_, '_> {
 const NOT_SIMPLE: [&str; 2] = ["content-length", "expect"];
 
 /// Parses the request at the start of `buf`.
-pub(crate) fn parse_request<'h, 'b>(
-    buf: &'b [u8],
-    headers: &'h mut [Header<'b>],
-) -> RequestHead<'h, 'b> {
+pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> RequestHead<'h, 'b> {
     let mut req = httparse::Request::new(headers);
     let len = match req.parse(buf) {
         Ok(Status::Complete(len)) => len,
@@ -137,11 +134,7 @@ pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Writes the request as the origin gets it: the same request line in HTTP/1.1, every header
 /// but `Connection`, and with `forwarded_for` the client appended to `X-Forwarded-For` (earlier
 /// values joined into one header, last).
-pub(crate) fn write_origin_request(
-    out: &mut Vec<u8>,
-    req: &Simple<'_, '_>,
-    forwarded_for: Option<&[u8]>,
-) {
+pub fn write_origin_request(out: &mut Vec<u8>, req: &Simple<'_, '_>, forwarded_for: Option<&[u8]>) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
@@ -215,7 +208,7 @@ pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// A hop-by-hop header by name (any case): `Connection`, `Keep-Alive`, `Proxy-*`, `TE`,
 /// `Trailer`, `Transfer-Encoding` or `Upgrade`. Both HTTP paths drop the same list.
-pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: &str) -> bool {
     name.eq_ignore_ascii_case(header::UPGRADE.as_str())
         || HOP_BY_HOP
             .iter()
@@ -224,7 +217,7 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
 
 /// How an origin response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+pub enum Framing {
     /// No body: a `HEAD` request, 204 or 304.
     Empty,
     Length(u64),
@@ -235,7 +228,7 @@ pub(crate) enum Framing {
 
 /// An origin response head, parsed.
 #[derive(Debug)]
-pub(crate) enum ResponseHead {
+pub enum ResponseHead {
     Partial,
     /// A 1xx other than 101, `len` bytes long: skipped, the final response follows.
     Interim {
@@ -245,7 +238,7 @@ pub(crate) enum ResponseHead {
 }
 
 #[derive(Debug)]
-pub(crate) struct Final {
+pub struct Final {
     pub len: usize,
     pub status: u16,
     pub framing: Framing,
@@ -255,7 +248,7 @@ pub(crate) struct Final {
 
 /// Why an origin response can't be relayed: the client gets a 502 and the connection is dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BadResponse {
+pub enum BadResponse {
     #[error("unparseable response head")]
     Head,
     #[error("101 Switching Protocols without an upgrade request")]
@@ -269,7 +262,7 @@ pub(crate) enum BadResponse {
 /// Parses the origin's response at the start of `buf`. `head_request`: the request was `HEAD`.
 /// For a final response, `out` receives the head as the client gets it, without the final blank
 /// line (added, with `connection: close` when needed, by [`finish_client_head`]).
-pub(crate) fn parse_response(
+pub fn parse_response(
     buf: &[u8],
     head_request: bool,
     out: &mut Vec<u8>,
@@ -412,7 +405,7 @@ fn write_client_head(
 }
 
 /// Ends a client head from [`parse_response`].
-pub(crate) fn finish_client_head(head: &mut Vec<u8>, close: bool) {
+pub fn finish_client_head(head: &mut Vec<u8>, close: bool) {
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -431,7 +424,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 /// Finds where a chunked body ends while its bytes pass through unchanged (RFC 9112 §7.1).
 /// Strict: CRLF line ends, hex sizes without overflow, bounded extensions and trailers.
 #[derive(Debug, Default)]
-pub(crate) struct ChunkedEnd {
+pub struct ChunkedEnd {
     state: ChunkState,
     /// Chunk data bytes left in the current chunk.
     left: u64,
@@ -463,7 +456,7 @@ const MAX_CHUNK_EXTRA: usize = 8 * 1024;
 impl ChunkedEnd {
     /// Consumes body bytes from `data`: how many belong to the body, and whether the body ended
     /// with them (bytes after that are not part of this response).
-    pub(crate) fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
+    pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
