@@ -76,6 +76,40 @@ async fn missing_or_bad_proxy_header_closes() {
     assert_eq!(origin.count(), 0);
 }
 
+/// Issue #19 item 4: a complete but malformed PROXY v1 line is refused as soon as it arrives,
+/// long before `header_read_timeout` (10 s by default), while the client keeps the connection
+/// open; and a valid one split right after the source port is accepted.
+#[tokio::test]
+async fn proxy_v1_is_decided_at_its_first_crlf() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&proxied_config(origin.addr)).await;
+
+    let mut bad = TcpStream::connect(gate.http).await.unwrap();
+    bad.write_all(b"PROXY TCP4 198.51.100.7\r\nGET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut bad, Duration::from_secs(3)).await,
+        "malformed PROXY line kept open"
+    );
+
+    let mut split = TcpStream::connect(gate.http).await.unwrap();
+    split.set_nodelay(true).unwrap();
+    split
+        .write_all(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 ")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    split
+        .write_all(b"80\r\nGET /split HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_until_closed(&mut split, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&resp), [200], "{resp}");
+    assert_eq!(origin.last().headers["x-forwarded-for"], "198.51.100.7");
+    assert_eq!(origin.count(), 1);
+}
+
 /// An origin that requires a PROXY v2 header, records it, then serves HTTP on the rest.
 async fn proxy_aware_origin() -> (SocketAddr, Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

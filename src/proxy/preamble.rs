@@ -225,4 +225,66 @@ mod tests {
         let slow = read_proxy_header(&mut rx, Duration::from_millis(50)).await;
         assert!(matches!(slow, Err(ProxyHeaderError::Timeout(_))));
     }
+
+    /// Issue #19 item 4: the header's two TCP reads split it right after the source port's
+    /// trailing space.
+    #[tokio::test]
+    async fn v1_split_after_the_source_port_is_read() {
+        for (first, client, dst) in [
+            (
+                "PROXY TCP4 1.2.3.4 5.6.7.8 5555 ",
+                "1.2.3.4:5555",
+                "5.6.7.8:80",
+            ),
+            (
+                "PROXY TCP6 2001:db8::1 2001:db8::2 5555 ",
+                "[2001:db8::1]:5555",
+                "[2001:db8::2]:80",
+            ),
+        ] {
+            let (mut tx, mut rx) = tokio::io::duplex(1024);
+            let writer = tokio::spawn(async move {
+                tokio::io::AsyncWriteExt::write_all(&mut tx, first.as_bytes())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::io::AsyncWriteExt::write_all(&mut tx, b"80\r\nGET")
+                    .await
+                    .unwrap();
+                tx
+            });
+            let (got, rest) = read_proxy_header(&mut rx, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|e| panic!("{first:?}: {e}"));
+            let want = Addresses {
+                client: client.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+            };
+            assert_eq!(got, Some(want));
+            assert_eq!(&rest[..], b"GET");
+            drop(writer.await.unwrap());
+        }
+    }
+
+    /// Issue #19 item 4: a complete but malformed v1 line on a connection that stays open is
+    /// refused as soon as it arrives, not when the header timeout runs out.
+    #[tokio::test]
+    async fn complete_malformed_v1_line_is_refused_before_the_timeout() {
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(
+            &mut tx,
+            b"PROXY TCP4 1.2.3.4\r\nGET / HTTP/1.1\r\nHost: a.cn\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let got = read_proxy_header(&mut rx, Duration::from_secs(10)).await;
+        assert!(
+            matches!(got, Err(ProxyHeaderError::Invalid(_))),
+            "{got:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(tx);
+    }
 }

@@ -226,6 +226,11 @@ mod tests {
                 r#"{"domain":"1.2.3.4","icp":"x","status":"filed","access_here":true}"#,
                 "IP address",
             ),
+            // Full-width digits normalise to an address (caught by the ndjson_entry fuzz target).
+            (
+                r#"{"domain":"１０.０.０.１","icp":"x","status":"filed","access_here":true}"#,
+                "IP address",
+            ),
             (
                 r#"{"domain":"a_b.com","icp":"x","status":"filed","access_here":true}"#,
                 "character",

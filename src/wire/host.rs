@@ -104,7 +104,14 @@ pub fn parse_host(raw: &[u8]) -> Result<Host<'_>, HostError> {
     if let Some(ip) = parse_ipv4(trimmed) {
         return Ok(Host::Ip(IpAddr::V4(ip)));
     }
-    normalize_name(raw).map(Host::Name)
+    let name = normalize_name(raw)?;
+    // UTS #46 maps full-width digits and full stops to ASCII: `１０．０．０．１` is 10.0.0.1, an
+    // address, not a name (a registry entry could otherwise file an address, and a host spelled
+    // so would dodge `policy.ip_literal`).
+    if let Some(ip) = parse_ipv4(name.as_bytes()) {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    Ok(Host::Name(name))
 }
 
 /// Normalises a domain name: strip one trailing dot, UTS #46 (lower-casing, mapping, Unicode to
@@ -406,6 +413,25 @@ mod tests {
             parse_host(b"10.1.2.3."),
             Ok(Host::Ip("10.1.2.3".parse().unwrap()))
         );
+    }
+
+    /// Caught by the `host` fuzz target's idempotence property: normalisation maps full-width
+    /// digits and full stops to ASCII, so these are the address 10.0.0.1 (as browsers take them
+    /// too), not the name "10.0.0.1", which parse_host itself calls an address.
+    #[test]
+    fn full_width_ip_literals_are_addresses() {
+        let ten = Ok(Host::Ip("10.0.0.1".parse().unwrap()));
+        for raw in [
+            "１０.０.０.１",
+            "１０。０。０。１",
+            "１０．０．０．１．",
+            "10.0.0.１",
+        ] {
+            assert_eq!(parse_host(raw.as_bytes()), ten, "{raw}");
+            assert_eq!(authority(raw), ten, "{raw}");
+            assert_eq!(authority(&format!("{raw}:80")), ten, "{raw}:80");
+        }
+        assert_eq!(authority("１２７.１"), Ok(named("127.1")));
     }
 
     #[test]

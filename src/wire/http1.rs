@@ -17,11 +17,11 @@ use crate::wire::clock;
 
 /// Request or response headers read by the fast path; a message with more goes to hyper (request)
 /// or is refused with 502 (response).
-pub(crate) const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// What a buffer holds at the start of a request.
 #[derive(Debug)]
-pub(crate) enum RequestHead<'h, 'b> {
+pub enum RequestHead<'h, 'b> {
     /// Not a complete head yet.
     Partial,
     /// Complete or not, hyper must serve this request and the rest of the connection.
@@ -31,7 +31,7 @@ pub(crate) enum RequestHead<'h, 'b> {
 
 /// A request the fast path serves.
 #[derive(Debug)]
-pub(crate) struct Simple<'h, 'b> {
+pub struct Simple<'h, 'b> {
     /// Length of the head in the buffer; the request has no body, so also of the request.
     pub len: usize,
     pub method: &'b str,
@@ -64,10 +64,7 @@ impl Simple<'_, '_> {
 const NOT_SIMPLE: [&str; 2] = ["content-length", "expect"];
 
 /// Parses the request at the start of `buf`.
-pub(crate) fn parse_request<'h, 'b>(
-    buf: &'b [u8],
-    headers: &'h mut [Header<'b>],
-) -> RequestHead<'h, 'b> {
+pub fn parse_request<'h, 'b>(buf: &'b [u8], headers: &'h mut [Header<'b>]) -> RequestHead<'h, 'b> {
     let mut req = httparse::Request::new(headers);
     let len = match req.parse(buf) {
         Ok(Status::Complete(len)) => len,
@@ -137,11 +134,7 @@ pub(crate) fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// Writes the request as the origin gets it: the same request line in HTTP/1.1, every header
 /// but `Connection`, and with `forwarded_for` the client appended to `X-Forwarded-For` (earlier
 /// values joined into one header, last).
-pub(crate) fn write_origin_request(
-    out: &mut Vec<u8>,
-    req: &Simple<'_, '_>,
-    forwarded_for: Option<&[u8]>,
-) {
+pub fn write_origin_request(out: &mut Vec<u8>, req: &Simple<'_, '_>, forwarded_for: Option<&[u8]>) {
     out.extend_from_slice(req.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(req.path.as_bytes());
@@ -215,7 +208,7 @@ pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// A hop-by-hop header by name (any case): `Connection`, `Keep-Alive`, `Proxy-*`, `TE`,
 /// `Trailer`, `Transfer-Encoding` or `Upgrade`. Both HTTP paths drop the same list.
-pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: &str) -> bool {
     name.eq_ignore_ascii_case(header::UPGRADE.as_str())
         || HOP_BY_HOP
             .iter()
@@ -224,7 +217,7 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
 
 /// How an origin response's body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
+pub enum Framing {
     /// No body: a `HEAD` request, 204 or 304.
     Empty,
     Length(u64),
@@ -235,7 +228,7 @@ pub(crate) enum Framing {
 
 /// An origin response head, parsed.
 #[derive(Debug)]
-pub(crate) enum ResponseHead {
+pub enum ResponseHead {
     Partial,
     /// A 1xx other than 101, `len` bytes long: skipped, the final response follows.
     Interim {
@@ -245,7 +238,7 @@ pub(crate) enum ResponseHead {
 }
 
 #[derive(Debug)]
-pub(crate) struct Final {
+pub struct Final {
     pub len: usize,
     pub status: u16,
     pub framing: Framing,
@@ -255,7 +248,7 @@ pub(crate) struct Final {
 
 /// Why an origin response can't be relayed: the client gets a 502 and the connection is dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum BadResponse {
+pub enum BadResponse {
     #[error("unparseable response head")]
     Head,
     #[error("101 Switching Protocols without an upgrade request")]
@@ -269,7 +262,7 @@ pub(crate) enum BadResponse {
 /// Parses the origin's response at the start of `buf`. `head_request`: the request was `HEAD`.
 /// For a final response, `out` receives the head as the client gets it, without the final blank
 /// line (added, with `connection: close` when needed, by [`finish_client_head`]).
-pub(crate) fn parse_response(
+pub fn parse_response(
     buf: &[u8],
     head_request: bool,
     out: &mut Vec<u8>,
@@ -285,6 +278,8 @@ pub(crate) fn parse_response(
         return Err(BadResponse::Head);
     };
     match status {
+        // httparse reads any three digits; "020" is no status (hyper refuses it too).
+        0..=99 => return Err(BadResponse::Head),
         101 => return Err(BadResponse::UnaskedSwitch),
         100..=199 => return Ok(ResponseHead::Interim { len }),
         _ => {}
@@ -392,9 +387,12 @@ fn write_client_head(
     for h in headers {
         let name = h.name;
         let te = name.eq_ignore_ascii_case("transfer-encoding");
+        let length = name.eq_ignore_ascii_case("content-length");
+        // The body passes in the origin's framing, so its headers stay even when `Connection`
+        // lists them: without them the client would read the body until the close.
         let drop = (is_hop_by_hop(name) && !te)
-            || (facts.chunked.is_some() && name.eq_ignore_ascii_case("content-length"))
-            || listed(name);
+            || (facts.chunked.is_some() && length)
+            || (!te && !length && listed(name));
         if !drop {
             push_header(out, name.as_bytes(), h.value);
         }
@@ -407,7 +405,7 @@ fn write_client_head(
 }
 
 /// Ends a client head from [`parse_response`].
-pub(crate) fn finish_client_head(head: &mut Vec<u8>, close: bool) {
+pub fn finish_client_head(head: &mut Vec<u8>, close: bool) {
     if close {
         head.extend_from_slice(b"connection: close\r\n");
     }
@@ -426,7 +424,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 /// Finds where a chunked body ends while its bytes pass through unchanged (RFC 9112 §7.1).
 /// Strict: CRLF line ends, hex sizes without overflow, bounded extensions and trailers.
 #[derive(Debug, Default)]
-pub(crate) struct ChunkedEnd {
+pub struct ChunkedEnd {
     state: ChunkState,
     /// Chunk data bytes left in the current chunk.
     left: u64,
@@ -458,7 +456,7 @@ const MAX_CHUNK_EXTRA: usize = 8 * 1024;
 impl ChunkedEnd {
     /// Consumes body bytes from `data`: how many belong to the body, and whether the body ended
     /// with them (bytes after that are not part of this response).
-    pub(crate) fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
+    pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), BadResponse> {
         use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
@@ -687,6 +685,12 @@ mod tests {
             parse(b"HTTX/1.1 200 OK\r\n\r\n").err(),
             Some(BadResponse::Head)
         );
+        // Found by the http1_response fuzz target: httparse reads "020" as status 20, which the
+        // client head would have carried as "HTTP/1.1 20 OK".
+        for raw in [&b"HTTP/1.1 020 OK\r\n\r\n"[..], b"HTTP/1.1 000 X\r\n\r\n"] {
+            let text = String::from_utf8_lossy(raw);
+            assert_eq!(parse(raw).err(), Some(BadResponse::Head), "{text:?}");
+        }
         assert!(matches!(
             parse(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200"),
             Ok(ResponseHead::Interim { len: 40 })
@@ -707,6 +711,31 @@ mod tests {
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "HTTP/1.1 200 Fine\r\nDate: Sun, 29 Nov 2026 08:56:34 GMT\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    /// Caught by the http1_response fuzz target's framing property (on an input tried by hand):
+    /// `Connection` naming a framing header dropped it from the client head while the body was
+    /// relayed in that framing, so the client read a kept-alive response until the close.
+    #[test]
+    fn client_head_keeps_framing_headers_that_connection_lists() {
+        let (f, head) = fin_head(
+            b"HTTP/1.1 200 OK\r\nConnection: Content-Length, X-Secret\r\nContent-Length: 5\r\nX-Secret: 1\r\n\r\n",
+            false,
+        );
+        assert_eq!((f.framing, f.reusable), (Framing::Length(5), true));
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.contains("\r\nContent-Length: 5\r\n"), "{head}");
+        assert!(!head.contains("X-Secret"), "{head}");
+        let (f, head) = fin_head(
+            b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(f.framing, Framing::Chunked);
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.contains("\r\nTransfer-Encoding: chunked\r\n"),
+            "{head}"
         );
     }
 

@@ -8,11 +8,15 @@
 use std::net::SocketAddr;
 
 use ppp::v2::{Builder, Command, Protocol, Version};
-use ppp::{HeaderResult, PartialResult, v1, v2};
+use ppp::{PartialResult, v1, v2};
 use serde::Deserialize;
 
-/// Largest header accepted: a v2 header with its 16-byte preamble and the maximum TLV payload.
-pub(crate) const MAX_HEADER: usize = 16 + 65535;
+/// The v2 signature, the first 12 bytes of every v2 header.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// What every v1 header starts with.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// Longest v1 header, its CRLF included (`PROXY UNKNOWN` with the most the spec allows after it).
+const V1_MAX: usize = 107;
 
 /// PROXY protocol version prepended toward origins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -24,14 +28,14 @@ pub enum ProxyProtocolVersion {
 
 /// The addresses a PROXY header carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Addresses {
+pub struct Addresses {
     pub client: SocketAddr,
     pub dst: SocketAddr,
 }
 
 /// What the start of a connection holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Parsed {
+pub enum Parsed {
     /// Not a complete header yet: read more.
     Incomplete,
     /// A header of `len` bytes naming these addresses (`None` for `LOCAL`/`UNKNOWN`, e.g. a load
@@ -45,27 +49,72 @@ pub(crate) enum Parsed {
 }
 
 /// Parses a PROXY v1 or v2 header at the start of `buf`. Pure and resumable: call again with more
-/// bytes after [`Parsed::Incomplete`].
-pub(crate) fn parse(buf: &[u8]) -> Parsed {
-    let parsed = HeaderResult::parse(buf);
-    if parsed.is_incomplete() {
-        return if buf.len() >= MAX_HEADER {
-            Parsed::Invalid("header too long".into())
+/// bytes after [`Parsed::Incomplete`], which is only answered while `buf` can still become a
+/// valid header. Bytes after the header are not looked at.
+pub fn parse(buf: &[u8]) -> Parsed {
+    if agrees_with(buf, V2_SIGNATURE) {
+        // Also the empty buffer. The signature and `PROXY ` differ in their first byte.
+        parse_v2(buf)
+    } else if agrees_with(buf, V1_PREFIX) {
+        parse_v1(buf)
+    } else {
+        Parsed::Invalid("not a PROXY protocol header".into())
+    }
+}
+
+/// `buf` and `start` agree on the bytes both have: `buf` is a prefix of `start` or starts with it.
+fn agrees_with(buf: &[u8], start: &[u8]) -> bool {
+    let n = buf.len().min(start.len());
+    buf[..n] == start[..n]
+}
+
+/// A v1 header ends at its first CRLF, within 107 bytes: decided there, on exactly that line.
+/// (`ppp` alone, given the whole buffer, takes a line cut after the source port's space for a bad
+/// destination port, and a complete line missing its ports for one still to come.)
+fn parse_v1(buf: &[u8]) -> Parsed {
+    let window = &buf[..buf.len().min(V1_MAX)];
+    let Some(cr) = window.windows(2).position(|w| w == b"\r\n") else {
+        return if buf.len() >= V1_MAX {
+            Parsed::Invalid(format!(
+                "v1 header without CRLF in its first {V1_MAX} bytes"
+            ))
         } else {
             Parsed::Incomplete
         };
+    };
+    let len = cr + 2;
+    let line = &buf[..len];
+    // `UNKNOWN` may be followed by anything up to the CRLF, which the receiver must ignore.
+    if let Some(rest) = line.strip_prefix(b"PROXY UNKNOWN") {
+        if rest.starts_with(b" ") || rest == b"\r\n" {
+            return Parsed::Header {
+                len,
+                addresses: None,
+            };
+        }
     }
-    match parsed {
-        HeaderResult::V1(Ok(h)) => Parsed::Header {
-            len: h.header.len(),
-            addresses: v1_addresses(&h.addresses),
-        },
-        HeaderResult::V2(Ok(h)) => Parsed::Header {
+    match v1::Header::try_from(line) {
+        Ok(h) if h.header.len() == len && !matches!(h.addresses, v1::Addresses::Unknown) => {
+            Parsed::Header {
+                len,
+                addresses: v1_addresses(&h.addresses),
+            }
+        }
+        Ok(_) => Parsed::Invalid("malformed v1 header".into()),
+        Err(e) => Parsed::Invalid(e.to_string()),
+    }
+}
+
+/// A v2 header is a 16-byte preamble and as many bytes again as its bytes 14..16 say; `ppp`
+/// answers incomplete until it has them all.
+fn parse_v2(buf: &[u8]) -> Parsed {
+    match v2::Header::try_from(buf) {
+        Ok(h) => Parsed::Header {
             len: h.len(),
             addresses: v2_addresses(&h),
         },
-        HeaderResult::V1(Err(e)) => Parsed::Invalid(e.to_string()),
-        HeaderResult::V2(Err(e)) => Parsed::Invalid(e.to_string()),
+        Err(e) if e.is_incomplete() => Parsed::Incomplete,
+        Err(e) => Parsed::Invalid(e.to_string()),
     }
 }
 
@@ -146,5 +195,166 @@ mod tests {
         let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let v1 = String::from_utf8(encode(ProxyProtocolVersion::V1, client, dst)).unwrap();
         assert_eq!(v1, "PROXY TCP6 2001:db8::1 ::ffff:10.0.0.1 5000 80\r\n");
+    }
+
+    fn header(client: &str, dst: &str) -> Parsed {
+        Parsed::Header {
+            len: 0,
+            addresses: Some(Addresses {
+                client: client.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+            }),
+        }
+    }
+
+    /// `Header` with its length replaced by 0, to compare addresses alone.
+    fn addresses_of(parsed: Parsed) -> Parsed {
+        match parsed {
+            Parsed::Header { addresses, .. } => Parsed::Header { len: 0, addresses },
+            other => other,
+        }
+    }
+
+    /// Issue #19 item 4: TCP may split a v1 line anywhere, also right after the source port's
+    /// trailing space, where the destination port is still to come.
+    #[test]
+    fn v1_split_after_the_source_port_waits_for_the_rest() {
+        for (first, want) in [
+            (
+                &b"PROXY TCP4 1.2.3.4 5.6.7.8 5555 "[..],
+                header("1.2.3.4:5555", "5.6.7.8:80"),
+            ),
+            (
+                b"PROXY TCP6 2001:db8::1 2001:db8::2 5555 ",
+                header("[2001:db8::1]:5555", "[2001:db8::2]:80"),
+            ),
+        ] {
+            let text = String::from_utf8_lossy(first).into_owned();
+            assert_eq!(parse(first), Parsed::Incomplete, "{text:?}");
+            let mut whole = first.to_vec();
+            whole.extend_from_slice(b"80\r\nGET / HTTP/1.1\r\n");
+            let parsed = parse(&whole);
+            assert!(
+                matches!(parsed, Parsed::Header { len, .. } if len == first.len() + 4),
+                "{text:?}: {parsed:?}"
+            );
+            assert_eq!(addresses_of(parsed), want, "{text:?}");
+        }
+    }
+
+    /// Issue #19 item 4: a v1 header ends at its first CRLF, so a complete but malformed line is
+    /// refused at once, however many bytes follow it or are still to come.
+    #[test]
+    fn a_complete_malformed_v1_line_is_refused_at_once() {
+        for line in [
+            &b"PROXY TCP4 1.2.3.4\r\n"[..],
+            b"PROXY TCP4 1.2.3.4 5.6.7.8\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 5555\r\n",
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 5555 \r\n",
+            b"PROXY TCP6 2001:db8::1\r\n",
+            b"PROXY TCP4 nonsense\r\n",
+            b"PROXY \r\n",
+            b"PROXY TCP\r\n",
+            b"PROXY UNKNOWNX\r\n",
+        ] {
+            let text = String::from_utf8_lossy(line).into_owned();
+            assert!(matches!(parse(line), Parsed::Invalid(_)), "{text:?}");
+            let mut more = line.to_vec();
+            more.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a.cn\r\n\r\n");
+            assert!(
+                matches!(parse(&more), Parsed::Invalid(_)),
+                "{text:?} + request"
+            );
+        }
+    }
+
+    /// A v1 header is at most 107 bytes: without a CRLF by then it never will be one.
+    #[test]
+    fn v1_is_decided_within_107_bytes() {
+        let longest = format!(
+            "PROXY TCP6 {a} {a} 65535 65535\r\n",
+            a = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(longest.len(), 104);
+        assert!(matches!(
+            parse(longest.as_bytes()),
+            Parsed::Header { len: 104, .. }
+        ));
+        let unknown = format!("PROXY UNKNOWN {}\r\n", "x".repeat(107 - 16));
+        assert_eq!(unknown.len(), 107);
+        assert_eq!(
+            parse(unknown.as_bytes()),
+            Parsed::Header {
+                len: 107,
+                addresses: None
+            }
+        );
+        assert_eq!(parse(&unknown.as_bytes()[..106]), Parsed::Incomplete);
+        let too_long = format!("PROXY UNKNOWN {}\r\n", "x".repeat(107 - 15));
+        assert!(matches!(
+            parse(&too_long.as_bytes()[..107]),
+            Parsed::Invalid(_)
+        ));
+        assert!(matches!(parse(too_long.as_bytes()), Parsed::Invalid(_)));
+    }
+
+    /// `UNKNOWN` may carry anything up to the CRLF, which the receiver ignores.
+    #[test]
+    fn v1_unknown_ignores_the_rest_of_its_line() {
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN \r\n",
+            b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY UNKNOWN a b c d e f g h\r\n",
+        ] {
+            let mut buf = line.to_vec();
+            buf.extend_from_slice(b"GET");
+            assert_eq!(
+                parse(&buf),
+                Parsed::Header {
+                    len: line.len(),
+                    addresses: None
+                },
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    /// What cannot start a v1 or a v2 header is refused from its first wrong byte; a prefix of
+    /// either waits for more.
+    #[test]
+    fn neither_v1_nor_v2_is_refused_at_once() {
+        let v2 = encode(
+            ProxyProtocolVersion::V2,
+            "1.2.3.4:1".parse().unwrap(),
+            "5.6.7.8:2".parse().unwrap(),
+        );
+        for n in 0..v2.len() {
+            assert_eq!(parse(&v2[..n]), Parsed::Incomplete, "v2 prefix of {n}");
+        }
+        for n in 0..=6 {
+            assert_eq!(
+                parse(&b"PROXY "[..n]),
+                Parsed::Incomplete,
+                "v1 prefix of {n}"
+            );
+        }
+        for bad in [
+            &b"G"[..],
+            b"GET / HTTP/1.1\r\n",
+            b"PROXX",
+            b"PROXY\r\n",
+            b"proxy ",
+            b"\r\n\r\n\0\r\nQUIX",
+            b"\r\n\r\n\r\n",
+            b"\x16\x03\x01",
+        ] {
+            assert!(
+                matches!(parse(bad), Parsed::Invalid(_)),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
