@@ -9,7 +9,7 @@ use icp_gate::{LogFormat, Shape, check, explain, run};
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ICP_GATE_COMMIT"), ")"),
     about = "Edge proxy enforcing China's ICP filing rules by HTTP Host and TLS SNI"
 )]
 struct Cli {
