@@ -43,7 +43,8 @@ enum Command {
         config: PathBuf,
         /// A host as a client would send it (`Host` header or SNI).
         host: String,
-        /// Destination address (default: the first mainland route's network address).
+        /// The address the client connected to: it picks the route. Required when the config
+        /// has more than one route; with one, its network address is assumed (and said so).
         #[arg(long)]
         dst: Option<IpAddr>,
     },
