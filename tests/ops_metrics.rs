@@ -107,6 +107,7 @@ async fn build_info_reloads_and_the_block_certificate_expiry() {
         !m.contains("cert=\"admin.tls_cert\""),
         "no admin certificate"
     );
+    assert_eq!(sample(&m, "icp_gate_connections_limit"), Some(100_000.0));
 
     // A config that does not parse: rejected, counted, and the old one keeps its timestamp.
     std::fs::write(&config, "[registry\n").unwrap();
@@ -123,15 +124,22 @@ async fn build_info_reloads_and_the_block_certificate_expiry() {
     gate.wait_for("reload rejected; the old config keeps serving");
     assert_eq!(sample(&scrape(admin).await, error), Some(2.0));
 
-    // A good one: counted, the timestamp moves, and the new certificate's expiry shows.
+    // A good one: counted, the timestamp moves, the new certificate's expiry and connection
+    // limit show.
     std::thread::sleep(Duration::from_millis(20));
-    std::fs::write(&config, good.replace("2031", "2032")).unwrap();
+    let bigger = good.replace("2031", "2032") + "[limits]\nmax_connections = 5000\n";
+    std::fs::write(&config, bigger).unwrap();
     gate.signal(libc::SIGHUP);
     gate.wait_for("config reloaded");
     let m = scrape(admin).await;
     assert_eq!(sample(&m, ok), Some(1.0), "{m}");
     assert!(sample(&m, last).unwrap() > loaded, "{m}");
     assert_eq!(sample(&m, expiry), Some(unix("2032-01-02") as f64), "{m}");
+    assert_eq!(
+        sample(&m, "icp_gate_connections_limit"),
+        Some(5000.0),
+        "{m}"
+    );
 
     // Without a block certificate the series goes away rather than going stale.
     std::fs::write(&config, good.replace(&block("2031"), "")).unwrap();

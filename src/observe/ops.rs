@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tracing::warn;
@@ -24,6 +24,7 @@ pub(crate) struct OpsMetrics {
     reloads: IntCounterVec,
     last_reload_success: Gauge,
     certificate_expiry: GaugeVec,
+    connections_limit: IntGauge,
 }
 
 fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -83,16 +84,27 @@ impl OpsMetrics {
             )
             .expect("valid metric definition"),
         );
+        let connections_limit = registered(
+            r,
+            IntGauge::new(
+                "icp_gate_connections_limit",
+                "limits.max_connections of the running config: client connections beyond it are closed at accept.",
+            )
+            .expect("valid metric definition"),
+        );
         OpsMetrics {
             reloads,
             last_reload_success,
             certificate_expiry,
+            connections_limit,
         }
     }
 
     /// The config the process starts with: its load time and its certificates.
     pub(crate) fn started(&self, config: &Config) {
         self.last_reload_success.set(unix_now());
+        self.connections_limit
+            .set(i64::try_from(config.limits.max_connections).unwrap_or(i64::MAX));
         self.certificate(BLOCK_CERT, config.tls.block_cert.as_deref());
         let admin = config.admin.as_ref().and_then(|a| a.tls.as_ref());
         self.certificate(ADMIN_CERT, admin.map(|(cert, _)| cert.as_path()));
@@ -104,6 +116,8 @@ impl OpsMetrics {
             Some(config) => {
                 self.reloads.with_label_values(&["ok"]).inc();
                 self.last_reload_success.set(unix_now());
+                self.connections_limit
+                    .set(i64::try_from(config.limits.max_connections).unwrap_or(i64::MAX));
                 // The admin listener keeps its certificate until a restart.
                 self.certificate(BLOCK_CERT, config.tls.block_cert.as_deref());
             }
