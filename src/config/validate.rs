@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use super::file::*;
 use super::model::*;
+use super::template;
 use crate::wire::host::{self, Host};
 
 impl Config {
@@ -96,6 +97,17 @@ impl Validator<'_> {
         let mut exempt = Vec::new();
         for (i, name) in raw.exempt.iter().enumerate() {
             match host::parse_host(name.as_bytes()) {
+                // Rule 5 comes before the registry: a suffix would let every site under it pass.
+                Ok(Host::Name(n)) if host::registrable_domain(&n).is_none() => {
+                    return Err(self.err(
+                        format!("policy.exempt[{i}]"),
+                        format!(
+                            "{name:?} is a public suffix (or has no registrable domain): it would \
+                             exempt every site under it; exempt a registrable domain such as \
+                             example.{n}"
+                        ),
+                    ));
+                }
                 Ok(Host::Name(n)) => exempt.push(n.into_owned()),
                 Ok(Host::Ip(_)) => {
                     return Err(self.err(
@@ -321,7 +333,12 @@ impl Validator<'_> {
             ));
         }
         let template = match &raw.template {
-            Some(p) => Some(self.readable_file("block_page.template", p)?),
+            Some(p) => {
+                let path = self.readable_file("block_page.template", p)?;
+                template::check_template_file(&path)
+                    .map_err(|e| self.err("block_page.template", e))?;
+                Some(path)
+            }
             None => None,
         };
         if let Some(url) = &raw.redirect {
@@ -333,6 +350,7 @@ impl Validator<'_> {
                     format!("{url:?} is not an absolute http(s) URL without spaces"),
                 ));
             }
+            template::check_redirect(url).map_err(|e| self.err("block_page.redirect", e))?;
         }
         Ok(BlockPageConfig {
             status: raw.status,
@@ -579,6 +597,77 @@ http_origin = "127.0.0.1:9080"
         );
         let e = error(&MINIMAL.replace("kind = \"http\"", "kind = \"udp\""));
         assert!(e.contains("udp"), "{e}");
+    }
+
+    #[test]
+    fn exempting_a_public_suffix_is_an_error() {
+        for (suffix, key) in [
+            ("cn", "policy.exempt[0]"),
+            ("com.cn", "policy.exempt[0]"),
+            ("COM.CN.", "policy.exempt[0]"),
+            ("公司.cn", "policy.exempt[0]"),
+        ] {
+            let e = error(&format!("{MINIMAL}[policy]\nexempt = [{suffix:?}]\n"));
+            assert!(
+                e.starts_with(&format!("/etc/icp-gate/icp-gate.toml: {key}: ")),
+                "{e}"
+            );
+            assert!(e.contains("public suffix"), "{e}");
+        }
+        let e = error(&format!(
+            "{MINIMAL}[policy]\nexempt = [\"console.example.com.cn\", \"gov.cn\"]\n"
+        ));
+        assert!(
+            e.contains("policy.exempt[1]: \"gov.cn\" is a public suffix"),
+            "{e}"
+        );
+        // A registrable domain or a name under one is fine.
+        let c = parse(&format!(
+            "{MINIMAL}[policy]\nexempt = [\"example.com.cn\", \"a.b.example.cn\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.policy.exempt, ["example.com.cn", "a.b.example.cn"]);
+    }
+
+    #[test]
+    fn block_page_templates_must_be_filled_and_use_known_placeholders() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("icp-gate.toml");
+        let template = dir.path().join("block.html");
+        let with = |page: &str| {
+            std::fs::write(&template, page).unwrap();
+            Config::parse(
+                &format!("{MINIMAL}[block_page]\ntemplate = \"block.html\"\n"),
+                &config,
+            )
+        };
+        let key = format!("{}: block_page.template: ", config.display());
+        let e = with("<p>{host}</p>\n<p>{hots}</p>\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(&key), "{e}");
+        assert!(
+            e.contains(&format!(
+                "{} line 2: unknown placeholder {{hots}}; did you mean {{host}}?",
+                template.display()
+            )),
+            "{e}"
+        );
+        for empty in ["", "\n  \n"] {
+            let e = with(empty).unwrap_err().to_string();
+            assert!(e.starts_with(&key) && e.contains("is empty"), "{e}");
+        }
+        // CSS braces and every real placeholder are fine, as is the built-in page.
+        with("<style>p { color: red }</style>{host}{reason}{time}").unwrap();
+        with(include_str!("../../config/block.html")).unwrap();
+
+        let e = error(&format!(
+            "{MINIMAL}[block_page]\nredirect = \"https://beian.example/?d={{hots}}\"\n"
+        ));
+        assert!(
+            e.contains(": block_page.redirect: ") && e.contains("unknown placeholder {hots}"),
+            "{e}"
+        );
     }
 
     #[test]

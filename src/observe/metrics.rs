@@ -13,6 +13,7 @@ use prometheus::{
 };
 
 use crate::core::decision::{Decision, Reason};
+use crate::observe::ops::OpsMetrics;
 
 /// Request latency buckets, from a cached block page (~10 µs) to a slow origin.
 const DURATION_BUCKETS: &[f64] = &[
@@ -58,6 +59,8 @@ pub(crate) struct Metrics {
     log_dropped: IntCounter,
     /// The drop count `log_dropped` has caught up to.
     log_dropped_seen: AtomicU64,
+    /// Build, config reloads, certificate expiry.
+    pub ops: OpsMetrics,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -163,6 +166,7 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(log_dropped.clone()))
             .expect("metric registered once");
+        let ops = OpsMetrics::register(&r);
         Arc::new(Metrics {
             registry: r,
             requests,
@@ -179,6 +183,7 @@ impl Metrics {
             registry_writable,
             log_dropped,
             log_dropped_seen: AtomicU64::new(0),
+            ops,
         })
     }
 

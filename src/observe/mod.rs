@@ -2,3 +2,4 @@
 
 pub(crate) mod logging;
 pub(crate) mod metrics;
+pub(crate) mod ops;

@@ -614,6 +614,15 @@ mod tests {
     }
 
     #[test]
+    fn the_config_checks_templates_against_these_placeholders() {
+        let names: Vec<&str> = SLOTS
+            .iter()
+            .map(|(name, _)| &name[1..name.len() - 1])
+            .collect();
+        assert_eq!(names, crate::config::template::PLACEHOLDERS);
+    }
+
+    #[test]
     fn json_answer() {
         let resp = page(None, None).response(&CTX, true);
         assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");

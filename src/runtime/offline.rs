@@ -34,15 +34,24 @@ pub fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<Strin
     let config = Config::load(path)?;
     let snapshot = registry::inspect(&config.registry)?;
     let policy = Policy::new(RouteTable::new(config.routes.clone()), &config.policy);
-    let dst = match dst {
-        Some(ip) => ip,
-        None => config
-            .routes
-            .iter()
-            .find(|r| r.mainland)
-            .or(config.routes.first())
-            .map(|r| r.dst.network())
-            .ok_or("no route to take a destination from; pass --dst")?,
+    // The destination decides the route, and so the rules: never guessed between routes.
+    let (dst, assumed) = match (dst, config.routes.as_slice()) {
+        (Some(ip), _) => (ip, ""),
+        (None, [only]) => (
+            only.dst.network(),
+            " (assumed: the only route's network address; --dst names another)",
+        ),
+        (None, routes) => {
+            let prefixes: Vec<String> = routes.iter().map(|r| r.dst.to_string()).collect();
+            return Err(format!(
+                "{}: --dst is required: the config has {} routes ({}), and the address the \
+                 client connected to decides which applies",
+                path.display(),
+                routes.len(),
+                prefixes.join(", ")
+            )
+            .into());
+        }
     };
     let parsed = host::parse_authority(raw_host.as_bytes());
     let input = HostInput::typed(raw_host, &parsed);
@@ -81,7 +90,7 @@ pub fn explain(path: &Path, raw_host: &str, dst: Option<IpAddr>) -> Result<Strin
     });
     Ok(format!(
         "host:        {host_line}\n\
-         destination: {dst}\n\
+         destination: {dst}{assumed}\n\
          route:       {route}\n\
          decision:    {}\n\
          reason:      {}\n\

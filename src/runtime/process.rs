@@ -66,13 +66,8 @@ pub fn run(
         info!("ready");
         loop {
             tokio::select! {
-                _ = hup.recv() => match Config::load(path) {
-                    Ok(new) => {
-                        if let Err(e) = server.reload(new).await {
-                            error!(error = %e, "reload rejected; the old config keeps serving");
-                        }
-                    }
-                    Err(e) => error!(error = %e, "reload rejected; the old config keeps serving"),
+                _ = hup.recv() => if let Err(e) = server.reload_from(path).await {
+                    error!(error = %one_line(&e), "reload rejected; the old config keeps serving");
                 },
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -89,4 +84,52 @@ pub fn run(
         info!("stopped");
     }
     result
+}
+
+/// `error` on one line, for a log line: TOML's syntax errors quote the offending source over
+/// several lines (`  |`, `2 | state_dir = 5`, `  |     ^`), which a text log would split into
+/// lines that no longer say what they belong to. The quoted line stays, in backquotes (it may be
+/// all that names the key); the gutter and the carets go.
+fn one_line(error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let mut parts = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let after_number = line.trim_start_matches(|c: char| c.is_ascii_digit());
+        match after_number.trim_start().strip_prefix('|') {
+            // `2 | state_dir = 5`: the source line.
+            Some(source) if after_number.len() < line.len() => {
+                parts.push(format!("`{}`", source.trim()));
+            }
+            // `|` or `|     ^^^`: the gutter and the carets.
+            Some(_) => {}
+            None if line.is_empty() => {}
+            None => parts.push(line.to_string()),
+        }
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_syntax_error_is_one_line_with_file_position_and_message() {
+        let dir = std::path::Path::new("/etc/icp-gate/icp-gate.toml");
+        let e = Config::parse("[registry]\nstate_dir = \"x\"\n[limits\n", dir).unwrap_err();
+        assert!(e.to_string().contains('\n'), "{e}");
+        let line = one_line(&e);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("/etc/icp-gate/icp-gate.toml: TOML parse error at line 3"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(": `[limits`: unclosed table, expected `]`"),
+            "{line}"
+        );
+        // Errors that are already one line stay as they are.
+        let e = Config::load(std::path::Path::new("/nonexistent/icp-gate.toml")).unwrap_err();
+        assert_eq!(one_line(&e), e.to_string());
+    }
 }

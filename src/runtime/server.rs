@@ -41,6 +41,8 @@ pub enum ServerError {
     Store(#[from] registry::StoreError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// Sockets bound for a config, before anything is served on them. Binding port 0 picks a free
@@ -199,6 +201,7 @@ impl ServerHandle {
         let generation = Generation::new(config)?;
         fit_descriptor_limit(generation.config.limits.max_connections);
         let shared = Arc::new(Shared::new(generation, metrics));
+        shared.metrics.ops.started(&shared.generation.load().config);
 
         let admin_addr = match (listeners.admin, &shared.generation.load().config.admin) {
             (Some(l), Some(cfg)) => {
@@ -280,8 +283,30 @@ impl ServerHandle {
     /// Applies a new config without dropping connections. Listeners whose bind address is
     /// unchanged keep their socket (their name, kind and PROXY setting may change); new ones are
     /// bound; removed ones stop accepting while their connections finish. On any error nothing
-    /// changes and the old config keeps serving.
+    /// changes and the old config keeps serving. Counted in `icp_gate_config_reloads_total`.
     pub async fn reload(&self, config: Config) -> Result<(), ServerError> {
+        let result = self.apply(config).await;
+        let ops = &self.shared.metrics.ops;
+        match &result {
+            Ok(()) => ops.reloaded(Some(&self.shared.generation.load().config)),
+            Err(_) => ops.reloaded(None),
+        }
+        result
+    }
+
+    /// Reads the config at `path` and [reloads](ServerHandle::reload) it; a file that does not
+    /// load is a rejected reload too (SIGHUP).
+    pub async fn reload_from(&self, path: &std::path::Path) -> Result<(), ServerError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                self.shared.metrics.ops.reloaded(None);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn apply(&self, config: Config) -> Result<(), ServerError> {
         let old = self.shared.generation.load_full();
         for (what, changed) in [
             ("admin", old.config.admin != config.admin),
