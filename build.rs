@@ -31,6 +31,9 @@ fn main() {
             ) {
                 let common = PathBuf::from(common);
                 let mut watched = vec![PathBuf::from(dir).join("HEAD"), common.join("packed-refs")];
+                // Not the refs folder: in a repository shared by worktrees every commit on any
+                // branch would rebuild the crate. (A branch whose ref is only in packed-refs at
+                // build time and gets a loose file at its next commit is missed: `touch build.rs`.)
                 if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
                     watched.push(common.join(branch));
                 }

@@ -454,7 +454,12 @@ async fn alert_rules_use_metrics_the_binary_exports() {
     // the rules use must be in the real binary's /metrics once it has served a little.
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let tls = "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nkind = \"tls\"\n";
+    // A block certificate, so that its expiry is exported too.
+    let (_, _, cert, key) = common::pki::Pki::new().leaf(&["block.example"]);
+    std::fs::write(dir.path().join("block.crt"), cert).unwrap();
+    std::fs::write(dir.path().join("block.key"), key).unwrap();
+    let tls = "[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:0\"\nkind = \"tls\"\n\
+               [tls]\nblock_cert = \"block.crt\"\nblock_key = \"block.key\"\n";
     let config = common::process::write_config(dir.path(), origin.addr, tls);
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "mainland = true\n",

@@ -33,6 +33,13 @@ fn manifests() -> Vec<PathBuf> {
     files
 }
 
+/// `kubernetes-validate`, run by the python3 whose PyYAML reads the manifests below.
+fn validator() -> Command {
+    let mut c = Command::new("python3");
+    c.args(["-m", "kubernetes_validate"]);
+    c
+}
+
 /// The YAML documents of `path`, through PyYAML (installed with kubernetes-validate).
 fn documents(path: &Path) -> Vec<Value> {
     let out = Command::new("python3")
@@ -63,18 +70,16 @@ fn resource(kind: &str) -> Value {
 
 #[test]
 fn manifests_are_valid_kubernetes_resources() {
-    let version = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output();
+    let version = validator().arg("--version").output();
     assert!(
         version.is_ok_and(|o| o.status.success()),
-        "kubernetes-validate not found: pip install kubernetes-validate (the README's setup step)"
+        "kubernetes-validate not found: python3 -m pip install kubernetes-validate (the README's setup step)"
     );
     let files = manifests();
     assert!(files.len() >= 5, "{files:?}");
     for version in VERSIONS {
         // --strict: a misspelt field is an error, not silently dropped by the API server.
-        let out = Command::new("kubernetes-validate")
+        let out = validator()
             .args(["--strict", "--kubernetes-version", version])
             .args(&files)
             .output()
@@ -100,7 +105,7 @@ fn manifests_are_valid_kubernetes_resources() {
         daemonset.replace("path: /healthz", "paht: /healthz"),
     )
     .unwrap();
-    let out = Command::new("kubernetes-validate")
+    let out = validator()
         .arg("--strict")
         .arg(broken.path())
         .output()

@@ -7,7 +7,7 @@
 
 mod file;
 mod model;
-pub mod template;
+pub(crate) mod template;
 pub(crate) mod tls;
 mod validate;
 

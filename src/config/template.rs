@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// The placeholder names, without braces. `proxy::block_page` fills exactly these (a unit test
 /// there keeps the two lists equal).
-pub const PLACEHOLDERS: [&str; 8] = [
+pub(crate) const PLACEHOLDERS: [&str; 8] = [
     "host",
     "reason",
     "reason_zh",

@@ -59,7 +59,7 @@ pub(crate) struct Metrics {
     log_dropped: IntCounter,
     /// The drop count `log_dropped` has caught up to.
     log_dropped_seen: AtomicU64,
-    /// Build, config reloads, certificate expiry.
+    /// Build, config reloads, certificate expiry, the connection limit.
     pub ops: OpsMetrics,
 }
 
