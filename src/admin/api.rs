@@ -4,12 +4,12 @@
 use std::net::IpAddr;
 
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::answer::{Answer, error, json_answer};
+use super::body::{Body, content_length};
 use super::ndjson::read_ndjson;
 use super::query::{Query, percent_decode};
 use crate::core::decision::{HostInput, decide};
@@ -91,12 +91,16 @@ async fn put_entry(
     expect: Option<u64>,
     shared: &Shared,
 ) -> Answer {
-    let body = match Limited::new(req.into_body(), MAX_ENTRY_BODY)
-        .collect()
+    let declared = content_length(req.headers()).cloned();
+    let body = match Body::new(req.into_body())
+        .collect(declared.as_ref(), MAX_ENTRY_BODY)
         .await
     {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+        Ok(b) => b,
+        Err(fault) => {
+            count(shared, WriteKind::Put, "invalid");
+            return fault.answer();
+        }
     };
     let entry = match serde_json::from_slice::<RawEntry>(&body)
         .map_err(|e| EntryError::Json(e.to_string()))
@@ -136,16 +140,20 @@ enum BatchLine {
 }
 
 async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> Answer {
-    let parsed = read_ndjson(req.into_body(), Vec::new(), |ops: &mut Vec<Op>, line| {
-        let op = match serde_json::from_str::<BatchLine>(line).map_err(|e| e.to_string())? {
-            BatchLine::Put { entry } => Op::Put(entry.validate().map_err(|e| e.to_string())?),
-            BatchLine::Delete { domain } => {
-                Op::Delete(normalize_domain(&domain).map_err(|e| e.to_string())?)
-            }
-        };
-        ops.push(op);
-        Ok(())
-    })
+    let parsed = read_ndjson(
+        Body::new(req.into_body()),
+        Vec::new(),
+        |ops: &mut Vec<Op>, line| {
+            let op = match serde_json::from_str::<BatchLine>(line).map_err(|e| e.to_string())? {
+                BatchLine::Put { entry } => Op::Put(entry.validate().map_err(|e| e.to_string())?),
+                BatchLine::Delete { domain } => {
+                    Op::Delete(normalize_domain(&domain).map_err(|e| e.to_string())?)
+                }
+            };
+            ops.push(op);
+            Ok(())
+        },
+    )
     .await;
     let ops = match parsed {
         Ok(ops) if ops.is_empty() => {
@@ -153,9 +161,9 @@ async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> 
             return error(StatusCode::BAD_REQUEST, "empty batch");
         }
         Ok(ops) => ops,
-        Err(e) => {
+        Err(refused) => {
             count(shared, WriteKind::Batch, "invalid");
-            return error(StatusCode::BAD_REQUEST, e);
+            return refused;
         }
     };
     // Refused here, not queued: it could never be stored.
@@ -177,16 +185,20 @@ async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> 
 }
 
 async fn replace(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> Answer {
-    let parsed = read_ndjson(req.into_body(), SnapshotBuilder::new(), |builder, line| {
-        let entry = Entry::from_json(line).map_err(|e| e.to_string())?;
-        builder.push_entry(&entry).map_err(|e| e.to_string())
-    })
+    let parsed = read_ndjson(
+        Body::new(req.into_body()),
+        SnapshotBuilder::new(),
+        |builder, line| {
+            let entry = Entry::from_json(line).map_err(|e| e.to_string())?;
+            builder.push_entry(&entry).map_err(|e| e.to_string())
+        },
+    )
     .await;
     let builder = match parsed {
         Ok(b) => b,
-        Err(e) => {
+        Err(refused) => {
             count(shared, WriteKind::Replace, "invalid");
-            return error(StatusCode::BAD_REQUEST, e);
+            return refused;
         }
     };
     let Some(writer) = shared.writer() else {

@@ -9,6 +9,7 @@
 mod answer;
 mod api;
 mod auth;
+mod body;
 mod ndjson;
 mod query;
 
