@@ -195,3 +195,226 @@ async fn a_large_body_at_a_steady_rate_is_taken() {
     assert_eq!(statuses(&answer), [200], "{answer}");
     assert!(answer.contains("\"entries\":30000"), "{answer}");
 }
+
+fn deletes(prefix: &str, range: std::ops::Range<usize>) -> String {
+    range
+        .map(|i| json!({"op": "delete", "domain": format!("{prefix}{i}.cn")}).to_string() + "\n")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_would_gut_the_registry_are_refused_and_logged() {
+    let (_dir, mut proc, admin) = start("");
+    let count =
+        |admin| async move { api(admin, "GET", "/v1/registry", "").await.1["entries"].clone() };
+
+    // An empty replace is refused, whatever the call says.
+    for (path, body) in [
+        ("/v1/registry", ""),
+        ("/v1/registry", "\n  \n\n"),
+        ("/v1/registry?allow_shrink=true", ""),
+    ] {
+        let (status, answer) = api(admin, "PUT", path, body).await;
+        assert_eq!(status, 400, "{path} {body:?}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains("no entries"),
+            "{answer}"
+        );
+    }
+    assert_eq!(count(admin).await, 6);
+
+    // A replace that removes 6 of 6 entries names both counts.
+    let hundred = entries("e", 100);
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &hundred).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(
+        (answer["removed"].clone(), answer["entries"].clone()),
+        (json!(6), json!(6))
+    );
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.contains("remove 6 of the 6 entries") && message.contains("10%"),
+        "{message}"
+    );
+    assert!(message.contains("allow_shrink=true"), "{message}");
+    assert_eq!(count(admin).await, 6);
+    let (status, answer) = api(admin, "PUT", "/v1/registry?allow_shrink=true", &hundred).await;
+    assert_eq!((status, answer["entries"].clone()), (200, json!(100)));
+
+    // Removing 10 % is allowed; 11 % is not, by batch or by replace.
+    let (status, answer) = api(admin, "POST", "/v1/registry/batch", &deletes("e", 0..11)).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(
+        (answer["removed"].clone(), answer["entries"].clone()),
+        (json!(11), json!(100))
+    );
+    // A delete of a name the same batch puts first counts as removing nothing that was there.
+    let put_then_delete = format!(
+        "{}\n{}",
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("fresh.cn")).unwrap()}),
+        deletes("fresh", 0..0) + &json!({"op": "delete", "domain": "fresh.cn"}).to_string()
+    );
+    let (status, answer) = api(admin, "POST", "/v1/registry/batch", &put_then_delete).await;
+    assert_eq!(
+        (status, answer["applied"].clone()),
+        (200, json!(2)),
+        "{answer}"
+    );
+    let (status, answer) = api(admin, "POST", "/v1/registry/batch", &deletes("e", 0..10)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(count(admin).await, 90);
+    let without_ten: String = (10..90)
+        .map(|i| entry(&format!("e{i}.cn")) + "\n")
+        .collect();
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &without_ten).await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["removed"], 10);
+    let without_nine: String = (10..91)
+        .map(|i| entry(&format!("e{i}.cn")) + "\n")
+        .collect();
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &without_nine).await;
+    assert_eq!(
+        (status, answer["entries"].clone()),
+        (200, json!(81)),
+        "{answer}"
+    );
+
+    // Every refusal left a line.
+    let lines = proc
+        .received("refused a write that would remove more entries than admin.max_shrink allows");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0]["level"], "WARN");
+    assert_eq!(
+        proc.received("refused a full replace with no entries")
+            .len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_shrink_is_configurable() {
+    let (_dir, _proc, admin) = start("max_shrink = \"50%\"");
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &entries("e", 3)).await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("(50%)"),
+        "{answer}"
+    );
+    let seed_half: String = common::SEED
+        .lines()
+        .take(3)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &seed_half).await;
+    assert_eq!(
+        (status, answer["entries"].clone()),
+        (200, json!(3)),
+        "{answer}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_parameters_absent_deletes_allow_and_line_numbers() {
+    let (_dir, _proc, admin) = start("");
+    // A misspelt guard is not ignored: nothing is applied.
+    let (status, answer) = api(
+        admin,
+        "PUT",
+        "/v1/registry/entries/typo.cn?expected_revision=1",
+        &entry("typo.cn"),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let message = answer["error"].as_str().unwrap();
+    assert!(message.contains("expected_revision"), "{message}");
+    assert!(
+        message.contains("expect_revision"),
+        "names what it takes: {message}"
+    );
+    assert_eq!(
+        api(admin, "GET", "/v1/registry/entries/typo.cn", "")
+            .await
+            .0,
+        404
+    );
+    for (method, path) in [
+        ("GET", "/v1/registry?verbose=1"),
+        ("GET", "/v1/registry/entries/filed.cn?x=1"),
+        ("DELETE", "/v1/registry/entries/filed.cn?allow_shrink=true"),
+        ("POST", "/v1/registry/batch?dry_run=true"),
+        ("PUT", "/v1/registry?expect=0"),
+        ("GET", "/v1/decision?host=a.cn&dst=127.0.0.1&listener=http"),
+    ] {
+        let (status, answer) = api(admin, method, path, "").await;
+        assert_eq!(status, 400, "{method} {path}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown query parameter"),
+            "{answer}"
+        );
+    }
+    assert_eq!(api(admin, "GET", "/v1/registry", "").await.1["revision"], 0);
+    assert_eq!(
+        api(admin, "PUT", "/v1/registry?allow_shrink=maybe", "")
+            .await
+            .0,
+        400
+    );
+
+    // A batch delete of an absent domain changes nothing and is not counted as applied.
+    let batch = format!(
+        "{}\n{}\n",
+        json!({"op": "delete", "domain": "absent.cn"}),
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("new.cn")).unwrap()}),
+    );
+    let (status, answer) = api(admin, "POST", "/v1/registry/batch", &batch).await;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"revision": 1, "applied": 1, "absent": 1}))
+    );
+    assert_eq!(
+        api(admin, "DELETE", "/v1/registry/entries/absent.cn", "")
+            .await
+            .0,
+        404
+    );
+
+    // 405 says what the endpoint takes.
+    for (method, path, allow) in [
+        ("POST", "/v1/registry", "GET, PUT"),
+        ("PATCH", "/v1/registry/entries/filed.cn", "GET, PUT, DELETE"),
+        ("GET", "/v1/registry/batch", "POST"),
+        ("POST", "/v1/decision", "GET"),
+    ] {
+        let (status, headers, body) = http1(
+            admin,
+            method,
+            path,
+            &[("host", "a"), ("authorization", "Bearer test-token")],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert_eq!(headers["allow"], allow, "{method} {path}");
+    }
+
+    // A bad batch line is named once, by its line in the body.
+    let bad = format!(
+        "{}\n{{\"op\":\"put\",\"entry\":{{\"domain\":\"x.cn\",\"icp\":\"x\",\"status\":\"filed\",\"access_here\":true,\"extra\":1}}}}\n",
+        json!({"op": "delete", "domain": "filed.cn"})
+    );
+    let (status, answer) = api(admin, "POST", "/v1/registry/batch", &bad).await;
+    assert_eq!(status, 400);
+    let message = answer["error"].as_str().unwrap();
+    assert!(message.starts_with("line 2: "), "{message}");
+    assert!(message.contains("extra"), "{message}");
+    assert_eq!(message.matches("line").count(), 1, "{message}");
+    let (_, answer) = api(admin, "PUT", "/v1/registry", "{\"domain\": 1}\n").await;
+    let message = answer["error"].as_str().unwrap();
+    assert!(
+        message.starts_with("line 1: ") && message.matches("line").count() == 1,
+        "{message}"
+    );
+}

@@ -3,10 +3,12 @@
 
 use std::net::IpAddr;
 
-use http::{Method, Request, StatusCode};
+use http::header::ALLOW;
+use http::{HeaderValue, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
+use tracing::warn;
 
 use super::answer::{Answer, error, json_answer};
 use super::body::{Body, content_length};
@@ -15,16 +17,92 @@ use super::query::{Query, percent_decode};
 use crate::core::decision::{HostInput, decide};
 use crate::proxy::state::Shared;
 use crate::registry::{
-    Applied, Entry, EntryError, MAX_JOURNAL_RECORD, Op, RawEntry, SnapshotBuilder, WriteError,
-    WriteKind, journal_record_len, normalize_domain,
+    Applied, Entry, EntryError, Guard, MAX_JOURNAL_RECORD, Op, RawEntry, SnapshotBuilder,
+    WriteError, WriteKind, journal_record_len, json_problem, normalize_domain,
 };
 use crate::wire::host;
 
 /// Largest body of a single-entry PUT.
 const MAX_ENTRY_BODY: usize = 64 * 1024;
 
+/// The `/v1` endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Registry,
+    Entry,
+    Batch,
+    Decision,
+}
+
+impl Endpoint {
+    fn of(path: &str) -> Option<Endpoint> {
+        Some(match path {
+            "/v1/registry" => Endpoint::Registry,
+            "/v1/registry/batch" => Endpoint::Batch,
+            "/v1/decision" => Endpoint::Decision,
+            p if p.starts_with("/v1/registry/entries/") => Endpoint::Entry,
+            _ => return None,
+        })
+    }
+
+    /// The methods it takes, as the `Allow` header lists them.
+    fn allow(self) -> &'static str {
+        match self {
+            Endpoint::Registry => "GET, PUT",
+            Endpoint::Entry => "GET, PUT, DELETE",
+            Endpoint::Batch => "POST",
+            Endpoint::Decision => "GET",
+        }
+    }
+
+    /// The query parameters `method` takes here; `None` when the method is not allowed.
+    fn params(self, method: &Method) -> Option<&'static [&'static str]> {
+        const WRITE: &[&str] = &["expect_revision"];
+        const GUARDED: &[&str] = &["expect_revision", "allow_shrink"];
+        Some(match (self, method.as_str()) {
+            (Endpoint::Registry | Endpoint::Entry, "GET") => &[],
+            (Endpoint::Registry, "PUT") | (Endpoint::Batch, "POST") => GUARDED,
+            (Endpoint::Entry, "PUT" | "DELETE") => WRITE,
+            (Endpoint::Decision, "GET") => &["host", "dst"],
+            _ => return None,
+        })
+    }
+}
+
 pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> Answer {
+    let Some(endpoint) = Endpoint::of(path) else {
+        return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
+    };
+    let method = req.method().clone();
+    let Some(known) = endpoint.params(&method) else {
+        let mut resp = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{method} is not allowed on {path}: use {}",
+                endpoint.allow()
+            ),
+        );
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(endpoint.allow()));
+        return resp;
+    };
     let query = Query::parse(req.uri().query());
+    let unknown = query.unknown(known);
+    if !unknown.is_empty() {
+        let takes = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unknown query parameter{} {}: {method} {path} takes {takes}",
+                if unknown.len() > 1 { "s" } else { "" },
+                unknown.join(", "),
+            ),
+        );
+    }
     let expect = match query.get("expect_revision").map(str::parse::<u64>) {
         None => None,
         Some(Ok(n)) => Some(n),
@@ -35,60 +113,76 @@ pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> A
             );
         }
     };
-    let method = req.method().clone();
-    if let Some(raw) = path.strip_prefix("/v1/registry/entries/") {
-        let Some(decoded) = percent_decode(raw) else {
-            return error(StatusCode::BAD_REQUEST, "domain: bad percent-encoding");
-        };
-        let domain = match normalize_domain(&decoded) {
-            Ok(d) => d,
-            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
-        };
-        return match method {
-            Method::GET => match shared.registry.load().get(&domain) {
-                Some(e) => json_answer(
-                    StatusCode::OK,
-                    serde_json::to_value(e.to_entry()).unwrap_or_default(),
-                ),
-                None => error(StatusCode::NOT_FOUND, format!("no entry for {domain}")),
-            },
-            Method::PUT => put_entry(req, domain, expect, shared).await,
-            Method::DELETE => {
-                let result =
-                    write(shared, WriteKind::Delete, vec![Op::Delete(domain)], expect).await;
-                written(
-                    shared,
-                    WriteKind::Delete,
-                    result,
-                    |a| json!({"revision": a.revision}),
-                )
+    let allow_shrink = match query.get("allow_shrink") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "allow_shrink: true or false"),
+    };
+    let max_shrink = shared
+        .generation
+        .load()
+        .config
+        .admin
+        .as_ref()
+        .map(|a| a.max_shrink)
+        .filter(|_| !allow_shrink);
+    let guard = Guard {
+        expect_revision: expect,
+        max_shrink,
+    };
+    match endpoint {
+        Endpoint::Entry => {
+            let raw = path.strip_prefix("/v1/registry/entries/").unwrap_or("");
+            let Some(decoded) = percent_decode(raw) else {
+                return error(StatusCode::BAD_REQUEST, "domain: bad percent-encoding");
+            };
+            let domain = match normalize_domain(&decoded) {
+                Ok(d) => d,
+                Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            // One entry at a time is not guarded against shrinking the registry.
+            let guard = Guard {
+                max_shrink: None,
+                ..guard
+            };
+            match method {
+                Method::PUT => put_entry(req, domain, guard, shared).await,
+                Method::DELETE => {
+                    let result =
+                        write(shared, WriteKind::Delete, vec![Op::Delete(domain)], guard).await;
+                    written(
+                        shared,
+                        WriteKind::Delete,
+                        result,
+                        |a| json!({"revision": a.revision}),
+                    )
+                }
+                _ => match shared.registry.load().get(&domain) {
+                    Some(e) => json_answer(
+                        StatusCode::OK,
+                        serde_json::to_value(e.to_entry()).unwrap_or_default(),
+                    ),
+                    None => error(StatusCode::NOT_FOUND, format!("no entry for {domain}")),
+                },
             }
-            _ => error(StatusCode::METHOD_NOT_ALLOWED, "use GET, PUT or DELETE"),
-        };
-    }
-    match (method, path) {
-        (Method::GET, "/v1/registry") => {
+        }
+        Endpoint::Registry if method == Method::PUT => replace(req, guard, shared).await,
+        Endpoint::Registry => {
             let s = shared.registry.load();
             json_answer(
                 StatusCode::OK,
                 json!({"revision": s.revision(), "entries": s.len()}),
             )
         }
-        (Method::PUT, "/v1/registry") => replace(req, expect, shared).await,
-        (Method::POST, "/v1/registry/batch") => batch(req, expect, shared).await,
-        (Method::GET, "/v1/decision") => decision(&query, shared),
-        (_, "/v1/registry" | "/v1/registry/batch" | "/v1/decision") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method not allowed on {path}"),
-        ),
-        _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+        Endpoint::Batch => batch(req, guard, shared).await,
+        Endpoint::Decision => decision(&query, shared),
     }
 }
 
 async fn put_entry(
     req: Request<Incoming>,
     domain: String,
-    expect: Option<u64>,
+    guard: Guard,
     shared: &Shared,
 ) -> Answer {
     let declared = content_length(req.headers()).cloned();
@@ -103,7 +197,7 @@ async fn put_entry(
         }
     };
     let entry = match serde_json::from_slice::<RawEntry>(&body)
-        .map_err(|e| EntryError::Json(e.to_string()))
+        .map_err(|e| EntryError::Json(json_problem(&e)))
         .and_then(RawEntry::validate)
     {
         Ok(e) => e,
@@ -122,7 +216,7 @@ async fn put_entry(
             ),
         );
     }
-    let result = write(shared, WriteKind::Put, vec![Op::Put(entry)], expect).await;
+    let result = write(shared, WriteKind::Put, vec![Op::Put(entry)], guard).await;
     written(
         shared,
         WriteKind::Put,
@@ -139,12 +233,12 @@ enum BatchLine {
     Delete { domain: String },
 }
 
-async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> Answer {
+async fn batch(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer {
     let parsed = read_ndjson(
         Body::new(req.into_body()),
         Vec::new(),
         |ops: &mut Vec<Op>, line| {
-            let op = match serde_json::from_str::<BatchLine>(line).map_err(|e| e.to_string())? {
+            let op = match serde_json::from_str::<BatchLine>(line).map_err(|e| json_problem(&e))? {
                 BatchLine::Put { entry } => Op::Put(entry.validate().map_err(|e| e.to_string())?),
                 BatchLine::Delete { domain } => {
                     Op::Delete(normalize_domain(&domain).map_err(|e| e.to_string())?)
@@ -174,17 +268,17 @@ async fn batch(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> 
             limit: MAX_JOURNAL_RECORD,
         })
     } else {
-        write(shared, WriteKind::Batch, ops, expect).await
+        write(shared, WriteKind::Batch, ops, guard).await
     };
     written(
         shared,
         WriteKind::Batch,
         result,
-        |a| json!({"revision": a.revision, "applied": a.applied}),
+        |a| json!({"revision": a.revision, "applied": a.applied, "absent": a.absent}),
     )
 }
 
-async fn replace(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -> Answer {
+async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer {
     let parsed = read_ndjson(
         Body::new(req.into_body()),
         SnapshotBuilder::new(),
@@ -201,10 +295,22 @@ async fn replace(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -
             return refused;
         }
     };
+    if builder.is_empty() {
+        count(shared, WriteKind::Replace, "invalid");
+        warn!(
+            entries = shared.registry.load().len(),
+            "refused a full replace with no entries"
+        );
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a full replace with no entries is refused: it would remove every entry (delete \
+             entries with DELETE or a batch instead)",
+        );
+    }
     let Some(writer) = shared.writer() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "registry still loading");
     };
-    let result = writer.replace(builder, expect).await;
+    let result = writer.replace(builder, guard).await;
     written(
         shared,
         WriteKind::Replace,
@@ -242,10 +348,10 @@ async fn write(
     shared: &Shared,
     kind: WriteKind,
     ops: Vec<Op>,
-    expect: Option<u64>,
+    guard: Guard,
 ) -> Result<Applied, WriteError> {
     match shared.writer() {
-        Some(writer) => writer.write(kind, ops, expect).await,
+        Some(writer) => writer.write(kind, ops, guard).await,
         None => Err(WriteError::Storage("registry still loading".into())),
     }
 }
@@ -267,6 +373,26 @@ fn written(
             json_answer(
                 StatusCode::CONFLICT,
                 json!({"error": e.to_string(), "revision": current}),
+            )
+        }
+        Err(
+            e @ WriteError::Shrink {
+                removed,
+                entries,
+                current,
+                ..
+            },
+        ) => {
+            count(shared, kind, "shrink");
+            warn!(
+                op = kind.as_str(),
+                removed,
+                entries,
+                "refused a write that would remove more entries than admin.max_shrink allows"
+            );
+            json_answer(
+                StatusCode::CONFLICT,
+                json!({"error": e.to_string(), "removed": removed, "entries": entries, "revision": current}),
             )
         }
         Err(e @ WriteError::NotFound(_)) => {
