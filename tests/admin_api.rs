@@ -418,3 +418,280 @@ async fn unknown_parameters_absent_deletes_allow_and_line_numbers() {
         "{message}"
     );
 }
+
+const TOKENS: &str =
+    "# name role token\nfiling write filing-secret-1\nmonitor read monitor-secret-1\n";
+
+/// The next line of target `audit`, waiting for it.
+fn audit_line(proc: &mut Proc, msg: &str) -> Value {
+    loop {
+        let line = proc.wait_for(msg);
+        if line["target"] == "audit" {
+            return line;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_and_refusal_leaves_an_audit_line_and_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.tokens"), TOKENS).unwrap();
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "tokens_file = \"admin.tokens\"",
+    );
+    let mut proc = Proc::start(&path);
+    let admin = proc.admin_addr();
+    proc.wait_for("ready");
+
+    let (status, _) = call(
+        admin,
+        "filing-secret-1",
+        "PUT",
+        "/v1/registry/entries/audited.cn",
+        &entry("audited.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let line = audit_line(&mut proc, "registry write");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["caller"], "filing");
+    assert_eq!(line["role"], "write");
+    assert_eq!(line["op"], "put");
+    assert_eq!(line["entries"], 1);
+    assert_eq!(
+        (
+            line["revision_before"].clone(),
+            line["revision_after"].clone()
+        ),
+        (json!(0), json!(1))
+    );
+    assert_eq!(
+        (line["result"].clone(), line["status"].clone()),
+        (json!("ok"), json!(200))
+    );
+    assert!(
+        line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+
+    // The old single token still writes, as `token_file`.
+    let batch = format!(
+        "{}\n{}\n",
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("b1.cn")).unwrap()}),
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("b2.cn")).unwrap()}),
+    );
+    assert_eq!(
+        api(admin, "POST", "/v1/registry/batch", &batch).await.0,
+        200
+    );
+    let line = audit_line(&mut proc, "registry write");
+    assert_eq!(
+        (
+            line["caller"].clone(),
+            line["op"].clone(),
+            line["entries"].clone()
+        ),
+        (json!("token_file"), json!("batch"), json!(2))
+    );
+    assert_eq!(
+        (
+            line["revision_before"].clone(),
+            line["revision_after"].clone()
+        ),
+        (json!(1), json!(2))
+    );
+
+    // A refused write is a line too, with what refused it.
+    let (status, _) = api(admin, "PUT", "/v1/registry", &entries("x", 3)).await;
+    assert_eq!(status, 409);
+    let line = audit_line(&mut proc, "registry write");
+    assert_eq!(
+        (
+            line["op"].clone(),
+            line["result"].clone(),
+            line["entries"].clone()
+        ),
+        (json!("replace"), json!("shrink"), json!(3))
+    );
+    assert_eq!(
+        (
+            line["revision_before"].clone(),
+            line["revision_after"].clone()
+        ),
+        (json!(2), json!(2))
+    );
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("remove 9 of the 9"),
+        "{line}"
+    );
+
+    // The read token reads and decides, and may not write.
+    assert_eq!(
+        call(admin, "monitor-secret-1", "GET", "/v1/registry", "")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            admin,
+            "monitor-secret-1",
+            "GET",
+            "/v1/decision?host=audited.cn&dst=127.0.0.1",
+            ""
+        )
+        .await
+        .1["decision"],
+        "allow"
+    );
+    let (status, answer) = call(
+        admin,
+        "monitor-secret-1",
+        "DELETE",
+        "/v1/registry/entries/audited.cn",
+        "",
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("read"),
+        "{answer}"
+    );
+    let line = audit_line(&mut proc, "authentication refused");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(
+        (
+            line["caller"].clone(),
+            line["op"].clone(),
+            line["result"].clone()
+        ),
+        (json!("monitor"), json!("delete"), json!("forbidden"))
+    );
+
+    // No token, and a wrong one.
+    let (status, _, _) = http1(
+        admin,
+        "PUT",
+        "/v1/registry/entries/a.cn",
+        &[("host", "a")],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let line = audit_line(&mut proc, "authentication refused");
+    assert_eq!(
+        (
+            line["caller"].clone(),
+            line["result"].clone(),
+            line["status"].clone()
+        ),
+        (json!("-"), json!("unauthorized"), json!(401))
+    );
+    assert!(
+        line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert_eq!(call(admin, "guess", "GET", "/v1/registry", "").await.0, 403);
+    let line = audit_line(&mut proc, "authentication refused");
+    assert_eq!(
+        (
+            line["op"].clone(),
+            line["result"].clone(),
+            line["error"].clone()
+        ),
+        (
+            json!("status"),
+            json!("forbidden"),
+            json!("wrong bearer token")
+        )
+    );
+
+    let metrics = String::from_utf8(
+        http1(admin, "GET", "/metrics", &[("host", "a")], b"")
+            .await
+            .2
+            .into_bytes(),
+    )
+    .unwrap();
+    for line in [
+        r#"icp_gate_admin_requests_total{op="put",result="ok"} 1"#,
+        r#"icp_gate_admin_requests_total{op="batch",result="ok"} 1"#,
+        r#"icp_gate_admin_requests_total{op="replace",result="shrink"} 1"#,
+        r#"icp_gate_admin_requests_total{op="status",result="ok"} 1"#,
+        r#"icp_gate_admin_requests_total{op="decision",result="ok"} 1"#,
+        r#"icp_gate_admin_requests_total{op="delete",result="forbidden"} 1"#,
+        r#"icp_gate_admin_requests_total{op="put",result="unauthorized"} 1"#,
+        r#"icp_gate_admin_requests_total{op="status",result="forbidden"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing from\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_rotate_on_sighup_with_old_and_new_overlapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("admin.tokens");
+    std::fs::write(&tokens, "filing write old-secret\n").unwrap();
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "tokens_file = \"admin.tokens\"",
+    );
+    let mut proc = Proc::start(&path);
+    let admin = proc.admin_addr();
+    proc.wait_for("ready");
+    let works =
+        |token: &'static str| async move { call(admin, token, "GET", "/v1/registry", "").await.0 };
+    assert_eq!(works("old-secret").await, 200);
+    assert_eq!(works("new-secret").await, 403);
+
+    // Add the new token: both work while callers move over.
+    std::fs::write(
+        &tokens,
+        "filing write old-secret\nfiling-next write new-secret\n",
+    )
+    .unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("config reloaded");
+    assert_eq!(
+        (works("old-secret").await, works("new-secret").await),
+        (200, 200)
+    );
+
+    // A broken file is refused and the tokens in force stay.
+    std::fs::write(&tokens, "filing-next writer new-secret\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    let line = proc.wait_for("reload rejected; the old config keeps serving");
+    assert!(
+        line["error"].as_str().unwrap().contains("admin.tokens:1"),
+        "{line}"
+    );
+    assert_eq!(
+        (works("old-secret").await, works("new-secret").await),
+        (200, 200)
+    );
+
+    // Retire the old one.
+    std::fs::write(&tokens, "filing-next write new-secret\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("config reloaded");
+    assert_eq!(
+        (works("old-secret").await, works("new-secret").await),
+        (403, 200)
+    );
+
+    // admin.token_file is read again too.
+    assert_eq!(works(TOKEN).await, 200);
+    std::fs::write(dir.path().join("admin.token"), "rotated-token\n").unwrap();
+    proc.signal(libc::SIGHUP);
+    proc.wait_for("config reloaded");
+    assert_eq!(
+        (works(TOKEN).await, works("rotated-token").await),
+        (403, 200)
+    );
+}

@@ -16,8 +16,15 @@ pub(super) fn json_answer(status: StatusCode, value: serde_json::Value) -> Answe
     resp
 }
 
+/// The message of an error answer, kept beside its body for the audit log.
+#[derive(Clone)]
+pub(super) struct ErrorText(pub String);
+
 pub(super) fn error(status: StatusCode, message: impl Into<String>) -> Answer {
-    json_answer(status, json!({"error": message.into()}))
+    let message = message.into();
+    let mut resp = json_answer(status, json!({"error": message}));
+    resp.extensions_mut().insert(ErrorText(message));
+    resp
 }
 
 pub(super) fn text(status: StatusCode, body: impl Into<Bytes>) -> Answer {

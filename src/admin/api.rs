@@ -10,7 +10,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::warn;
 
-use super::answer::{Answer, error, json_answer};
+use super::answer::{Answer, ErrorText, error, json_answer};
+use super::audit::{self, Outcome};
+use super::auth::Caller;
 use super::body::{Body, content_length};
 use super::ndjson::read_ndjson;
 use super::query::{Query, percent_decode};
@@ -69,7 +71,85 @@ impl Endpoint {
     }
 }
 
-pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> Answer {
+/// The operation a `/v1` request asks for: the `op` of its audit line and metric.
+pub(super) fn op_name(method: &Method, path: &str) -> &'static str {
+    match (method.as_str(), Endpoint::of(path)) {
+        ("PUT", Some(Endpoint::Registry)) => "replace",
+        ("GET", Some(Endpoint::Registry)) => "status",
+        ("POST", Some(Endpoint::Batch)) => "batch",
+        ("PUT", Some(Endpoint::Entry)) => "put",
+        ("DELETE", Some(Endpoint::Entry)) => "delete",
+        ("GET", Some(Endpoint::Entry)) => "get",
+        ("GET", Some(Endpoint::Decision)) => "decision",
+        _ => "other",
+    }
+}
+
+/// What a handler reports for the audit line, besides its answer.
+#[derive(Default)]
+struct Note {
+    /// Entries or operations the call carried.
+    entries: usize,
+    /// The write that was applied.
+    applied: Option<Applied>,
+    /// A result more precise than the status says (`shrink` for a 409).
+    result: Option<&'static str>,
+}
+
+/// Serves one authenticated `/v1` call, counted and (for writes) audited.
+pub(super) async fn v1(
+    req: Request<Incoming>,
+    path: &str,
+    shared: &Shared,
+    caller: &Caller<'_>,
+    op: &'static str,
+) -> Answer {
+    let mut note = Note::default();
+    let answer = handle(req, path, shared, &mut note).await;
+    let status = answer.status();
+    let result = note.result.unwrap_or(match status.as_u16() {
+        200 => "ok",
+        400 => "invalid",
+        404 => "not_found",
+        405 => "not_allowed",
+        408 => "timeout",
+        409 => "conflict",
+        413 => "too_large",
+        503 => "unavailable",
+        _ => "error",
+    });
+    let (revision_before, revision_after) = match note.applied {
+        Some(a) => (a.revision - 1, a.revision),
+        None => {
+            let now = shared.registry.load().revision();
+            (now, now)
+        }
+    };
+    let error = (!status.is_success()).then(|| error_text(&answer));
+    let outcome = Outcome {
+        op,
+        result,
+        status: status.as_u16(),
+        entries: note.entries,
+        revision_before,
+        revision_after,
+        error,
+    };
+    let write = matches!(op, "put" | "delete" | "batch" | "replace");
+    audit::record(shared, caller, write, &outcome);
+    answer
+}
+
+/// The `error` of an error answer.
+fn error_text(answer: &Answer) -> String {
+    answer
+        .extensions()
+        .get::<ErrorText>()
+        .map(|e| e.0.clone())
+        .unwrap_or_default()
+}
+
+async fn handle(req: Request<Incoming>, path: &str, shared: &Shared, note: &mut Note) -> Answer {
     let Some(endpoint) = Endpoint::of(path) else {
         return error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}"));
     };
@@ -146,14 +226,16 @@ pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> A
                 ..guard
             };
             match method {
-                Method::PUT => put_entry(req, domain, guard, shared).await,
+                Method::PUT => put_entry(req, domain, guard, shared, note).await,
                 Method::DELETE => {
+                    note.entries = 1;
                     let result =
                         write(shared, WriteKind::Delete, vec![Op::Delete(domain)], guard).await;
                     written(
                         shared,
                         WriteKind::Delete,
                         result,
+                        note,
                         |a| json!({"revision": a.revision}),
                     )
                 }
@@ -166,7 +248,7 @@ pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> A
                 },
             }
         }
-        Endpoint::Registry if method == Method::PUT => replace(req, guard, shared).await,
+        Endpoint::Registry if method == Method::PUT => replace(req, guard, shared, note).await,
         Endpoint::Registry => {
             let s = shared.registry.load();
             json_answer(
@@ -174,7 +256,7 @@ pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> A
                 json!({"revision": s.revision(), "entries": s.len()}),
             )
         }
-        Endpoint::Batch => batch(req, guard, shared).await,
+        Endpoint::Batch => batch(req, guard, shared, note).await,
         Endpoint::Decision => decision(&query, shared),
     }
 }
@@ -184,7 +266,9 @@ async fn put_entry(
     domain: String,
     guard: Guard,
     shared: &Shared,
+    note: &mut Note,
 ) -> Answer {
+    note.entries = 1;
     let declared = content_length(req.headers()).cloned();
     let body = match Body::new(req.into_body())
         .collect(declared.as_ref(), MAX_ENTRY_BODY)
@@ -221,6 +305,7 @@ async fn put_entry(
         shared,
         WriteKind::Put,
         result,
+        note,
         |a| json!({"revision": a.revision}),
     )
 }
@@ -233,7 +318,7 @@ enum BatchLine {
     Delete { domain: String },
 }
 
-async fn batch(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer {
+async fn batch(req: Request<Incoming>, guard: Guard, shared: &Shared, note: &mut Note) -> Answer {
     let parsed = read_ndjson(
         Body::new(req.into_body()),
         Vec::new(),
@@ -260,6 +345,7 @@ async fn batch(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer 
             return refused;
         }
     };
+    note.entries = ops.len();
     // Refused here, not queued: it could never be stored.
     let bytes = journal_record_len(&ops);
     let result = if bytes > MAX_JOURNAL_RECORD as usize {
@@ -274,11 +360,12 @@ async fn batch(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer 
         shared,
         WriteKind::Batch,
         result,
+        note,
         |a| json!({"revision": a.revision, "applied": a.applied, "absent": a.absent}),
     )
 }
 
-async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answer {
+async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared, note: &mut Note) -> Answer {
     let parsed = read_ndjson(
         Body::new(req.into_body()),
         SnapshotBuilder::new(),
@@ -295,6 +382,7 @@ async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answe
             return refused;
         }
     };
+    note.entries = builder.len();
     if builder.is_empty() {
         count(shared, WriteKind::Replace, "invalid");
         warn!(
@@ -315,6 +403,7 @@ async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared) -> Answe
         shared,
         WriteKind::Replace,
         result,
+        note,
         |a| json!({"revision": a.revision, "entries": a.entries}),
     )
 }
@@ -361,19 +450,23 @@ fn written(
     shared: &Shared,
     kind: WriteKind,
     result: Result<Applied, WriteError>,
+    note: &mut Note,
     body: impl FnOnce(&Applied) -> serde_json::Value,
 ) -> Answer {
     match result {
         Ok(applied) => {
+            note.applied = Some(applied);
             count(shared, kind, "ok");
             json_answer(StatusCode::OK, body(&applied))
         }
         Err(e @ WriteError::Conflict { current, .. }) => {
             count(shared, kind, "conflict");
-            json_answer(
+            let mut resp = json_answer(
                 StatusCode::CONFLICT,
                 json!({"error": e.to_string(), "revision": current}),
-            )
+            );
+            resp.extensions_mut().insert(ErrorText(e.to_string()));
+            resp
         }
         Err(
             e @ WriteError::Shrink {
@@ -384,16 +477,19 @@ fn written(
             },
         ) => {
             count(shared, kind, "shrink");
+            note.result = Some("shrink");
             warn!(
                 op = kind.as_str(),
                 removed,
                 entries,
                 "refused a write that would remove more entries than admin.max_shrink allows"
             );
-            json_answer(
+            let mut resp = json_answer(
                 StatusCode::CONFLICT,
                 json!({"error": e.to_string(), "removed": removed, "entries": entries, "revision": current}),
-            )
+            );
+            resp.extensions_mut().insert(ErrorText(e.to_string()));
+            resp
         }
         Err(e @ WriteError::NotFound(_)) => {
             count(shared, kind, "not_found");

@@ -154,6 +154,7 @@ impl Default for RawLimits {
 pub(super) struct RawAdmin {
     pub(super) bind: SocketAddr,
     pub(super) token_file: Option<String>,
+    pub(super) tokens_file: Option<String>,
     pub(super) client_ca: Option<String>,
     pub(super) tls_cert: Option<String>,
     pub(super) tls_key: Option<String>,

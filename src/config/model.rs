@@ -194,7 +194,10 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// One token with the role `write` (named `token_file` in the audit log).
     pub token_file: Option<PathBuf>,
+    /// Named tokens with roles, one `NAME ROLE TOKEN` a line; read again on SIGHUP.
+    pub tokens_file: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
     /// Certificate and key (PEM) to serve the admin listener over TLS; required with `client_ca`.
     pub tls: Option<(PathBuf, PathBuf)>,

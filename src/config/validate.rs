@@ -147,6 +147,10 @@ impl Validator<'_> {
                 Some(p) => Some(self.readable_file("admin.token_file", p)?),
                 None => None,
             },
+            tokens_file: match &a.tokens_file {
+                Some(p) => Some(self.readable_file("admin.tokens_file", p)?),
+                None => None,
+            },
             client_ca: match &a.client_ca {
                 Some(p) => Some(self.readable_file("admin.client_ca", p)?),
                 None => None,
