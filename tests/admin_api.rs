@@ -695,3 +695,193 @@ async fn tokens_rotate_on_sighup_with_old_and_new_overlapping() {
         (403, 200)
     );
 }
+
+/// A GET with the test token: status, headers and body text.
+async fn get(admin: SocketAddr, token: &str, path: &str) -> (u16, http::HeaderMap, String) {
+    let auth = format!("Bearer {token}");
+    http1(
+        admin,
+        "GET",
+        path,
+        &[("host", "admin"), ("authorization", &auth)],
+        b"",
+    )
+    .await
+}
+
+/// The domains of an NDJSON export, sorted.
+fn exported_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    lines.sort_unstable();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_page_in_domain_order_and_export_at_one_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.tokens"), TOKENS).unwrap();
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "tokens_file = \"admin.tokens\"",
+    );
+    let mut proc = Proc::start(&path);
+    let admin = proc.admin_addr();
+    proc.wait_for("ready");
+    let batch: String = (0..2500)
+        .map(|i| {
+            let e: Value = serde_json::from_str(&entry(&format!("p{i}.cn"))).unwrap();
+            json!({"op": "put", "entry": e}).to_string() + "\n"
+        })
+        .collect();
+    assert_eq!(
+        api(admin, "POST", "/v1/registry/batch", &batch).await.0,
+        200
+    );
+
+    // Pages with the read token, following `next`.
+    let mut seen: Vec<String> = Vec::new();
+    let mut pages = 0;
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/v1/registry/entries".to_string(),
+            Some(after) => format!("/v1/registry/entries?limit=1000&after={after}"),
+        };
+        let (status, _, text) = get(admin, "monitor-secret-1", &path).await;
+        assert_eq!(status, 200, "{text}");
+        let page: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(page["revision"], 1);
+        pages += 1;
+        let entries = page["entries"].as_array().unwrap();
+        assert!(entries.len() <= 1000);
+        seen.extend(
+            entries
+                .iter()
+                .map(|e| e["domain"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_str() {
+            Some(next) => {
+                assert_eq!(next, seen.last().unwrap());
+                cursor = Some(next.to_string());
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 2506);
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "domain order, each once");
+    let (_, _, text) = get(admin, TOKEN, "/v1/registry/entries?after=p999.cn&limit=1").await;
+    let page: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(page["entries"][0]["domain"], "x.gov.cn");
+    assert_eq!(page["entries"][0]["status"], "filed");
+    assert_eq!(page["next"], "x.gov.cn");
+    let (_, _, text) = get(admin, TOKEN, "/v1/registry/entries?after=x.gov.cn&limit=2").await;
+    let page: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(page["entries"][0]["domain"], "xn--fsqu00a.xn--fiqs8s");
+    assert_eq!(page["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next"], Value::Null);
+    for bad in ["limit=0", "limit=10001", "limit=ten", "cursor=a"] {
+        let (status, _, text) = get(admin, TOKEN, &format!("/v1/registry/entries?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {text}");
+    }
+
+    // The export: every entry once, in the seed format, with its revision and count.
+    let (status, headers, text) = get(admin, "monitor-secret-1", "/v1/registry/export").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+    assert_eq!(headers["icp-gate-revision"], "1");
+    assert_eq!(headers["icp-gate-entries"], "2506");
+    let mut domains: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(e.as_object().unwrap().len(), 4, "{l}");
+            e["domain"].as_str().unwrap().to_string()
+        })
+        .collect();
+    domains.sort_unstable();
+    assert_eq!(domains, sorted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_round_trip_at_a_million_entries() {
+    let (_dir, _proc, admin) = start("");
+    let started = Instant::now();
+    let million: String = (0..1_000_000)
+        .map(|i| {
+            // Fields in the order the export writes them, to compare lines as text.
+            format!(
+                "{{\"domain\":\"d{i:07}.cn\",\"icp\":\"京ICP备{i:08}号-{}\",\"status\":\"{}\",\"access_here\":{}}}\n",
+                i % 7 + 1,
+                if i % 13 == 0 { "revoked" } else { "filed" },
+                i % 5 != 0,
+            )
+        })
+        .collect();
+    let (status, answer) = api(admin, "PUT", "/v1/registry?allow_shrink=true", &million).await;
+    assert_eq!(
+        (status, answer["entries"].clone()),
+        (200, json!(1_000_000)),
+        "{answer}"
+    );
+    let loaded = started.elapsed();
+
+    // Back up.
+    let (status, headers, backup) = get(admin, TOKEN, "/v1/registry/export").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["icp-gate-revision"], "1");
+    assert_eq!(headers["icp-gate-entries"], "1000000");
+    let backup_lines = exported_lines(&backup);
+    assert_eq!(backup_lines.len(), 1_000_000);
+    assert!(
+        backup_lines == exported_lines(&million),
+        "the export is the registry"
+    );
+    let exported = started.elapsed();
+
+    // Lose most of it (a bad replace, let through), then restore the backup as it is.
+    let few: String = backup.lines().take(10).map(|l| format!("{l}\n")).collect();
+    assert_eq!(
+        api(admin, "PUT", "/v1/registry?allow_shrink=true", &few)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(api(admin, "GET", "/v1/registry", "").await.1["entries"], 10);
+    let (status, answer) = api(admin, "PUT", "/v1/registry", &backup).await;
+    assert_eq!(
+        (status, answer.clone()),
+        (200, json!({"revision": 3, "entries": 1_000_000}))
+    );
+    let (_, headers, again) = get(admin, TOKEN, "/v1/registry/export").await;
+    assert_eq!(headers["icp-gate-revision"], "3");
+    assert!(
+        exported_lines(&again) == backup_lines,
+        "restored entry for entry"
+    );
+    let (_, decision) = api(
+        admin,
+        "GET",
+        "/v1/decision?host=www.d0000001.cn&dst=127.0.0.1",
+        "",
+    )
+    .await;
+    assert_eq!(decision["decision"], "allow");
+    let (_, decision) = api(
+        admin,
+        "GET",
+        "/v1/decision?host=d0000013.cn&dst=127.0.0.1",
+        "",
+    )
+    .await;
+    assert_eq!(decision["reason"], "revoked");
+    eprintln!(
+        "1 M entries: loaded in {loaded:?}, exported in {:?}, round trip in {:?}",
+        exported - loaded,
+        started.elapsed()
+    );
+}

@@ -14,6 +14,7 @@ use super::answer::{Answer, ErrorText, error, json_answer};
 use super::audit::{self, Outcome};
 use super::auth::Caller;
 use super::body::{Body, content_length};
+use super::listing;
 use super::ndjson::read_ndjson;
 use super::query::{Query, percent_decode};
 use crate::core::decision::{HostInput, decide};
@@ -31,6 +32,8 @@ const MAX_ENTRY_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Registry,
+    List,
+    Export,
     Entry,
     Batch,
     Decision,
@@ -41,6 +44,8 @@ impl Endpoint {
         Some(match path {
             "/v1/registry" => Endpoint::Registry,
             "/v1/registry/batch" => Endpoint::Batch,
+            "/v1/registry/entries" => Endpoint::List,
+            "/v1/registry/export" => Endpoint::Export,
             "/v1/decision" => Endpoint::Decision,
             p if p.starts_with("/v1/registry/entries/") => Endpoint::Entry,
             _ => return None,
@@ -53,7 +58,7 @@ impl Endpoint {
             Endpoint::Registry => "GET, PUT",
             Endpoint::Entry => "GET, PUT, DELETE",
             Endpoint::Batch => "POST",
-            Endpoint::Decision => "GET",
+            Endpoint::Decision | Endpoint::List | Endpoint::Export => "GET",
         }
     }
 
@@ -62,7 +67,8 @@ impl Endpoint {
         const WRITE: &[&str] = &["expect_revision"];
         const GUARDED: &[&str] = &["expect_revision", "allow_shrink"];
         Some(match (self, method.as_str()) {
-            (Endpoint::Registry | Endpoint::Entry, "GET") => &[],
+            (Endpoint::Registry | Endpoint::Entry | Endpoint::Export, "GET") => &[],
+            (Endpoint::List, "GET") => &["after", "limit"],
             (Endpoint::Registry, "PUT") | (Endpoint::Batch, "POST") => GUARDED,
             (Endpoint::Entry, "PUT" | "DELETE") => WRITE,
             (Endpoint::Decision, "GET") => &["host", "dst"],
@@ -81,6 +87,8 @@ pub(super) fn op_name(method: &Method, path: &str) -> &'static str {
         ("DELETE", Some(Endpoint::Entry)) => "delete",
         ("GET", Some(Endpoint::Entry)) => "get",
         ("GET", Some(Endpoint::Decision)) => "decision",
+        ("GET", Some(Endpoint::List)) => "list",
+        ("GET", Some(Endpoint::Export)) => "export",
         _ => "other",
     }
 }
@@ -257,6 +265,8 @@ async fn handle(req: Request<Incoming>, path: &str, shared: &Shared, note: &mut 
             )
         }
         Endpoint::Batch => batch(req, guard, shared, note).await,
+        Endpoint::List => listing::page(&query, shared.registry.load_full()).await,
+        Endpoint::Export => listing::export(shared.registry.load_full()),
         Endpoint::Decision => decision(&query, shared),
     }
 }

@@ -11,6 +11,7 @@ mod api;
 mod audit;
 mod auth;
 mod body;
+mod listing;
 mod ndjson;
 mod query;
 
@@ -18,10 +19,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -30,7 +29,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::proxy::state::Shared;
-use answer::{Answer, error, text};
+use answer::{Answer, AnswerBody, error, text};
 use auth::Peer;
 pub(crate) use auth::{AdminAuth, AdminError};
 
@@ -103,7 +102,7 @@ async fn route(req: Request<Incoming>, shared: &Shared, auth: &AdminAuth, peer: 
                 .writer()
                 .is_some_and(|w| w.storage_failure().is_none());
             shared.metrics.registry_writable.set(i64::from(writable));
-            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            let mut resp = Response::new(AnswerBody::full(shared.metrics.render()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
