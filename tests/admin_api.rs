@@ -885,3 +885,184 @@ async fn backup_and_restore_round_trip_at_a_million_entries() {
         started.elapsed()
     );
 }
+
+/// Sends one `GET /` per host over `connections` pipelined keep-alive connections and waits for
+/// every answer; returns how many were 403.
+async fn flood(addr: SocketAddr, hosts: Vec<String>, connections: usize) -> usize {
+    use tokio::io::AsyncReadExt;
+    let per = hosts.len().div_ceil(connections);
+    let mut tasks = Vec::new();
+    for part in hosts.chunks(per) {
+        let part = part.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let (mut reader, mut writer) = stream.into_split();
+            let expected = part.len();
+            let sending = tokio::spawn(async move {
+                for chunk in part.chunks(200) {
+                    let mut out = String::new();
+                    for h in chunk {
+                        out.push_str(&format!("GET / HTTP/1.1\r\nhost: {h}\r\n\r\n"));
+                    }
+                    writer.write_all(out.as_bytes()).await.unwrap();
+                }
+                writer
+            });
+            let (mut answers, mut forbidden) = (0, 0);
+            let mut pending: Vec<u8> = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            while answers < expected {
+                let n = tokio::time::timeout(Duration::from_secs(60), reader.read(&mut buf))
+                    .await
+                    .expect("answers stalled")
+                    .unwrap();
+                assert!(n > 0, "closed after {answers} answers");
+                pending.extend_from_slice(&buf[..n]);
+                // Count every complete status line; keep what may be the start of the next.
+                let mut done = 0;
+                let mut partial = None;
+                while let Some(i) = pending[done..].windows(9).position(|w| w == b"HTTP/1.1 ") {
+                    let at = done + i;
+                    if at + 12 > pending.len() {
+                        partial = Some(at);
+                        break;
+                    }
+                    answers += 1;
+                    forbidden += usize::from(&pending[at + 9..at + 12] == b"403");
+                    done = at + 12;
+                }
+                let keep_from =
+                    partial.unwrap_or_else(|| done.max(pending.len().saturating_sub(8)));
+                pending.drain(..keep_from);
+            }
+            drop(sending.await.unwrap());
+            forbidden
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_blocked_hosts_in_bounded_memory_under_a_flood_of_random_names() {
+    let (_dir, mut proc, admin) = start("");
+    let http: SocketAddr = proc.logged("listening")["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blocked = |q: &'static str| async move {
+        let (status, _, text) = get(admin, TOKEN, &format!("/v1/blocked{q}")).await;
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()
+    };
+    assert_eq!(blocked("").await["hosts"], json!([]));
+
+    // Three heavy hitters among 20 000 random unfiled names, twice over.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let round = |state: &mut u64| {
+        let mut hosts = Vec::new();
+        for i in 0..20_000 {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            hosts.push(format!("r{:x}.cn", *state));
+            if i % 20 == 0 {
+                hosts.push("heavy.cn".to_string());
+            }
+            if i % 40 == 0 {
+                hosts.push("gone.cn".to_string());
+            }
+            if i % 80 == 0 {
+                hosts.push("elsewhere.cn".to_string());
+            }
+        }
+        hosts
+    };
+    let rss_before = rss_kib(proc.pid());
+    let sent = round(&mut state);
+    let total = sent.len();
+    assert_eq!(flood(http, sent, 4).await, total, "every name is blocked");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = blocked("?top=3").await;
+    let sent = round(&mut state);
+    assert_eq!(flood(http, sent, 4).await, total);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = blocked("?top=3").await;
+    let rss_after = rss_kib(proc.pid());
+
+    // Bounded: 40 000 distinct names, a few thousand keys held.
+    let capacity = answer["capacity"].as_u64().unwrap();
+    for a in [&first, &answer] {
+        let tracked = a["tracked"].as_u64().unwrap();
+        assert!(tracked <= capacity, "{tracked} > {capacity}");
+        assert!(
+            tracked < 2 * 1024,
+            "one window holds under 2 × 1 024 keys: {tracked}"
+        );
+    }
+    let dropped = answer["dropped"].as_u64().unwrap();
+    let error = answer["error"].as_u64().unwrap();
+    assert_eq!(
+        answer["blocks"].as_u64().unwrap() + dropped,
+        2 * total as u64
+    );
+    // The top three, in order, with counts within the sketch's error.
+    let hosts = answer["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 3, "{answer}");
+    for (h, (name, sent, reason)) in hosts.iter().zip([
+        ("heavy.cn", 2000, "unfiled"),
+        ("gone.cn", 1000, "revoked"),
+        ("elsewhere.cn", 500, "not_accessed"),
+    ]) {
+        assert_eq!(h["host"], name, "{answer}");
+        let count = h["count"].as_u64().unwrap();
+        assert!(
+            count + dropped >= sent && count <= sent + error,
+            "{name}: {count} for {sent} sent (error {error}, dropped {dropped})"
+        );
+        assert_eq!(
+            h["reasons"].as_object().unwrap().keys().collect::<Vec<_>>(),
+            [reason],
+            "{h}"
+        );
+        assert_eq!(h["dst"]["127.0.0.0/24"], h["count"], "{h}");
+        assert_eq!(h["listeners"]["http"], h["count"], "{h}");
+    }
+    eprintln!(
+        "blocked sketch: {} blocks, {} keys held, error {error}, dropped {dropped}, RSS {rss_before} → {rss_after} KiB",
+        answer["blocks"], answer["tracked"]
+    );
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {rss_before} → {rss_after} KiB"
+    );
+
+    // Filters, and what the call refuses.
+    assert_eq!(blocked("?top=3&listener=other").await["hosts"], json!([]));
+    assert_eq!(blocked("?top=3&dst=10.0.0.0/8").await["hosts"], json!([]));
+    assert_eq!(
+        blocked("?top=1&dst=127.0.0.1").await["hosts"][0]["host"],
+        "heavy.cn"
+    );
+    assert_eq!(
+        blocked("?top=1&listener=http").await["hosts"][0]["host"],
+        "heavy.cn"
+    );
+    for bad in ["?top=0", "?top=1001", "?dst=nowhere", "?host=heavy.cn"] {
+        let (status, _, text) = get(admin, TOKEN, &format!("/v1/blocked{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {text}");
+    }
+}

@@ -18,6 +18,7 @@ use super::listing;
 use super::ndjson::read_ndjson;
 use super::query::{Query, percent_decode};
 use crate::core::decision::{HostInput, decide};
+use crate::observe::blocked::Query as BlockedQuery;
 use crate::proxy::state::Shared;
 use crate::registry::{
     Applied, Entry, EntryError, Guard, MAX_JOURNAL_RECORD, Op, RawEntry, SnapshotBuilder,
@@ -37,6 +38,7 @@ enum Endpoint {
     Entry,
     Batch,
     Decision,
+    Blocked,
 }
 
 impl Endpoint {
@@ -47,6 +49,7 @@ impl Endpoint {
             "/v1/registry/entries" => Endpoint::List,
             "/v1/registry/export" => Endpoint::Export,
             "/v1/decision" => Endpoint::Decision,
+            "/v1/blocked" => Endpoint::Blocked,
             p if p.starts_with("/v1/registry/entries/") => Endpoint::Entry,
             _ => return None,
         })
@@ -58,7 +61,7 @@ impl Endpoint {
             Endpoint::Registry => "GET, PUT",
             Endpoint::Entry => "GET, PUT, DELETE",
             Endpoint::Batch => "POST",
-            Endpoint::Decision | Endpoint::List | Endpoint::Export => "GET",
+            Endpoint::Decision | Endpoint::List | Endpoint::Export | Endpoint::Blocked => "GET",
         }
     }
 
@@ -69,6 +72,7 @@ impl Endpoint {
         Some(match (self, method.as_str()) {
             (Endpoint::Registry | Endpoint::Entry | Endpoint::Export, "GET") => &[],
             (Endpoint::List, "GET") => &["after", "limit"],
+            (Endpoint::Blocked, "GET") => &["top", "listener", "dst"],
             (Endpoint::Registry, "PUT") | (Endpoint::Batch, "POST") => GUARDED,
             (Endpoint::Entry, "PUT" | "DELETE") => WRITE,
             (Endpoint::Decision, "GET") => &["host", "dst"],
@@ -89,6 +93,7 @@ pub(super) fn op_name(method: &Method, path: &str) -> &'static str {
         ("GET", Some(Endpoint::Decision)) => "decision",
         ("GET", Some(Endpoint::List)) => "list",
         ("GET", Some(Endpoint::Export)) => "export",
+        ("GET", Some(Endpoint::Blocked)) => "blocked",
         _ => "other",
     }
 }
@@ -268,6 +273,7 @@ async fn handle(req: Request<Incoming>, path: &str, shared: &Shared, note: &mut 
         Endpoint::List => listing::page(&query, shared.registry.load_full()).await,
         Endpoint::Export => listing::export(shared.registry.load_full()),
         Endpoint::Decision => decision(&query, shared),
+        Endpoint::Blocked => blocked(&query, shared),
     }
 }
 
@@ -441,6 +447,43 @@ fn decision(query: &Query, shared: &Shared) -> Answer {
             "registrable": v.registrable,
         }),
     )
+}
+
+/// Most hosts `GET /v1/blocked` lists.
+const BLOCKED_TOP_MAX: usize = 1000;
+
+fn blocked(query: &Query, shared: &Shared) -> Answer {
+    let top = match query.get("top").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(n)) if (1..=BLOCKED_TOP_MAX).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("top: a number from 1 to {BLOCKED_TOP_MAX}"),
+            );
+        }
+    };
+    let dst = match query.get("dst") {
+        None => None,
+        Some(text) => match text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        {
+            Ok(net) => Some(net.trunc()),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "dst: an address or prefix (10.0.0.0/8)",
+                );
+            }
+        },
+    };
+    let q = BlockedQuery {
+        top,
+        listener: query.get("listener"),
+        dst,
+    };
+    json_answer(StatusCode::OK, shared.blocked.top(&q))
 }
 
 async fn write(

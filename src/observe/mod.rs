@@ -1,4 +1,5 @@
 //! What SREs see: Prometheus metrics, the access and event logs.
 
+pub(crate) mod blocked;
 pub(crate) mod logging;
 pub(crate) mod metrics;

@@ -38,6 +38,11 @@ pub(super) fn log(
     id: &RequestId,
     duration: Duration,
 ) {
+    if decision == Decision::Block {
+        ctx.shared
+            .blocked
+            .record(ctx.spec.metrics.name(), host, reason, ctx.ends.dst.ip());
+    }
     Access {
         listener: ctx.spec.metrics.name(),
         client: ctx.ends.client,
