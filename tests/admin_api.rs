@@ -1066,3 +1066,35 @@ async fn most_blocked_hosts_in_bounded_memory_under_a_flood_of_random_names() {
         assert_eq!(status, 400, "{bad}: {text}");
     }
 }
+
+#[test]
+fn check_reads_the_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.tokens"), TOKENS).unwrap();
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "tokens_file = \"admin.tokens\"\nmax_shrink = 0.2",
+    );
+    let check = || {
+        std::process::Command::new(common::process::BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    assert!(check().status.success());
+    std::fs::write(
+        dir.path().join("admin.tokens"),
+        "filing write a\nfiling read b\n",
+    )
+    .unwrap();
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("admin.tokens_file")
+            && stderr.contains("admin.tokens:2: name filing is used twice"),
+        "{stderr}"
+    );
+}
