@@ -411,6 +411,15 @@ async fn unknown_parameters_absent_deletes_allow_and_line_numbers() {
     assert!(message.starts_with("line 2: "), "{message}");
     assert!(message.contains("extra"), "{message}");
     assert_eq!(message.matches("line").count(), 1, "{message}");
+    let upsert = format!(
+        "{}\n{{\"op\":\"upsert\",\"domain\":\"b4.cn\"}}\n",
+        json!({"op": "delete", "domain": "filed.cn"})
+    );
+    let (_, answer) = api(admin, "POST", "/v1/registry/batch", &upsert).await;
+    assert_eq!(
+        answer["error"],
+        "line 2: unknown variant `upsert`, expected `put` or `delete` (column 14)"
+    );
     let (_, answer) = api(admin, "PUT", "/v1/registry", "{\"domain\": 1}\n").await;
     let message = answer["error"].as_str().unwrap();
     assert!(
