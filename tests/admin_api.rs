@@ -1107,3 +1107,80 @@ fn check_reads_the_tokens_file() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_line_names_the_client_certificate() {
+    use common::pki::Pki;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    let filing_ca = Pki::new();
+    let server_ca = Pki::new();
+    let (_, _, cert, key) = server_ca.leaf(&["admin.icp-gate.test"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, pem) in [
+        ("admin.crt", cert),
+        ("admin.key", key),
+        ("filing-ca.pem", filing_ca.ca.pem()),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let path = write_config(
+        dir.path(),
+        "127.0.0.1:9".parse().unwrap(),
+        "tls_cert = \"admin.crt\"\ntls_key = \"admin.key\"\nclient_ca = \"filing-ca.pem\"",
+    );
+    let mut proc = Proc::start(&path);
+    let admin = proc.admin_addr();
+    proc.wait_for("ready");
+
+    // The filing system's certificate, with a subject of its own.
+    let mut params = rcgen::CertificateParams::new(vec!["filing.example".to_string()]).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Filing Bureau");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "filing-system");
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client_cert = params.signed_by(&client_key, &filing_ca.ca).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_ca.ca.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from(client_cert.der().to_vec())],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(client_key.serialize_der())),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = TcpStream::connect(admin).await.unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("admin.icp-gate.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::put("/v1/registry/entries/bureau.cn")
+        .header("host", "admin")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(entry(
+            "bureau.cn",
+        ))))
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let line = audit_line(&mut proc, "registry write");
+    assert_eq!(line["caller"], "token_file");
+    assert_eq!(
+        line["subject"], "O=Filing Bureau,CN=filing-system",
+        "{line}"
+    );
+    assert_eq!(line["result"], "ok");
+}
