@@ -9,7 +9,8 @@
 //! twice that: a key that ever held at least a 1/[`KEEP`] share of a window's blocks is never
 //! evicted from it, and every count is an upper bound that overshoots by at most the window's
 //! `error`. A flood of random unfiled names therefore costs at most 12 × 2 × [`KEEP`] keys plus
-//! the queue, however many names it uses.
+//! the queue, each with a host of at most [`MAX_HOST`] bytes (about 13 MB in all), however many
+//! names it uses.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +33,8 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 const WINDOW: Duration = Duration::from_secs(300);
 /// Windows kept: one hour.
 const WINDOWS: usize = 12;
+/// Longest host kept (a DNS name has at most 253 characters).
+const MAX_HOST: usize = 253;
 
 /// One block, as the data path reports it.
 struct Event {
@@ -140,9 +143,15 @@ impl Blocked {
 
     /// Counts one block. Never waits: when the queue is full the block is dropped and counted.
     pub(crate) fn record(&self, listener: &str, host: &str, reason: Reason, dst: IpAddr) {
+        // A host that did not parse is kept as sent: cut to a DNS name's length, so a key's
+        // size is bounded too.
+        let mut end = host.len().min(MAX_HOST);
+        while !host.is_char_boundary(end) {
+            end -= 1;
+        }
         let event = Event {
             listener: listener.into(),
-            host: host.into(),
+            host: host[..end].into(),
             reason,
             dst,
         };
@@ -322,6 +331,38 @@ mod tests {
         top.sort_by_key(|e| std::cmp::Reverse(e.1.0));
         assert_eq!(&*top[0].0.host, "heavy.cn");
         assert_eq!(&*top[1].0.host, "second.cn");
+    }
+
+    #[test]
+    fn recorded_blocks_reach_the_answer_and_long_hosts_are_cut() {
+        let b = Blocked::new();
+        let long = "é".repeat(5000);
+        for _ in 0..3 {
+            b.record("http", "a.cn", Reason::Unfiled, [10, 0, 0, 1].into());
+        }
+        b.record("tls", &long, Reason::InvalidSni, [10, 0, 1, 1].into());
+        std::thread::sleep(DRAIN_EVERY * 10);
+        let all = b.top(&Query {
+            top: 10,
+            listener: None,
+            dst: None,
+        });
+        assert_eq!(all["blocks"], 4);
+        assert_eq!(all["hosts"][0]["host"], "a.cn");
+        assert_eq!(all["hosts"][0]["reasons"]["unfiled"], 3);
+        assert_eq!(all["hosts"][0]["dst"]["10.0.0.0/24"], 3);
+        let cut = all["hosts"][1]["host"].as_str().unwrap();
+        assert!(
+            cut.len() <= MAX_HOST && cut.len() >= MAX_HOST - 1,
+            "{}",
+            cut.len()
+        );
+        let tls = b.top(&Query {
+            top: 10,
+            listener: Some("tls"),
+            dst: Some("10.0.1.0/24".parse().unwrap()),
+        });
+        assert_eq!(tls["hosts"].as_array().unwrap().len(), 1);
     }
 
     #[test]
