@@ -206,7 +206,7 @@ impl AdminAuth {
         // Every token is compared, in constant time each, whichever matches.
         let mut found: Option<&Token> = None;
         for token in tokens.iter() {
-            let equal = bool::from(token.secret.as_slice().ct_eq(presented));
+            let equal = same(&token.secret, presented);
             if equal && found.is_none() {
                 found = Some(token);
             }
@@ -242,6 +242,18 @@ impl AdminAuth {
             peer,
         })
     }
+}
+
+/// Whether two byte strings are equal, in time that depends on the longer one's length only (a
+/// plain slice comparison returns at once when the lengths differ, telling a token's length).
+fn same(secret: &[u8], presented: &[u8]) -> bool {
+    let mut equal = (secret.len() as u64).ct_eq(&(presented.len() as u64));
+    for i in 0..secret.len().max(presented.len()) {
+        let a = secret.get(i).copied().unwrap_or(0);
+        let b = presented.get(i).copied().unwrap_or(0);
+        equal &= a.ct_eq(&b);
+    }
+    equal.into()
 }
 
 fn load_tokens(cfg: &AdminConfig) -> Result<Vec<Token>, AdminError> {
@@ -399,6 +411,15 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comparison() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret\0"));
+        assert!(!same(b"secret", b"secre"));
+        assert!(!same(b"secret", b""));
+    }
 
     #[test]
     fn tokens_file_lines() {
