@@ -1184,3 +1184,39 @@ async fn the_audit_line_names_the_client_certificate() {
     );
     assert_eq!(line["result"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_counts_would_be_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "127.0.0.1:9".parse().unwrap(), "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[policy]", "[policy]\nmode = \"report\""),
+    )
+    .unwrap();
+    let mut proc = Proc::start(&path);
+    let admin = proc.admin_addr();
+    let http: SocketAddr = proc.logged("listening")["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    proc.wait_for("ready");
+    for _ in 0..3 {
+        // Let through (to an origin that is not there), but counted.
+        http1(http, "GET", "/", &[("host", "would.cn")], b"").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, _, text) = get(admin, TOKEN, "/v1/blocked").await;
+        let answer: Value = serde_json::from_str(&text).unwrap();
+        if answer["hosts"][0]["count"] == 3 {
+            assert_eq!(answer["hosts"][0]["host"], "would.cn");
+            assert_eq!(answer["hosts"][0]["reasons"]["unfiled"], 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

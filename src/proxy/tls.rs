@@ -95,7 +95,7 @@ pub(crate) async fn serve(
         None => String::new(),
     };
     spec.metrics.tls_connection(decision, reason);
-    if decision == Decision::Block {
+    if matches!(decision, Decision::Block | Decision::Report) {
         shared
             .blocked
             .record(spec.metrics.name(), &sni, reason, ends.dst.ip());

@@ -38,7 +38,8 @@ pub(super) fn log(
     id: &RequestId,
     duration: Duration,
 ) {
-    if decision == Decision::Block {
+    // Report mode's would-be blocks count too: that is when an operator asks who they would be.
+    if matches!(decision, Decision::Block | Decision::Report) {
         ctx.shared
             .blocked
             .record(ctx.spec.metrics.name(), host, reason, ctx.ends.dst.ip());
