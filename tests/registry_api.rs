@@ -234,8 +234,14 @@ async fn batches_are_all_or_nothing() {
         json!({"op": "delete", "domain": "filed.cn"}),
         json!({"op": "put", "entry": {"domain": "b2.cn", "icp": "x", "status": "filed", "access_here": true}}),
     );
+    // It removes one of six entries: more than admin.max_shrink lets a batch remove unasked.
     let (status, body) = api(&gate, "POST", "/v1/registry/batch", &good).await;
-    assert_eq!((status, body), (200, json!({"revision": 1, "applied": 3})));
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = api(&gate, "POST", "/v1/registry/batch?allow_shrink=true", &good).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 1, "applied": 3, "absent": 0}))
+    );
     assert_eq!(host_status(&gate, "b2.cn").await, 200);
     assert_eq!(host_status(&gate, "filed.cn").await, 403);
 
@@ -287,6 +293,8 @@ async fn full_replace_and_decision_endpoint() {
         entry("elsewhere.cn", "filed", true)
     );
     let (status, body) = api(&gate, "PUT", "/v1/registry", &replacement).await;
+    assert_eq!(status, 409, "it removes every entry: {body}");
+    let (status, body) = api(&gate, "PUT", "/v1/registry?allow_shrink=true", &replacement).await;
     assert_eq!((status, body), (200, json!({"revision": 1, "entries": 2})));
     assert_eq!(host_status(&gate, "filed.cn").await, 403, "replaced away");
     assert_eq!(host_status(&gate, "elsewhere.cn").await, 200);
@@ -296,7 +304,7 @@ async fn full_replace_and_decision_endpoint() {
         entry("d.cn", "filed", true),
         entry("D.cn.", "filed", true)
     );
-    let (status, body) = api(&gate, "PUT", "/v1/registry", &dup).await;
+    let (status, body) = api(&gate, "PUT", "/v1/registry?allow_shrink=true", &dup).await;
     assert_eq!(status, 400);
     assert!(
         body["error"]
@@ -400,7 +408,8 @@ async fn readers_never_see_a_half_applied_replace() {
             .collect::<String>()
     };
     let (a, b) = (set("a"), set("b"));
-    assert_eq!(api(&gate, "PUT", "/v1/registry", &a).await.0, 200);
+    let put = "/v1/registry?allow_shrink=true";
+    assert_eq!(api(&gate, "PUT", put, &a).await.0, 200);
 
     let registry = gate.server.registry();
     let stop = Arc::new(AtomicBool::new(false));
@@ -425,7 +434,7 @@ async fn readers_never_see_a_half_applied_replace() {
     };
     for round in 0..10 {
         let body = if round % 2 == 0 { &b } else { &a };
-        assert_eq!(api(&gate, "PUT", "/v1/registry", body).await.0, 200);
+        assert_eq!(api(&gate, "PUT", put, body).await.0, 200);
     }
     stop.store(true, Ordering::Relaxed);
     assert!(reader.await.unwrap() > 0);

@@ -8,7 +8,10 @@
 
 mod answer;
 mod api;
+mod audit;
 mod auth;
+mod body;
+mod listing;
 mod ndjson;
 mod query;
 
@@ -16,10 +19,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -28,15 +29,15 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::proxy::state::Shared;
-use answer::{Answer, error, text};
+use answer::{Answer, AnswerBody, error, text};
+use auth::Peer;
 pub(crate) use auth::{AdminAuth, AdminError};
 
 /// Serves the admin listener until the process drains.
-pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: AdminAuth) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: Arc<AdminAuth>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, tls = auth.tls.is_some(), "admin listening");
     }
-    let auth = Arc::new(auth);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -53,15 +54,18 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: Admi
         let auth = auth.clone();
         tokio::spawn(async move {
             match &auth.tls {
-                None => connection(stream, false, shared, auth.clone()).await,
+                None => connection(stream, Peer::plain(peer), shared, auth.clone()).await,
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls) => {
-                        let verified = tls
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .is_some_and(|c| !c.is_empty());
-                        connection(tls, verified, shared, auth.clone()).await
+                        // Only a verified certificate is ever presented here: one from another
+                        // CA fails the handshake.
+                        let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let peer = Peer {
+                            addr: peer,
+                            verified: cert.is_some(),
+                            subject: cert.and_then(|c| auth::subject(c.as_ref())),
+                        };
+                        connection(tls, peer, shared, auth.clone()).await
                     }
                     Err(e) => debug!(client = %peer, error = %e, "admin TLS handshake failed"),
                 },
@@ -70,14 +74,16 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, auth: Admi
     }
 }
 
-async fn connection<S>(io: S, client_verified: bool, shared: Arc<Shared>, auth: Arc<AdminAuth>)
+async fn connection<S>(io: S, peer: Peer, shared: Arc<Shared>, auth: Arc<AdminAuth>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = Arc::new(peer);
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let auth = auth.clone();
-        async move { Ok::<_, Infallible>(route(req, &shared, &auth, client_verified).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(route(req, &shared, &auth, &peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -88,12 +94,7 @@ where
     }
 }
 
-async fn route(
-    req: Request<Incoming>,
-    shared: &Shared,
-    auth: &AdminAuth,
-    client_verified: bool,
-) -> Answer {
+async fn route(req: Request<Incoming>, shared: &Shared, auth: &AdminAuth, peer: &Peer) -> Answer {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
@@ -101,7 +102,7 @@ async fn route(
                 .writer()
                 .is_some_and(|w| w.storage_failure().is_none());
             shared.metrics.registry_writable.set(i64::from(writable));
-            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            let mut resp = Response::new(AnswerBody::full(shared.metrics.render()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -120,10 +121,14 @@ async fn route(
         }
         (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "loading\n"),
         (_, p) if p == "/v1" || p.starts_with("/v1/") => {
-            if let Some(denied) = auth.refusal(&req, client_verified) {
-                return denied;
+            let op = api::op_name(req.method(), &path);
+            match auth.caller(&req, peer) {
+                Ok(caller) => api::v1(req, &path, shared, &caller, op).await,
+                Err(refused) => {
+                    audit::refused(shared, peer, op, &refused);
+                    refused.answer
+                }
             }
-            api::v1(req, &path, shared).await
         }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }

@@ -17,6 +17,17 @@ impl Query {
         )
     }
 
+    /// The parameters not in `known`, in the order given.
+    pub(super) fn unknown(&self, known: &[&str]) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for (k, _) in &self.0 {
+            if !known.contains(&k.as_str()) && !out.contains(&k.as_str()) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
     pub(super) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -54,6 +65,8 @@ mod tests {
         assert_eq!(q.get("host"), Some("例子.中国"));
         assert_eq!(q.get("dst"), Some("10.0.0.1"));
         assert_eq!(q.get("expect_revision"), Some("3"));
+        assert_eq!(q.unknown(&["host", "dst"]), ["expect_revision"]);
+        assert!(q.unknown(&["host", "dst", "expect_revision"]).is_empty());
         assert_eq!(percent_decode("%zz"), None);
         assert_eq!(percent_decode("%e4"), None, "not UTF-8");
     }

@@ -154,9 +154,19 @@ impl Default for RawLimits {
 pub(super) struct RawAdmin {
     pub(super) bind: SocketAddr,
     pub(super) token_file: Option<String>,
+    pub(super) tokens_file: Option<String>,
     pub(super) client_ca: Option<String>,
     pub(super) tls_cert: Option<String>,
     pub(super) tls_key: Option<String>,
+    pub(super) max_shrink: Option<RawShare>,
+}
+
+/// A share written as `"10%"` or as a fraction, `0.1`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawShare {
+    Fraction(f64),
+    Text(String),
 }
 
 #[derive(Deserialize)]

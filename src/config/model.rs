@@ -194,10 +194,36 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub bind: SocketAddr,
+    /// One token with the role `write` (named `token_file` in the audit log).
     pub token_file: Option<PathBuf>,
+    /// Named tokens with roles, one `NAME ROLE TOKEN` a line; read again on SIGHUP.
+    pub tokens_file: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
     /// Certificate and key (PEM) to serve the admin listener over TLS; required with `client_ca`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// The largest share of the entries a full replace or a batch may remove without
+    /// `?allow_shrink=true`.
+    pub max_shrink: Share,
+}
+
+/// A share of a whole, in parts per million (`max_shrink = "10%"` is 100 000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share(pub u32);
+
+impl Share {
+    pub const WHOLE: u32 = 1_000_000;
+
+    /// Whether `part` of `whole` is at most this share.
+    pub fn admits(self, part: usize, whole: usize) -> bool {
+        part as u128 * u128::from(Share::WHOLE) <= whole as u128 * u128::from(self.0)
+    }
+}
+
+impl std::fmt::Display for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = f64::from(self.0) / 10_000.0;
+        write!(f, "{pct}%")
+    }
 }
 
 /// A built-in origin for demonstrations: answers every request with a short text page naming

@@ -128,11 +128,39 @@ impl Validator<'_> {
         })
     }
 
+    fn share(&self, key: &str, raw: &RawShare) -> Result<Share, ConfigError> {
+        let fraction = match raw {
+            RawShare::Fraction(f) => Some(*f),
+            RawShare::Text(t) => t
+                .trim()
+                .strip_suffix('%')
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .map(|pct| pct / 100.0),
+        };
+        match fraction {
+            Some(f) if (0.0..=1.0).contains(&f) => {
+                Ok(Share((f * f64::from(Share::WHOLE)).round() as u32))
+            }
+            _ => Err(self.err(
+                key,
+                "a share from 0 to 1 (0.1) or a percentage from 0% to 100% (\"10%\")",
+            )),
+        }
+    }
+
     fn admin(&self, a: RawAdmin) -> Result<AdminConfig, ConfigError> {
         Ok(AdminConfig {
+            max_shrink: match &a.max_shrink {
+                Some(raw) => self.share("admin.max_shrink", raw)?,
+                None => Share(Share::WHOLE / 10),
+            },
             bind: a.bind,
             token_file: match &a.token_file {
                 Some(p) => Some(self.readable_file("admin.token_file", p)?),
+                None => None,
+            },
+            tokens_file: match &a.tokens_file {
+                Some(p) => Some(self.readable_file("admin.tokens_file", p)?),
                 None => None,
             },
             client_ca: match &a.client_ca {
@@ -668,6 +696,28 @@ http_origin = "127.0.0.1:9080"
             e.contains(": block_page.redirect: ") && e.contains("unknown placeholder {hots}"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn admin_max_shrink_as_a_fraction_or_a_percentage() {
+        let with = |v: &str| format!("{MINIMAL}\n[admin]\nbind = \"127.0.0.1:9\"\n{v}");
+        let share = |v: &str| parse(&with(v)).unwrap().admin.unwrap().max_shrink;
+        assert_eq!(share(""), Share(100_000), "default 10 %");
+        assert_eq!(share("max_shrink = 0.25"), Share(250_000));
+        assert_eq!(share("max_shrink = \"2.5%\""), Share(25_000));
+        assert_eq!(share("max_shrink = 1"), Share(1_000_000));
+        for bad in [
+            "max_shrink = 1.5",
+            "max_shrink = \"ten\"",
+            "max_shrink = \"-1%\"",
+        ] {
+            let e = error(&with(bad));
+            assert!(e.contains(": admin.max_shrink: "), "{bad}: {e}");
+        }
+        assert!(Share(100_000).admits(1, 10));
+        assert!(!Share(100_000).admits(2, 10));
+        assert!(Share(0).admits(0, 0));
+        assert_eq!(Share(25_000).to_string(), "2.5%");
     }
 
     #[test]

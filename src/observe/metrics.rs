@@ -53,6 +53,8 @@ pub(crate) struct Metrics {
     pub registry_revision: IntGauge,
     pub registry_last_update: Gauge,
     pub registry_updates: IntCounterVec,
+    /// `/v1` calls by operation and result (`icp_gate_admin_requests_total`).
+    pub admin_requests: IntCounterVec,
     /// 1 while registry writes are accepted; 0 while storage fails (or before the registry is
     /// loaded). Set at each scrape.
     pub registry_writable: IntGauge,
@@ -153,6 +155,12 @@ impl Metrics {
         }
         r.register(Box::new(registry_last_update.clone()))
             .expect("metric registered once");
+        let admin_requests = counter_vec(
+            &r,
+            "icp_gate_admin_requests_total",
+            "Registry API calls, by operation and result (refused authentication included).",
+            &["op", "result"],
+        );
         let registry_updates = counter_vec(
             &r,
             "icp_gate_registry_updates_total",
@@ -180,6 +188,7 @@ impl Metrics {
             registry_revision,
             registry_last_update,
             registry_updates,
+            admin_requests,
             registry_writable,
             log_dropped,
             log_dropped_seen: AtomicU64::new(0),

@@ -1,6 +1,7 @@
 //! State shared by every connection task: the config generation in force, the registry, metrics,
 //! the drain signal and the live tunnels. The runtime builds it; listeners and the admin API read it.
 
+use crate::observe::blocked::Blocked;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -90,6 +91,8 @@ pub(crate) struct Shared {
     writer: OnceLock<RegistryWriter>,
     /// Tunnels a registry entry allowed, closed when an update blocks their host.
     pub tunnels: Arc<LiveTunnels>,
+    /// The hosts blocked most in the last hour (`/v1/blocked`).
+    pub blocked: Blocked,
 }
 
 impl Shared {
@@ -104,6 +107,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             writer: OnceLock::new(),
             tunnels: Arc::default(),
+            blocked: Blocked::new(),
         }
     }
 

@@ -78,11 +78,22 @@ impl RawEntry {
     }
 }
 
+/// A JSON error without serde's `at line 1 column 14`: one NDJSON line is always line 1 to
+/// serde, and the caller names the real line, so only the column is kept.
+pub(crate) fn json_problem(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let position = format!(" at line {} column {}", e.line(), e.column());
+    match text.strip_suffix(&position) {
+        Some(problem) if e.line() > 0 => format!("{problem} (column {})", e.column()),
+        _ => text,
+    }
+}
+
 impl Entry {
     /// Parses one NDJSON line into a validated entry.
     pub fn from_json(line: &str) -> Result<Entry, EntryError> {
         serde_json::from_str::<RawEntry>(line)
-            .map_err(|e| EntryError::Json(e.to_string()))?
+            .map_err(|e| EntryError::Json(json_problem(&e)))?
             .validate()
     }
 

@@ -10,13 +10,13 @@ mod store;
 
 use std::path::Path;
 
-pub(crate) use entry::RawEntry;
 pub use entry::{
     BuildError, Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
     read_ndjson_file,
 };
+pub(crate) use entry::{RawEntry, json_problem};
 pub use published::Registry;
-pub(crate) use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
+pub(crate) use service::{Applied, Guard, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
 pub(crate) use store::{MAX_RECORD as MAX_JOURNAL_RECORD, Store, record_len as journal_record_len};
 pub use store::{StoreError, read_state, write_snapshot};

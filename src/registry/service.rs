@@ -15,6 +15,7 @@
 //! the journal back to what was acknowledged and starting a fresh one ([`Store::reopen`]); it
 //! accepts writes again as soon as the folder takes them, without a restart.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,6 +27,7 @@ use tracing::{error, info, warn};
 use super::published::Registry;
 use super::snapshot::{Op, Snapshot, SnapshotBuilder};
 use super::store::{MAX_RECORD, Store, StoreError, record_len, write_snapshot};
+use crate::config::Share;
 
 /// Journal records after which a background compaction starts.
 const COMPACT_AFTER_RECORDS: u64 = 100_000;
@@ -44,7 +46,51 @@ pub(crate) enum WriteKind {
     Replace,
 }
 
+/// What a list of operations does to a snapshot: deletes that find nothing, and entries removed.
+struct Effect {
+    absent: usize,
+    removed: usize,
+}
+
+impl Effect {
+    fn of(current: &Snapshot, ops: &[Op]) -> Effect {
+        // Whether each touched domain has an entry after the operations so far.
+        let mut present: HashMap<&str, bool> = HashMap::new();
+        let mut absent = 0;
+        for op in ops {
+            let domain = op.domain();
+            let there = *present
+                .entry(domain)
+                .or_insert_with(|| current.get(domain).is_some());
+            match op {
+                Op::Put(_) => {
+                    present.insert(domain, true);
+                }
+                Op::Delete(_) => {
+                    absent += usize::from(!there);
+                    present.insert(domain, false);
+                }
+            }
+        }
+        let removed = present
+            .iter()
+            .filter(|&(d, &there)| !there && current.get(d).is_some())
+            .count();
+        Effect { absent, removed }
+    }
+}
+
 impl WriteKind {
+    /// What the write is called in messages.
+    pub(crate) fn noun(self) -> &'static str {
+        match self {
+            WriteKind::Put => "put",
+            WriteKind::Delete => "delete",
+            WriteKind::Batch => "batch",
+            WriteKind::Replace => "full replace",
+        }
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             WriteKind::Put => "put",
@@ -63,6 +109,12 @@ pub(crate) struct Applied {
     pub applied: usize,
     /// Entries in the registry after the write.
     pub entries: usize,
+    /// Deletes that found no entry (they change nothing and are not counted in `applied`).
+    pub absent: usize,
+    /// Entries the write removed (for an unguarded full replace, the fall in the entry count).
+    pub removed: usize,
+    /// Entries in the registry before the write.
+    pub before: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +129,18 @@ pub(crate) enum WriteError {
          holds: split it"
     )]
     TooLarge { bytes: usize, limit: u32 },
+    /// A batch or full replace would remove more of the registry than the guard allows.
+    #[error(
+        "the {what} would remove {removed} of the {entries} entries, more than admin.max_shrink \
+         ({limit}): check its input, or send it with ?allow_shrink=true"
+    )]
+    Shrink {
+        what: &'static str,
+        removed: usize,
+        entries: usize,
+        limit: Share,
+        current: u64,
+    },
     /// The write could not be made durable; writes are refused until storage works again.
     #[error("registry storage failed: {0}")]
     Storage(String),
@@ -90,18 +154,27 @@ enum Request {
     Ops {
         ops: Vec<Op>,
         kind: WriteKind,
-        expect_revision: Option<u64>,
+        guard: Guard,
         reply: oneshot::Sender<Result<Applied, WriteError>>,
     },
     Replace {
         entries: SnapshotBuilder,
-        expect_revision: Option<u64>,
+        guard: Guard,
         reply: oneshot::Sender<Result<Applied, WriteError>>,
     },
     /// A background compaction made a snapshot at this revision durable.
     Compacted(u64),
     /// Time to try failed storage again.
     Retry,
+}
+
+/// What a write must find to be applied, checked by the writer in order with the other writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Guard {
+    /// `?expect_revision=N`: the registry must be at this revision.
+    pub expect_revision: Option<u64>,
+    /// The largest share of the entries a batch or full replace may remove (`None`: any).
+    pub max_shrink: Option<Share>,
 }
 
 /// A handle for submitting writes; cheap to clone.
@@ -174,14 +247,14 @@ impl RegistryWriter {
         &self,
         kind: WriteKind,
         ops: Vec<Op>,
-        expect_revision: Option<u64>,
+        guard: Guard,
     ) -> Result<Applied, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.submit(
             Request::Ops {
                 ops,
                 kind,
-                expect_revision,
+                guard,
                 reply,
             },
             answer,
@@ -193,13 +266,13 @@ impl RegistryWriter {
     pub(crate) async fn replace(
         &self,
         entries: SnapshotBuilder,
-        expect_revision: Option<u64>,
+        guard: Guard,
     ) -> Result<Applied, WriteError> {
         let (reply, answer) = oneshot::channel();
         self.submit(
             Request::Replace {
                 entries,
-                expect_revision,
+                guard,
                 reply,
             },
             answer,
@@ -297,10 +370,10 @@ impl Writer {
                 Request::Ops {
                     ops,
                     kind,
-                    expect_revision,
+                    guard,
                     reply,
                 } => {
-                    let result = self.apply_ops(&ops, kind, expect_revision);
+                    let result = self.apply_ops(&ops, kind, guard);
                     if result.is_ok() {
                         changed.extend(ops.iter().map(|op| op.domain().to_string()));
                     }
@@ -308,10 +381,10 @@ impl Writer {
                 }
                 Request::Replace {
                     entries,
-                    expect_revision,
+                    guard,
                     reply,
                 } => {
-                    let result = self.apply_replace(entries, expect_revision);
+                    let result = self.apply_replace(entries, guard);
                     replaced |= result.is_ok();
                     replies.push((reply, result));
                 }
@@ -424,9 +497,9 @@ impl Writer {
         &mut self,
         ops: &[Op],
         kind: WriteKind,
-        expect_revision: Option<u64>,
+        guard: Guard,
     ) -> Result<Applied, WriteError> {
-        self.check(expect_revision)?;
+        self.check(guard.expect_revision)?;
         if kind == WriteKind::Delete {
             if let Some(op) = ops
                 .iter()
@@ -442,6 +515,19 @@ impl Writer {
                 limit: MAX_RECORD,
             });
         }
+        let effect = Effect::of(&self.current, ops);
+        let before = self.current.len();
+        if let Some(limit) = guard.max_shrink {
+            if !limit.admits(effect.removed, before) {
+                return Err(WriteError::Shrink {
+                    what: kind.noun(),
+                    removed: effect.removed,
+                    entries: before,
+                    limit,
+                    current: self.current.revision(),
+                });
+            }
+        }
         let revision = self.current.revision() + 1;
         if let Err(e) = self.store.append(revision, ops) {
             self.fail(&e);
@@ -451,8 +537,11 @@ impl Writer {
         self.current = Arc::new(self.current.apply(ops, revision));
         Ok(Applied {
             revision,
-            applied: ops.len(),
+            applied: ops.len() - effect.absent,
             entries: self.current.len(),
+            absent: effect.absent,
+            removed: effect.removed,
+            before,
         })
     }
 
@@ -461,11 +550,33 @@ impl Writer {
     fn apply_replace(
         &mut self,
         entries: SnapshotBuilder,
-        expect_revision: Option<u64>,
+        guard: Guard,
     ) -> Result<Applied, WriteError> {
-        self.check(expect_revision)?;
+        self.check(guard.expect_revision)?;
         let revision = self.current.revision() + 1;
         let next = Arc::new(entries.finish(revision));
+        let before = self.current.len();
+        // One lookup per entry (about a second at 10 million in a release build): only when the
+        // call is guarded.
+        let removed = match guard.max_shrink {
+            Some(_) => self
+                .current
+                .iter()
+                .filter(|e| next.get(e.domain).is_none())
+                .count(),
+            None => before.saturating_sub(next.len()),
+        };
+        if let Some(limit) = guard.max_shrink {
+            if !limit.admits(removed, before) {
+                return Err(WriteError::Shrink {
+                    what: WriteKind::Replace.noun(),
+                    removed,
+                    entries: before,
+                    limit,
+                    current: self.current.revision(),
+                });
+            }
+        }
         if let Err(e) = self.store.sync() {
             self.fail(&e);
             return Err(WriteError::Storage(e.to_string()));
@@ -492,6 +603,9 @@ impl Writer {
             revision,
             applied,
             entries: applied,
+            absent: 0,
+            removed,
+            before,
         })
     }
 
@@ -587,7 +701,7 @@ mod tests {
                 status: Status::Filed,
                 access_here: true,
             };
-            rt.block_on(writer.write(WriteKind::Put, vec![Op::Put(entry)], None))
+            rt.block_on(writer.write(WriteKind::Put, vec![Op::Put(entry)], Guard::default()))
                 .unwrap();
         }
         drop(writer);

@@ -17,6 +17,10 @@ use crate::wire::host;
 pub fn check(path: &Path) -> Result<String, Error> {
     let config = Config::load(path)?;
     Generation::new(config.clone())?;
+    if let Some(admin) = &config.admin {
+        // The token files and the admin TLS files, read as a start (or a reload) would.
+        crate::admin::AdminAuth::load(admin)?;
+    }
     let snapshot = registry::inspect(&config.registry)?;
     Ok(format!(
         "{}: ok (listeners: {}, routes: {}, registry: revision {}, {} entries)",

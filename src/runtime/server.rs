@@ -189,6 +189,8 @@ pub struct ServerHandle {
     /// Accept loops by identity (kept across reloads).
     loops: tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>,
     admin_addr: Option<SocketAddr>,
+    /// The admin listener's tokens, read again at each reload.
+    admin_auth: Option<Arc<admin::AdminAuth>>,
     placement: Placement,
 }
 
@@ -203,15 +205,16 @@ impl ServerHandle {
         let shared = Arc::new(Shared::new(generation, metrics));
         shared.metrics.ops.started(&shared.generation.load().config);
 
-        let admin_addr = match (listeners.admin, &shared.generation.load().config.admin) {
-            (Some(l), Some(cfg)) => {
-                let auth = admin::AdminAuth::load(cfg)?;
-                let addr = l.local_addr().ok();
-                tokio::spawn(admin::serve(l, shared.clone(), auth));
-                addr
-            }
-            _ => None,
-        };
+        let (admin_addr, admin_auth) =
+            match (listeners.admin, &shared.generation.load().config.admin) {
+                (Some(l), Some(cfg)) => {
+                    let auth = Arc::new(admin::AdminAuth::load(cfg)?);
+                    let addr = l.local_addr().ok();
+                    tokio::spawn(admin::serve(l, shared.clone(), auth.clone()));
+                    (addr, Some(auth))
+                }
+                _ => (None, None),
+            };
         for (l, tls) in listeners.demo_origin {
             tokio::spawn(demo_origin::serve(l, tls, shared.drain.clone()));
         }
@@ -252,6 +255,7 @@ impl ServerHandle {
             shared,
             loops: tokio::sync::Mutex::new(loops),
             admin_addr,
+            admin_auth,
             placement,
         })
     }
@@ -309,7 +313,6 @@ impl ServerHandle {
     async fn apply(&self, config: Config) -> Result<(), ServerError> {
         let old = self.shared.generation.load_full();
         for (what, changed) in [
-            ("admin", old.config.admin != config.admin),
             ("registry", old.config.registry != config.registry),
             ("demo_origin", old.config.demo_origin != config.demo_origin),
         ] {
@@ -326,6 +329,19 @@ impl ServerHandle {
                 let sockets = bind_group(&l.name, l.bind, self.placement.sockets())?;
                 bound.push((l.clone(), sockets));
             }
+        }
+        // Tokens are read again whether or not the config changed: rotating one is editing its
+        // file. A bad token file fails the reload, and the tokens in force stay.
+        let admin_restart = match (&self.admin_auth, &generation.config.admin) {
+            (Some(auth), Some(cfg)) => auth.reload(cfg)?,
+            (None, None) => false,
+            _ => true,
+        };
+        if admin_restart {
+            warn!(
+                "reload: the admin listener's bind, TLS or client CA changed; that takes effect at \
+                 the next restart (tokens and max_shrink apply now)"
+            );
         }
         let new_config = generation.config.clone();
         self.shared.generation.store(Arc::new(generation));

@@ -1,0 +1,376 @@
+//! Which hosts are blocked most: a heavy-hitter sketch over the last hour, in bounded memory,
+//! for `GET /v1/blocked`.
+//!
+//! The data path only hands each block to a bounded lock-free queue (`try_send` on a
+//! `sync_channel`: a compare-and-swap, no lock while nobody waits on the receiving side, and the
+//! receiver never waits) and drops it, counted, when the queue is full. A thread of its own drains
+//! the queue every [`DRAIN_EVERY`] into twelve five-minute windows, each a space-saving summary
+//! (Metwally et al.) of at most [`KEEP`] keys, compacted back to [`KEEP`] whenever it reaches
+//! twice that: a key that ever held at least a 1/[`KEEP`] share of a window's blocks is never
+//! evicted from it, and every count is an upper bound that overshoots by at most the window's
+//! `error`. A flood of random unfiled names therefore costs at most 12 × 2 × [`KEEP`] keys plus
+//! the queue, each with a host of at most [`MAX_HOST`] bytes (about 13 MB in all), however many
+//! names it uses.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+
+use crate::core::decision::Reason;
+
+/// Keys a window keeps after compaction (it holds up to twice as many between compactions).
+pub(crate) const KEEP: usize = 1024;
+/// Blocks the queue holds between drains; more are dropped and counted.
+const QUEUE: usize = 16 * 1024;
+/// How often the queue is drained.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// Length of one window.
+const WINDOW: Duration = Duration::from_secs(300);
+/// Windows kept: one hour.
+const WINDOWS: usize = 12;
+/// Longest host kept (a DNS name has at most 253 characters).
+const MAX_HOST: usize = 253;
+
+/// One block, as the data path reports it.
+struct Event {
+    listener: Box<str>,
+    host: Box<str>,
+    reason: Reason,
+    dst: IpAddr,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    listener: Box<str>,
+    host: Box<str>,
+    reason: u8,
+    dst: IpAddr,
+}
+
+/// A space-saving summary of one window.
+#[derive(Default)]
+struct Summary {
+    /// Count (an upper bound) and the overestimate it may carry.
+    counts: HashMap<Key, (u64, u64)>,
+    /// The largest count evicted so far: a new key may have had up to this many before.
+    floor: u64,
+    blocks: u64,
+}
+
+impl Summary {
+    fn add(&mut self, key: Key, n: u64) {
+        self.blocks += n;
+        let floor = self.floor;
+        self.counts.entry(key).or_insert((floor, floor)).0 += n;
+        if self.counts.len() >= 2 * KEEP {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let mut all: Vec<(Key, (u64, u64))> = self.counts.drain().collect();
+        all.select_nth_unstable_by(KEEP, |a, b| b.1.0.cmp(&a.1.0));
+        self.floor = self.floor.max(all[KEEP].1.0);
+        all.truncate(KEEP);
+        self.counts = all.into_iter().collect();
+    }
+}
+
+struct Window {
+    /// Index of the window since start (`elapsed / WINDOW`).
+    index: u64,
+    summary: Summary,
+}
+
+#[derive(Default)]
+struct Windows {
+    ring: Vec<Window>,
+}
+
+impl Windows {
+    fn current(&mut self, index: u64) -> &mut Summary {
+        if self.ring.last().is_none_or(|w| w.index != index) {
+            self.ring.retain(|w| w.index + WINDOWS as u64 > index);
+            self.ring.push(Window {
+                index,
+                summary: Summary::default(),
+            });
+        }
+        &mut self.ring.last_mut().expect("pushed above").summary
+    }
+}
+
+/// The sketch: the data path's side ([`Blocked::record`]) and the API's ([`Blocked::top`]).
+pub(crate) struct Blocked {
+    tx: SyncSender<Event>,
+    windows: Arc<Mutex<Windows>>,
+    dropped: Arc<AtomicU64>,
+    started: Instant,
+}
+
+/// A filter and size for [`Blocked::top`].
+pub(crate) struct Query<'a> {
+    pub top: usize,
+    pub listener: Option<&'a str>,
+    pub dst: Option<IpNet>,
+}
+
+impl Blocked {
+    /// Starts the draining thread; it ends when the sketch is dropped.
+    pub(crate) fn new() -> Blocked {
+        let (tx, rx) = sync_channel(QUEUE);
+        let windows: Arc<Mutex<Windows>> = Arc::default();
+        let started = Instant::now();
+        let drain = windows.clone();
+        let spawned = std::thread::Builder::new()
+            .name("blocked-hosts".into())
+            .spawn(move || drain_loop(&rx, &drain, started));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the blocked-hosts thread; /v1/blocked stays empty");
+        }
+        Blocked {
+            tx,
+            windows,
+            dropped: Arc::default(),
+            started,
+        }
+    }
+
+    /// Counts one block. Never waits: when the queue is full the block is dropped and counted.
+    pub(crate) fn record(&self, listener: &str, host: &str, reason: Reason, dst: IpAddr) {
+        // A host that did not parse is kept as sent: cut to a DNS name's length, so a key's
+        // size is bounded too.
+        let mut end = host.len().min(MAX_HOST);
+        while !host.is_char_boundary(end) {
+            end -= 1;
+        }
+        let event = Event {
+            listener: listener.into(),
+            host: host[..end].into(),
+            reason,
+            dst,
+        };
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(event) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The `top` hosts blocked most in the last hour, with their reasons, destination prefixes
+    /// and listeners, as the JSON answer of `GET /v1/blocked`.
+    pub(crate) fn top(&self, q: &Query<'_>) -> serde_json::Value {
+        struct Host {
+            count: u64,
+            error: u64,
+            reasons: HashMap<&'static str, u64>,
+            dst: HashMap<IpNet, u64>,
+            listeners: HashMap<String, u64>,
+        }
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.window_index();
+        let mut hosts: HashMap<&str, Host> = HashMap::new();
+        let mut blocks = 0;
+        let mut error = 0;
+        let mut tracked = 0;
+        for w in windows
+            .ring
+            .iter()
+            .filter(|w| w.index + WINDOWS as u64 > now)
+        {
+            blocks += w.summary.blocks;
+            error += w.summary.floor;
+            tracked += w.summary.counts.len();
+            for (key, &(count, err)) in &w.summary.counts {
+                if q.listener.is_some_and(|l| l != &*key.listener)
+                    || q.dst.is_some_and(|net| !net.contains(&key.dst))
+                {
+                    continue;
+                }
+                let h = hosts.entry(&key.host).or_insert_with(|| Host {
+                    count: 0,
+                    error: 0,
+                    reasons: HashMap::new(),
+                    dst: HashMap::new(),
+                    listeners: HashMap::new(),
+                });
+                h.count += count;
+                h.error += err;
+                let reason = Reason::ALL
+                    .get(usize::from(key.reason))
+                    .map_or("", |r| r.as_str());
+                *h.reasons.entry(reason).or_default() += count;
+                *h.dst.entry(prefix(key.dst)).or_default() += count;
+                *h.listeners.entry(key.listener.to_string()).or_default() += count;
+            }
+        }
+        let mut ranked: Vec<(&str, Host)> = hosts.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+        ranked.truncate(q.top);
+        let sorted = |m: HashMap<String, u64>| {
+            let mut v: Vec<(String, u64)> = m.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v.into_iter()
+                .map(|(k, n)| (k, serde_json::Value::from(n)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let list: Vec<serde_json::Value> = ranked
+            .into_iter()
+            .map(|(host, h)| {
+                serde_json::json!({
+                    "host": host,
+                    "count": h.count,
+                    "error": h.error,
+                    "reasons": sorted(h.reasons.into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
+                    "dst": sorted(h.dst.into_iter().map(|(k, n)| (k.to_string(), n)).collect()),
+                    "listeners": sorted(h.listeners),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "window_seconds": WINDOW.as_secs() * WINDOWS as u64,
+            "blocks": blocks,
+            "error": error,
+            "dropped": self.dropped.load(Ordering::Relaxed),
+            "tracked": tracked,
+            "capacity": WINDOWS * 2 * KEEP,
+            "hosts": list,
+        })
+    }
+
+    fn window_index(&self) -> u64 {
+        self.started.elapsed().as_secs() / WINDOW.as_secs()
+    }
+}
+
+/// The destination prefix a block is reported under: the /24 of an IPv4 address, the /64 of an
+/// IPv6 one.
+fn prefix(ip: IpAddr) -> IpNet {
+    let len = if ip.is_ipv4() { 24 } else { 64 };
+    IpNet::new(ip, len).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
+}
+
+fn drain_loop(rx: &Receiver<Event>, windows: &Mutex<Windows>, started: Instant) {
+    let mut batch: HashMap<Key, u64> = HashMap::new();
+    loop {
+        std::thread::sleep(DRAIN_EVERY);
+        let mut gone = false;
+        loop {
+            match rx.try_recv() {
+                Ok(e) => {
+                    let key = Key {
+                        listener: e.listener,
+                        host: e.host,
+                        reason: Reason::ALL.iter().position(|r| *r == e.reason).unwrap_or(0) as u8,
+                        dst: e.dst,
+                    };
+                    *batch.entry(key).or_default() += 1;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let index = started.elapsed().as_secs() / WINDOW.as_secs();
+            let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
+            let summary = w.current(index);
+            for (key, n) in batch.drain() {
+                summary.add(key, n);
+            }
+        }
+        if gone {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(host: &str) -> Key {
+        Key {
+            listener: "http".into(),
+            host: host.into(),
+            reason: 9,
+            dst: [10, 0, 0, 1].into(),
+        }
+    }
+
+    #[test]
+    fn heavy_hitters_survive_a_flood_and_memory_stays_bounded() {
+        let mut s = Summary::default();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..200_000u64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            s.add(key(&format!("r{state:x}.cn")), 1);
+            if i % 10 == 0 {
+                s.add(key("heavy.cn"), 1);
+            }
+            if i % 40 == 0 {
+                s.add(key("second.cn"), 1);
+            }
+            assert!(s.counts.len() < 2 * KEEP);
+        }
+        let (heavy, heavy_err) = s.counts[&key("heavy.cn")];
+        assert!(
+            heavy >= 20_000 && heavy - heavy_err <= 20_000,
+            "{heavy} {heavy_err}"
+        );
+        let (second, second_err) = s.counts[&key("second.cn")];
+        assert!(second >= 5_000 && second - second_err <= 5_000);
+        let mut top: Vec<_> = s.counts.iter().collect();
+        top.sort_by_key(|e| std::cmp::Reverse(e.1.0));
+        assert_eq!(&*top[0].0.host, "heavy.cn");
+        assert_eq!(&*top[1].0.host, "second.cn");
+    }
+
+    #[test]
+    fn recorded_blocks_reach_the_answer_and_long_hosts_are_cut() {
+        let b = Blocked::new();
+        let long = "é".repeat(5000);
+        for _ in 0..3 {
+            b.record("http", "a.cn", Reason::Unfiled, [10, 0, 0, 1].into());
+        }
+        b.record("tls", &long, Reason::InvalidSni, [10, 0, 1, 1].into());
+        std::thread::sleep(DRAIN_EVERY * 10);
+        let all = b.top(&Query {
+            top: 10,
+            listener: None,
+            dst: None,
+        });
+        assert_eq!(all["blocks"], 4);
+        assert_eq!(all["hosts"][0]["host"], "a.cn");
+        assert_eq!(all["hosts"][0]["reasons"]["unfiled"], 3);
+        assert_eq!(all["hosts"][0]["dst"]["10.0.0.0/24"], 3);
+        let cut = all["hosts"][1]["host"].as_str().unwrap();
+        assert!(
+            cut.len() <= MAX_HOST && cut.len() >= MAX_HOST - 1,
+            "{}",
+            cut.len()
+        );
+        let tls = b.top(&Query {
+            top: 10,
+            listener: Some("tls"),
+            dst: Some("10.0.1.0/24".parse().unwrap()),
+        });
+        assert_eq!(tls["hosts"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(prefix([10, 1, 2, 3].into()).to_string(), "10.1.2.0/24");
+        assert_eq!(
+            prefix("2001:db8::1".parse().unwrap()).to_string(),
+            "2001:db8::/64"
+        );
+    }
+}
