@@ -71,7 +71,7 @@ pub(super) async fn v1(req: Request<Incoming>, path: &str, shared: &Shared) -> A
             let s = shared.registry.load();
             json_answer(
                 StatusCode::OK,
-                json!({"revision": s.revision(), "entries": s.len()}),
+                json!({"revision": s.revision(), "entries": s.len(), "digest": s.digest_hex()}),
             )
         }
         (Method::PUT, "/v1/registry") => replace(req, expect, shared).await,

@@ -349,3 +349,21 @@ pub fn testdata(path: &str) -> PathBuf {
         .join("tests/data")
         .join(path)
 }
+
+/// A `GET /v1/registry` answer without its `digest`, after checking that the digest is 32
+/// lowercase hex digits (the digest's value is checked where it matters: equal registries).
+pub fn without_digest(mut v: serde_json::Value) -> serde_json::Value {
+    let digest = v
+        .as_object_mut()
+        .and_then(|o| o.remove("digest"))
+        .unwrap_or_else(|| panic!("no digest in {v}"));
+    let digest = digest.as_str().unwrap_or_default();
+    assert!(
+        digest.len() == 32
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "digest {digest:?}"
+    );
+    v
+}
