@@ -192,7 +192,10 @@ async fn replace(req: Request<Incoming>, expect: Option<u64>, shared: &Shared) -
     let Some(writer) = shared.writer() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "registry still loading");
     };
-    let result = writer.replace(builder, expect).await;
+    let result = match shared.fleet() {
+        Some(fleet) => fleet.replace(builder, expect).await,
+        None => writer.replace(builder, expect).await,
+    };
     written(
         shared,
         WriteKind::Replace,
@@ -232,9 +235,10 @@ async fn write(
     ops: Vec<Op>,
     expect: Option<u64>,
 ) -> Result<Applied, WriteError> {
-    match shared.writer() {
-        Some(writer) => writer.write(kind, ops, expect).await,
-        None => Err(WriteError::Storage("registry still loading".into())),
+    match (shared.writer(), shared.fleet()) {
+        (Some(_), Some(fleet)) => fleet.write(kind, ops, expect).await,
+        (Some(writer), None) => writer.write(kind, ops, expect).await,
+        (None, _) => Err(WriteError::Storage("registry still loading".into())),
     }
 }
 
@@ -265,8 +269,12 @@ fn written(
             count(shared, kind, "too_large");
             error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
-        Err(e @ WriteError::Storage(_)) => {
+        Err(e @ (WriteError::Storage(_) | WriteError::OutOfOrder { .. })) => {
             count(shared, kind, "error");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e @ WriteError::Unavailable(_)) => {
+            count(shared, kind, "unavailable");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     }

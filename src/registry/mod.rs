@@ -15,9 +15,12 @@ pub use entry::{
     read_ndjson_file,
 };
 pub use published::Registry;
-pub(crate) use service::{Applied, OnPublish, RegistryWriter, WriteError, WriteKind};
+pub(crate) use service::{Applied, FleetChange, OnPublish, RegistryWriter, WriteError, WriteKind};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
-pub(crate) use store::{MAX_RECORD as MAX_JOURNAL_RECORD, Store, record_len as journal_record_len};
+pub(crate) use store::{
+    MAX_RECORD as MAX_JOURNAL_RECORD, Store, decode_snapshot, encode_snapshot, read_fleet_marker,
+    record_len as journal_record_len, write_fleet_marker,
+};
 pub use store::{StoreError, read_state, write_snapshot};
 
 /// The registry as the proxy would start with it, read without changing anything: the state in

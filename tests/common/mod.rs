@@ -2,6 +2,7 @@
 //! loopback ports picked by the kernel, real origins, and real clients.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod pki;
 pub mod process;
 
