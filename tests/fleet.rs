@@ -481,3 +481,123 @@ async fn a_malformed_message_stops_applying_and_is_never_skipped() {
         "{line}"
     );
 }
+
+/// A hub nats-server holding the stream, a leaf nats-server at a "site" with its own JetStream
+/// domain and a mirror of the stream; two nodes at the site read the mirror and write to the
+/// hub's stream through the leaf, one node talks to the hub directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
+    use async_nats::jetstream::stream;
+    let dir = tempfile::tempdir().unwrap();
+    let (hub_port, leaf_port, site_port) = (
+        common::nats::free_port(),
+        common::nats::free_port(),
+        common::nats::free_port(),
+    );
+    let store = |name: &str| dir.path().join(name).display().to_string();
+    let hub_conf = dir.path().join("hub.conf");
+    std::fs::write(
+        &hub_conf,
+        format!(
+            "listen: \"127.0.0.1:{hub_port}\"\nserver_name: hub\n\
+             jetstream {{ store_dir: \"{}\", domain: hub }}\n\
+             leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n",
+            store("hub")
+        ),
+    )
+    .unwrap();
+    let site_conf = dir.path().join("site.conf");
+    std::fs::write(
+        &site_conf,
+        format!(
+            "listen: \"127.0.0.1:{site_port}\"\nserver_name: site\n\
+             jetstream {{ store_dir: \"{}\", domain: site }}\n\
+             leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}\n",
+            store("site")
+        ),
+    )
+    .unwrap();
+    let hub = NatsServer::with_config(&hub_conf, hub_port);
+    let site = NatsServer::with_config(&site_conf, site_port);
+
+    // The site's mirror of the hub's stream, made as an operator would (the nodes only read it).
+    let local = jetstream(&site).await;
+    let mut created = None;
+    for _ in 0..100 {
+        match local
+            .create_stream(stream::Config {
+                name: "ICP_REGISTRY_SITE".into(),
+                storage: stream::StorageType::File,
+                mirror: Some(stream::Source {
+                    name: "ICP_REGISTRY".into(),
+                    domain: Some("hub".into()),
+                    ..Default::default()
+                }),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => {
+                created = Some(s);
+                break;
+            }
+            // JetStream on a just-started server may not answer yet.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    created.expect("creating the site mirror");
+
+    let origin = Origin::start().await;
+    let at_site = "domain = \"hub\"\nread_stream = \"ICP_REGISTRY_SITE\"";
+    let mut central = Node::new(&hub.url(), "central", origin.addr, "");
+    central.start().await;
+    let mut s1 = Node::new(&site.url(), "site-1", origin.addr, at_site);
+    let mut s2 = Node::new(&site.url(), "site-2", origin.addr, at_site);
+    s1.start().await;
+    s2.start().await;
+    let state = converged(&[&central, &s1, &s2], Duration::from_secs(10)).await;
+    assert_eq!(state["revision"], 1, "{state}");
+
+    // A write at the site goes to the hub's stream; the mirror brings it back to the site.
+    let (status, body) = api(
+        s1.admin,
+        "PUT",
+        "/v1/registry/entries/site.cn",
+        &entry("site.cn"),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"revision": 2})));
+    assert_eq!(s1.status("site.cn").await, 200);
+    for n in [&central, &s2] {
+        wait_until(
+            Duration::from_secs(1),
+            &format!("{} enforces site.cn", n.name),
+            || async { n.status("site.cn").await == 200 },
+        )
+        .await;
+    }
+    // A write at the hub reaches the site through the mirror.
+    let (status, _) = api(
+        central.admin,
+        "PUT",
+        "/v1/registry/entries/hub.cn",
+        &entry("hub.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // expect_revision holds across sites: it is the hub stream's sequence.
+    let (status, body) = api(
+        s2.admin,
+        "PUT",
+        "/v1/registry/entries/late.cn?expect_revision=2",
+        &entry("late.cn"),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let state = converged(&[&central, &s1, &s2], Duration::from_secs(2)).await;
+    assert_eq!(state["revision"], 3, "{state}");
+    assert_eq!(s2.status("hub.cn").await, 200);
+    drop(site);
+    drop(hub);
+}
