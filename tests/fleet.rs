@@ -601,3 +601,66 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
     drop(site);
     drop(hub);
 }
+
+/// A full replace and a batch too large for one NATS message (1 MiB) travel as objects in the
+/// bucket, named by a small message with their SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_changes_travel_as_objects() {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+
+    let replace: String = (0..40_000)
+        .map(|i| entry(&format!("r{i:05}.cn")) + "\n")
+        .collect();
+    assert!(replace.len() > 2 << 20);
+    let (status, body) = api(a.admin, "PUT", "/v1/registry", &replace).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 2, "entries": 40_000}))
+    );
+    let batch: String = (0..15_000)
+        .map(|i| {
+            let line = if i % 2 == 0 {
+                json!({"op": "delete", "domain": format!("r{i:05}.cn")})
+            } else {
+                json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry(&format!("b{i:05}.cn"))).unwrap()})
+            };
+            line.to_string() + "\n"
+        })
+        .collect();
+    assert!(batch.len() > 1 << 20);
+    let (status, body) = api(b.admin, "POST", "/v1/registry/batch", &batch).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 3, "applied": 15_000}))
+    );
+    let state = converged(&[&a, &b, &c], Duration::from_secs(5)).await;
+    assert_eq!(state["entries"], 40_000 - 7_500 + 7_500, "{state}");
+    for n in [&a, &b, &c] {
+        assert_eq!(n.status("r00001.cn").await, 200);
+        assert_eq!(n.status("r00002.cn").await, 403);
+        assert_eq!(n.status("b00001.cn").await, 200);
+        assert_eq!(n.status("filed.cn").await, 403, "replaced away");
+    }
+    // The messages name their objects.
+    let js = jetstream(&nats).await;
+    let stream = js.get_stream("ICP_REGISTRY").await.unwrap();
+    for seq in [2, 3] {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let headers = m.headers;
+        let object = headers.get("Icp-Gate-Object").unwrap().to_string();
+        assert!(object.starts_with("change-"), "{object}");
+        assert_eq!(headers.get("Icp-Gate-Sha256").unwrap().as_str().len(), 64);
+        assert!(m.payload.is_empty());
+    }
+    // And the node that published the replace wrote its snapshot.
+    let bucket = js.get_object_store("ICP_REGISTRY_SNAPSHOTS").await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a snapshot at sequence 2",
+        || async { bucket.info("snapshot-00000000000000000002").await.is_ok() },
+    )
+    .await;
+}
