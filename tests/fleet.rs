@@ -664,3 +664,89 @@ async fn large_changes_travel_as_objects() {
     )
     .await;
 }
+
+/// Nodes and nats-server killed with SIGKILL while two nodes take writes: every acknowledged
+/// change is on every node at the end, and the nodes end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_nodes_and_of_nats_loses_no_acknowledged_change() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [mut a, b, mut c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Where the writer sends its PUTs (a restarted node has a new admin port).
+    let admins = Arc::new(Mutex::new([a.admin, b.admin]));
+    let writer = {
+        let (acknowledged, stop, admins) = (acknowledged.clone(), stop.clone(), admins.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let domain = format!("k-{i}.cn");
+                let path = format!("/v1/registry/entries/{domain}");
+                let admin = admins.lock().unwrap()[i % 2];
+                let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+                let answer = try_http1(admin, "PUT", &path, &auth, entry(&domain).as_bytes()).await;
+                if matches!(answer, Some((200, _))) {
+                    acknowledged.lock().unwrap().push(domain);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                i += 1;
+            }
+        })
+    };
+    let pause = || tokio::time::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        pause().await;
+        c.kill9();
+        pause().await;
+        c.start().await;
+        pause().await;
+        nats.stop();
+        pause().await;
+        nats.restart();
+        if round == 1 {
+            // A writing node too, while the server is back.
+            pause().await;
+            a.kill9();
+            pause().await;
+            a.start().await;
+            admins.lock().unwrap()[0] = a.admin;
+        }
+    }
+    // Writes resume once every node is back on the stream.
+    for n in [&a, &b, &c] {
+        wait_until(Duration::from_secs(20), "reconnected", || async {
+            n.metric("icp_gate_fleet_connected").await == 1.0
+        })
+        .await;
+    }
+    let before = acknowledged.lock().unwrap().len();
+    wait_until(
+        Duration::from_secs(20),
+        "writes acknowledged again",
+        || async { acknowledged.lock().unwrap().len() > before + 20 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let state = converged(&[&a, &b, &c], Duration::from_secs(20)).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    eprintln!("{} acknowledged; {state}", acknowledged.len());
+    for n in [&a, &b, &c] {
+        for domain in &acknowledged {
+            let (status, body) = api(
+                n.admin,
+                "GET",
+                &format!("/v1/registry/entries/{domain}"),
+                "",
+            )
+            .await;
+            assert_eq!(status, 200, "{} lost {domain}: {body}", n.name);
+        }
+    }
+}
