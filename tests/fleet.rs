@@ -424,6 +424,22 @@ async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
     let state = converged(&[&a, &b, &c], Duration::from_secs(2)).await;
     assert_eq!(state["revision"], 3);
     assert_eq!(b.status("x.cn").await, 200);
+    // One consumer per node on the server, none left behind by the reconnection (an idle one
+    // would go after 30 s anyway).
+    let js = jetstream(&nats).await;
+    let mut stream = js.get_stream("ICP_REGISTRY").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let consumers = stream.info().await.unwrap().state.consumer_count;
+        if consumers == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{consumers} consumers, not one per node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
