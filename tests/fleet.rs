@@ -338,7 +338,31 @@ async fn trimmed_history_is_reached_through_the_newest_snapshot() {
     js.update_stream(config).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.first_sequence, 191);
 
+    // A damaged newer snapshot (its bytes do not match its SHA-256) is refused, not loaded.
+    let bogus = async_nats::jetstream::object_store::ObjectMetadata {
+        name: "snapshot-00000000000000000205".into(),
+        metadata: [("sha256".to_string(), "0".repeat(64))]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    bucket
+        .put(bogus, &mut &b"ICPGSNP1 not a registry"[..])
+        .await
+        .unwrap();
+
     c.start().await;
+    let refused = c
+        .proc()
+        .logged("fleet snapshot refused; trying an older one");
+    assert_eq!(
+        refused["snapshot"], "snapshot-00000000000000000205",
+        "{refused}"
+    );
+    assert!(
+        refused["error"].as_str().unwrap().contains("SHA-256"),
+        "{refused}"
+    );
     let loaded = c.proc().logged(
         "fleet: the stream no longer holds this node's position; loaded the newest snapshot",
     );
@@ -482,6 +506,7 @@ async fn a_malformed_message_stops_applying_and_is_never_skipped() {
         })
         .await;
         assert_eq!(n.registry().await["revision"], 1);
+        assert_eq!(n.metric("icp_gate_fleet_connected").await, 1.0);
         assert_eq!(n.status("filed.cn").await, 200);
         assert_eq!(n.status("after.cn").await, 403);
         let (status, body) = api(n.admin, "PUT", "/v1/registry/entries/y.cn", &entry("y.cn")).await;

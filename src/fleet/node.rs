@@ -164,9 +164,9 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let stop = session(&fleet, &state_dir, &mut attempt).await;
-        fleet.set_attached(false);
         match stop {
             Stop::Retry(why) => {
+                fleet.set_attached(false);
                 let wait = backoff(attempt, RETRY_FIRST, RETRY_MAX);
                 warn!(error = %why, retry_in = ?wait, "fleet: stream session ended");
                 attempt = attempt.saturating_add(1);
