@@ -15,6 +15,7 @@
 mod admin;
 pub mod config;
 pub mod core;
+mod fleet;
 mod observe;
 mod proxy;
 pub mod registry;

@@ -91,7 +91,7 @@ async fn kill_9_right_after_acks_loses_nothing() {
 
     let (mut p, admin) = start(&config);
     assert_eq!(
-        api(admin, "GET", "/v1/registry", "").await.1,
+        without_digest(api(admin, "GET", "/v1/registry", "").await.1),
         json!({"revision": 202, "entries": 206})
     );
     for d in ["k0-0.cn", "k7-24.cn", "last.cn"] {
@@ -171,7 +171,7 @@ async fn a_torn_journal_tail_is_dropped() {
     kill9(&mut p);
     let (_p, admin) = start(&config);
     assert_eq!(
-        api(admin, "GET", "/v1/registry", "").await.1,
+        without_digest(api(admin, "GET", "/v1/registry", "").await.1),
         json!({"revision": 2, "entries": 8})
     );
 }
@@ -235,7 +235,7 @@ async fn a_damaged_record_length_refuses_to_start_and_truncates_nothing() {
     std::fs::write(&journal, &good).unwrap();
     let (_p, admin) = start(&config);
     assert_eq!(
-        api(admin, "GET", "/v1/registry", "").await.1,
+        without_digest(api(admin, "GET", "/v1/registry", "").await.1),
         json!({"revision": 3, "entries": 9})
     );
 }
@@ -289,7 +289,7 @@ async fn the_seed_is_read_only_while_state_dir_is_empty() {
     .unwrap();
     let (_p, admin) = start(&config);
     assert_eq!(
-        api(admin, "GET", "/v1/registry", "").await.1,
+        without_digest(api(admin, "GET", "/v1/registry", "").await.1),
         json!({"revision": 1, "entries": 5})
     );
     assert_eq!(

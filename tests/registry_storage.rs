@@ -238,7 +238,7 @@ async fn a_full_disk_refuses_writes_until_space_returns_and_loses_nothing() {
     let recovered = p.logged("registry recovered");
     assert_eq!(recovered["torn_tail_dropped"], false, "{recovered}");
     assert_eq!(
-        api(admin, "GET", "/v1/registry", "").await.1,
+        without_digest(api(admin, "GET", "/v1/registry", "").await.1),
         json!({"revision": 22, "entries": 28})
     );
     for d in ["kept0.cn", "kept19.cn", "after.cn", "after2.cn"] {

@@ -266,7 +266,7 @@ async fn handle(req: Request<Incoming>, path: &str, shared: &Shared, note: &mut 
             let s = shared.registry.load();
             json_answer(
                 StatusCode::OK,
-                json!({"revision": s.revision(), "entries": s.len()}),
+                json!({"revision": s.revision(), "entries": s.len(), "digest": s.digest_hex()}),
             )
         }
         Endpoint::Batch => batch(req, guard, shared, note).await,
@@ -414,7 +414,10 @@ async fn replace(req: Request<Incoming>, guard: Guard, shared: &Shared, note: &m
     let Some(writer) = shared.writer() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "registry still loading");
     };
-    let result = writer.replace(builder, guard).await;
+    let result = match shared.fleet() {
+        Some(fleet) => fleet.replace(builder, guard).await,
+        None => writer.replace(builder, guard).await,
+    };
     written(
         shared,
         WriteKind::Replace,
@@ -492,9 +495,10 @@ async fn write(
     ops: Vec<Op>,
     guard: Guard,
 ) -> Result<Applied, WriteError> {
-    match shared.writer() {
-        Some(writer) => writer.write(kind, ops, guard).await,
-        None => Err(WriteError::Storage("registry still loading".into())),
+    match (shared.writer(), shared.fleet()) {
+        (Some(_), Some(fleet)) => fleet.write(kind, ops, guard).await,
+        (Some(writer), None) => writer.write(kind, ops, guard).await,
+        (None, _) => Err(WriteError::Storage("registry still loading".into())),
     }
 }
 
@@ -552,8 +556,12 @@ fn written(
             count(shared, kind, "too_large");
             error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
         }
-        Err(e @ WriteError::Storage(_)) => {
+        Err(e @ (WriteError::Storage(_) | WriteError::OutOfOrder { .. })) => {
             count(shared, kind, "error");
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e @ WriteError::Unavailable(_)) => {
+            count(shared, kind, "unavailable");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }
     }

@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) limits: RawLimits,
     pub(super) admin: Option<RawAdmin>,
     pub(super) demo_origin: Option<RawDemoOrigin>,
+    pub(super) fleet: Option<RawFleet>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +177,49 @@ pub(super) struct RawDemoOrigin {
     pub(super) tls: Option<SocketAddr>,
     pub(super) tls_cert: Option<String>,
     pub(super) tls_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFleet {
+    pub(super) servers: Vec<String>,
+    #[serde(default = "default_stream")]
+    pub(super) stream: String,
+    #[serde(default = "default_subject")]
+    pub(super) subject: String,
+    #[serde(default = "default_snapshots")]
+    pub(super) snapshots: String,
+    pub(super) node: Option<String>,
+    pub(super) domain: Option<String>,
+    pub(super) read_stream: Option<String>,
+    pub(super) credentials: Option<String>,
+    pub(super) tls_ca: Option<String>,
+    pub(super) tls_cert: Option<String>,
+    pub(super) tls_key: Option<String>,
+    #[serde(default = "default_snapshot_every")]
+    pub(super) snapshot_every: u64,
+    #[serde(default = "default_replicas")]
+    pub(super) replicas: usize,
+}
+
+fn default_stream() -> String {
+    "ICP_REGISTRY".into()
+}
+
+fn default_subject() -> String {
+    "icp.registry.changes".into()
+}
+
+fn default_snapshots() -> String {
+    "ICP_REGISTRY_SNAPSHOTS".into()
+}
+
+fn default_snapshot_every() -> u64 {
+    100_000
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 /// A duration written as `"10s"`, `"250ms"`, `"1m 30s"`.

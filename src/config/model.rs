@@ -88,6 +88,8 @@ pub struct Config {
     pub limits: Limits,
     pub admin: Option<AdminConfig>,
     pub demo_origin: Option<DemoOriginConfig>,
+    /// `None`: a standalone node.
+    pub fleet: Option<FleetConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +236,35 @@ pub struct DemoOriginConfig {
     pub http: Option<SocketAddr>,
     /// HTTPS side, with its certificate and key (PEM).
     pub tls: Option<(SocketAddr, PathBuf, PathBuf)>,
+}
+
+/// `[fleet]`: the registry comes from a NATS JetStream stream shared by every node
+/// (docs/fleet.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// NATS server URLs (`nats://host:port`, `tls://host:port`).
+    pub servers: Vec<String>,
+    /// The change stream, created when missing (with `subject` as its one subject).
+    pub stream: String,
+    pub subject: String,
+    /// The object store bucket for snapshots and large changes.
+    pub snapshots: String,
+    /// This node's name in logs, metrics and snapshot metadata.
+    pub node: String,
+    /// JetStream domain of `stream` and `snapshots`, when they live behind a leaf node.
+    pub domain: Option<String>,
+    /// A stream holding the same messages as `stream` (a site-local mirror) to consume from.
+    pub read_stream: Option<String>,
+    /// NATS credentials file (user JWT and nkey seed).
+    pub credentials: Option<PathBuf>,
+    /// CA to verify the NATS server with (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS (PEM).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// Changes between snapshots this node writes to the bucket; 0: it writes none.
+    pub snapshot_every: u64,
+    /// Replicas of the stream and bucket when this node creates them.
+    pub replicas: usize,
 }
 
 impl Config {

@@ -78,6 +78,7 @@ impl Validator<'_> {
         let limits = self.limits(raw.limits)?;
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         let demo_origin = raw.demo_origin.map(|d| self.demo_origin(d)).transpose()?;
+        let fleet = raw.fleet.map(|f| self.fleet(f)).transpose()?;
         self.distinct_binds(&listeners, admin.as_ref(), demo_origin.as_ref())?;
         Ok(Config {
             path: self.file.to_path_buf(),
@@ -90,6 +91,7 @@ impl Validator<'_> {
             limits,
             admin,
             demo_origin,
+            fleet,
         })
     }
 
@@ -205,6 +207,101 @@ impl Validator<'_> {
                     );
                 }
             },
+        })
+    }
+
+    fn fleet(&self, f: RawFleet) -> Result<FleetConfig, ConfigError> {
+        if f.servers.is_empty() {
+            return Err(self.err("fleet.servers", "at least one NATS server URL"));
+        }
+        for (i, url) in f.servers.iter().enumerate() {
+            match url.parse::<async_nats::ServerAddr>() {
+                Ok(addr) if !addr.host().is_empty() => {}
+                Ok(_) => {
+                    return Err(
+                        self.err(format!("fleet.servers[{i}]"), format!("{url:?}: no host"))
+                    );
+                }
+                Err(e) => {
+                    return Err(self.err(format!("fleet.servers[{i}]"), format!("{url:?}: {e}")));
+                }
+            }
+        }
+        let name = |key: &str, v: &str| -> Result<(), ConfigError> {
+            if v.is_empty()
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(self.err(
+                    key,
+                    format!("{v:?}: letters, digits, '_' and '-' only (a JetStream name)"),
+                ));
+            }
+            Ok(())
+        };
+        name("fleet.stream", &f.stream)?;
+        name("fleet.snapshots", &f.snapshots)?;
+        if let Some(d) = &f.domain {
+            name("fleet.domain", d)?;
+        }
+        if let Some(r) = &f.read_stream {
+            name("fleet.read_stream", r)?;
+        }
+        if f.subject.is_empty()
+            || f.subject.split('.').any(|t| {
+                t.is_empty() || t == "*" || t == ">" || t.bytes().any(|b| b.is_ascii_whitespace())
+            })
+        {
+            return Err(self.err(
+                "fleet.subject",
+                format!(
+                    "{:?}: one subject, dot-separated tokens, no wildcards",
+                    f.subject
+                ),
+            ));
+        }
+        let node = match f.node {
+            Some(n) if n.trim().is_empty() => return Err(self.err("fleet.node", "empty")),
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "icp-gate".into()),
+        };
+        if !(1..=5).contains(&f.replicas) {
+            return Err(self.err("fleet.replicas", "1 to 5"));
+        }
+        let file = |key: &str, p: &Option<String>| -> Result<Option<PathBuf>, ConfigError> {
+            p.as_deref().map(|p| self.readable_file(key, p)).transpose()
+        };
+        let tls_client = match (&f.tls_cert, &f.tls_key) {
+            (Some(c), Some(k)) => Some((
+                self.readable_file("fleet.tls_cert", c)?,
+                self.readable_file("fleet.tls_key", k)?,
+            )),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.err("fleet.tls_key", "required with fleet.tls_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("fleet.tls_cert", "required with fleet.tls_key"));
+            }
+        };
+        Ok(FleetConfig {
+            servers: f.servers,
+            stream: f.stream,
+            subject: f.subject,
+            snapshots: f.snapshots,
+            node,
+            domain: f.domain,
+            read_stream: f.read_stream,
+            credentials: file("fleet.credentials", &f.credentials)?,
+            tls_ca: file("fleet.tls_ca", &f.tls_ca)?,
+            tls_client,
+            snapshot_every: f.snapshot_every,
+            replicas: f.replicas,
         })
     }
 
@@ -552,6 +649,54 @@ http_origin = "127.0.0.1:9080"
             "mainland = true\nrequire_access_here = \"no\"",
         ));
         assert!(e.contains("require_access_here"), "{e}");
+    }
+
+    #[test]
+    fn fleet_keys_have_defaults_and_errors_name_the_key() {
+        assert_eq!(parse(MINIMAL).unwrap().fleet, None);
+        let c = parse(&format!(
+            "{MINIMAL}\n[fleet]\nservers = [\"nats://127.0.0.1:4222\"]\nnode = \"edge-1\"\n"
+        ))
+        .unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(f.servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(f.stream, "ICP_REGISTRY");
+        assert_eq!(f.subject, "icp.registry.changes");
+        assert_eq!(f.snapshots, "ICP_REGISTRY_SNAPSHOTS");
+        assert_eq!(f.node, "edge-1");
+        assert_eq!(f.snapshot_every, 100_000);
+        assert_eq!(f.replicas, 1);
+        assert_eq!((f.domain, f.read_stream, f.credentials), (None, None, None));
+        for (fleet, key) in [
+            ("servers = []", "fleet.servers"),
+            ("servers = [\"nats://\"]", "fleet.servers[0]"),
+            (
+                "servers = [\"nats://a:1\", \"http://b:2\"]",
+                "fleet.servers[1]",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\nstream = \"A.B\"",
+                "fleet.stream",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\nsubject = \"icp.*\"",
+                "fleet.subject",
+            ),
+            ("servers = [\"nats://a:1\"]\nreplicas = 7", "fleet.replicas"),
+            (
+                "servers = [\"nats://a:1\"]\ncredentials = \"nope.creds\"",
+                "fleet.credentials",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\ntls_cert = \"c.pem\"",
+                "fleet.tls_key",
+            ),
+            ("servers = [\"nats://a:1\"]\nstrem = \"X\"", "strem"),
+        ] {
+            let e = error(&format!("{MINIMAL}\n[fleet]\n{fleet}\n"));
+            assert!(e.starts_with("/etc/icp-gate/icp-gate.toml: "), "{e}");
+            assert!(e.contains(key), "{fleet}: {e}");
+        }
     }
 
     #[test]

@@ -21,6 +21,23 @@ const DURATION_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0,
 ];
 
+/// Fleet apply lag buckets: from a change applied at once on loopback to one applied late.
+const LAG_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The `icp_gate_fleet_*` metrics (docs/fleet.md#metrics).
+#[derive(Clone)]
+pub(crate) struct FleetMetrics {
+    pub connected: IntGauge,
+    pub applied_sequence: IntGauge,
+    pub stream_sequence: IntGauge,
+    pub apply_lag: Histogram,
+    pub snapshot_loads: IntCounter,
+    pub snapshot_writes: IntCounter,
+    pub apply_stopped: IntGauge,
+}
+
 /// Why talking to an origin failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum UpstreamError {
@@ -215,6 +232,60 @@ impl Metrics {
             relayed: ["client_to_origin", "origin_to_client"]
                 .map(|d| self.relayed_bytes.with_label_values(&[name, d])),
         })
+    }
+
+    /// Registers the `icp_gate_fleet_*` metrics (a node with `[fleet]`; call once).
+    pub(crate) fn fleet(&self) -> FleetMetrics {
+        let r = &self.registry;
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric definition");
+            r.register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric definition");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let apply_lag = Histogram::with_opts(
+            HistogramOpts::new(
+                "icp_gate_fleet_apply_lag_seconds",
+                "Time from a change stored in the stream to applied on this node.",
+            )
+            .buckets(LAG_BUCKETS.to_vec()),
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(apply_lag.clone()))
+            .expect("metric registered once");
+        FleetMetrics {
+            connected: gauge(
+                "icp_gate_fleet_connected",
+                "1 while connected to NATS with the stream reachable, 0 otherwise.",
+            ),
+            applied_sequence: gauge(
+                "icp_gate_fleet_applied_sequence",
+                "Stream sequence of the last change applied here (the registry revision).",
+            ),
+            stream_sequence: gauge(
+                "icp_gate_fleet_stream_sequence",
+                "Last sequence of the stream, as last seen by this node.",
+            ),
+            apply_lag,
+            snapshot_loads: counter(
+                "icp_gate_fleet_snapshot_loads_total",
+                "Snapshots loaded from the bucket (history trimmed past this node, or joining).",
+            ),
+            snapshot_writes: counter(
+                "icp_gate_fleet_snapshot_writes_total",
+                "Snapshots this node wrote to the bucket.",
+            ),
+            apply_stopped: gauge(
+                "icp_gate_fleet_apply_stopped",
+                "1 while this node cannot apply the next change (malformed, missing, refused).",
+            ),
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{self, Config, Limits, ListenerConfig};
 use crate::core::decision::Policy;
 use crate::core::routes::RouteTable;
+use crate::fleet::Fleet;
 use crate::observe::metrics::{ListenerMetrics, Metrics};
 use crate::proxy::block_page::{BlockPage, BlockPageError};
 use crate::proxy::forward::{self, OriginClient, RawOrigins, origin_client};
@@ -89,6 +90,8 @@ pub(crate) struct Shared {
     ready: AtomicBool,
     /// Registry writes go through here once the registry is loaded.
     writer: OnceLock<RegistryWriter>,
+    /// With `[fleet]`: `/v1` writes go through the fleet's stream instead.
+    fleet: OnceLock<Fleet>,
     /// Tunnels a registry entry allowed, closed when an update blocks their host.
     pub tunnels: Arc<LiveTunnels>,
     /// The hosts blocked most in the last hour (`/v1/blocked`).
@@ -106,6 +109,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             ready: AtomicBool::new(false),
             writer: OnceLock::new(),
+            fleet: OnceLock::new(),
             tunnels: Arc::default(),
             blocked: Blocked::new(),
         }
@@ -119,6 +123,15 @@ impl Shared {
     /// Installs the registry writer, once, when the registry is loaded.
     pub(crate) fn set_writer(&self, writer: RegistryWriter) {
         let _ = self.writer.set(writer);
+    }
+
+    /// Installs the fleet handle, once, for a node with `[fleet]`.
+    pub(crate) fn set_fleet(&self, fleet: Fleet) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    pub(crate) fn fleet(&self) -> Option<&Fleet> {
+        self.fleet.get()
     }
 
     /// Client connections open across all listeners.

@@ -16,9 +16,15 @@ pub use entry::{
 };
 pub(crate) use entry::{RawEntry, json_problem};
 pub use published::Registry;
-pub(crate) use service::{Applied, Guard, OnPublish, RegistryWriter, WriteError, WriteKind};
+pub(crate) use service::{
+    Applied, FleetChange, Guard, OnPublish, RegistryWriter, WriteError, WriteKind,
+    check_ops_shrink, check_replace_shrink,
+};
 pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
-pub(crate) use store::{MAX_RECORD as MAX_JOURNAL_RECORD, Store, record_len as journal_record_len};
+pub(crate) use store::{
+    MAX_RECORD as MAX_JOURNAL_RECORD, Store, decode_snapshot, encode_snapshot, read_fleet_marker,
+    record_len as journal_record_len, write_fleet_marker,
+};
 pub use store::{StoreError, read_state, write_snapshot};
 
 /// The registry as the proxy would start with it, read without changing anything: the state in

@@ -144,6 +144,22 @@ pub(crate) enum WriteError {
     /// The write could not be made durable; writes are refused until storage works again.
     #[error("registry storage failed: {0}")]
     Storage(String),
+    /// A fleet node cannot take writes now (JetStream unreachable, or this node is not applying
+    /// the stream); the registry in force is unchanged.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fleet change that does not follow the registry's revision: never applied out of order.
+    #[error("change at sequence {got} does not follow revision {current}")]
+    OutOfOrder { current: u64, got: u64 },
+}
+
+/// A change from a fleet's stream, applied at its stream sequence.
+pub(crate) enum FleetChange {
+    /// Operations applied in order; deleting an absent entry does nothing (the stream is
+    /// applied as written, whatever this node held when it was published).
+    Ops(Vec<Op>),
+    /// The whole registry (a full replace, or a snapshot from the fleet's bucket).
+    Replace(Snapshot),
 }
 
 /// Called after every publication, with the new snapshot and the entry domains the writes touched
@@ -162,10 +178,64 @@ enum Request {
         guard: Guard,
         reply: oneshot::Sender<Result<Applied, WriteError>>,
     },
+    /// A change from a fleet's stream at sequence `seq`: ops must follow the current revision;
+    /// a replace may jump ahead (history trimmed) and, with `adopt`, replaces a registry from
+    /// another history whatever its revision.
+    Fleet {
+        seq: u64,
+        change: FleetChange,
+        adopt: bool,
+        reply: oneshot::Sender<Result<Arc<Snapshot>, WriteError>>,
+    },
     /// A background compaction made a snapshot at this revision durable.
     Compacted(u64),
     /// Time to try failed storage again.
     Retry,
+}
+
+/// The shrink guard for a batch of `ops` against `current`, for writes that are checked before
+/// they reach this writer (a fleet node checks against its registry before publishing). Answers
+/// the deletes that find no entry and the entries the write removes.
+pub(crate) fn check_ops_shrink(
+    current: &Snapshot,
+    kind: WriteKind,
+    ops: &[Op],
+    guard: &Guard,
+) -> Result<(usize, usize), WriteError> {
+    let effect = Effect::of(current, ops);
+    match guard.max_shrink {
+        Some(limit) if !limit.admits(effect.removed, current.len()) => Err(WriteError::Shrink {
+            what: kind.noun(),
+            removed: effect.removed,
+            entries: current.len(),
+            limit,
+            current: current.revision(),
+        }),
+        _ => Ok((effect.absent, effect.removed)),
+    }
+}
+
+/// The shrink guard for a full replace by `next`, as [`check_ops_shrink`]. Answers the entries
+/// it removes.
+pub(crate) fn check_replace_shrink(
+    current: &Snapshot,
+    next: &Snapshot,
+    guard: &Guard,
+) -> Result<usize, WriteError> {
+    let removed = current
+        .iter()
+        .filter(|e| next.get(e.domain).is_none())
+        .count();
+    match guard.max_shrink {
+        Some(limit) if !limit.admits(removed, current.len()) => Err(WriteError::Shrink {
+            what: WriteKind::Replace.noun(),
+            removed,
+            entries: current.len(),
+            limit,
+            current: current.revision(),
+        }),
+        _ => Ok(removed),
+    }
 }
 
 /// What a write must find to be applied, checked by the writer in order with the other writes.
@@ -280,6 +350,28 @@ impl RegistryWriter {
         .await
     }
 
+    /// Applies a change from the fleet's stream at its sequence, durably; answers the registry
+    /// it produced. Requests are applied in the order they are queued, so a caller may queue
+    /// many before awaiting the first answer.
+    pub(crate) async fn apply_fleet(
+        &self,
+        seq: u64,
+        change: FleetChange,
+        adopt: bool,
+    ) -> Result<oneshot::Receiver<Result<Arc<Snapshot>, WriteError>>, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Request::Fleet {
+                seq,
+                change,
+                adopt,
+                reply,
+            })
+            .await
+            .map_err(|_| WriteError::Storage("registry writer stopped".into()))?;
+        Ok(answer)
+    }
+
     async fn submit(
         &self,
         request: Request,
@@ -322,6 +414,11 @@ type Reply = (
     Result<Applied, WriteError>,
 );
 
+type FleetReply = (
+    oneshot::Sender<Result<Arc<Snapshot>, WriteError>>,
+    Result<Arc<Snapshot>, WriteError>,
+);
+
 impl Writer {
     fn run(mut self) {
         // A journal already over the threshold (older versions never compacted across
@@ -353,6 +450,7 @@ impl Writer {
         }
         let published = self.current.clone();
         let mut replies: Vec<Reply> = Vec::with_capacity(group.len());
+        let mut fleet_replies: Vec<FleetReply> = Vec::new();
         let mut changed: Vec<String> = Vec::new();
         let mut replaced = false;
         let mut retry = false;
@@ -388,6 +486,28 @@ impl Writer {
                     replaced |= result.is_ok();
                     replies.push((reply, result));
                 }
+                Request::Fleet {
+                    seq,
+                    change,
+                    adopt,
+                    reply,
+                } => {
+                    let result = match change {
+                        FleetChange::Ops(ops) => {
+                            let result = self.apply_fleet_ops(seq, &ops);
+                            if result.is_ok() {
+                                changed.extend(ops.iter().map(|op| op.domain().to_string()));
+                            }
+                            result
+                        }
+                        FleetChange::Replace(snapshot) => {
+                            let result = self.apply_fleet_replace(seq, snapshot, adopt);
+                            replaced |= result.is_ok();
+                            result
+                        }
+                    };
+                    fleet_replies.push((reply, result.map(|()| self.current.clone())));
+                }
             }
         }
 
@@ -406,6 +526,11 @@ impl Writer {
                     *result = Err(WriteError::Storage(why.clone()));
                 }
             }
+            for (_, result) in &mut fleet_replies {
+                if matches!(result, Ok(s) if s.revision() > self.durable.revision()) {
+                    *result = Err(WriteError::Storage(why.clone()));
+                }
+            }
         }
         if self.current.revision() != published.revision() {
             self.registry.publish_arc(self.current.clone());
@@ -417,6 +542,9 @@ impl Writer {
         }
         for (reply, result) in replies {
             // The requester may have gone away; the write stands regardless.
+            let _ = reply.send(result);
+        }
+        for (reply, result) in fleet_replies {
             let _ = reply.send(result);
         }
         if retry && self.failed.is_some() {
@@ -545,6 +673,76 @@ impl Writer {
         })
     }
 
+    /// A fleet change of operations at stream sequence `seq`, which must be the next revision.
+    fn apply_fleet_ops(&mut self, seq: u64, ops: &[Op]) -> Result<(), WriteError> {
+        self.check(None)?;
+        if seq != self.current.revision() + 1 {
+            return Err(WriteError::OutOfOrder {
+                current: self.current.revision(),
+                got: seq,
+            });
+        }
+        let bytes = record_len(ops);
+        if bytes > MAX_RECORD as usize {
+            return Err(WriteError::TooLarge {
+                bytes,
+                limit: MAX_RECORD,
+            });
+        }
+        if let Err(e) = self.store.append(seq, ops) {
+            self.fail(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        self.records_since_snapshot += 1;
+        self.current = Arc::new(self.current.apply(ops, seq));
+        Ok(())
+    }
+
+    /// A whole registry from the fleet at stream sequence `seq`: the next revision (a full
+    /// replace), or further on (a snapshot, when the stream no longer holds what came between).
+    /// With `adopt`, the registry in `state_dir` is from another history: its journals go and
+    /// the fleet's registry replaces it whatever the revisions.
+    fn apply_fleet_replace(
+        &mut self,
+        seq: u64,
+        snapshot: Snapshot,
+        adopt: bool,
+    ) -> Result<(), WriteError> {
+        self.check(None)?;
+        if !adopt && seq <= self.current.revision() {
+            return Err(WriteError::OutOfOrder {
+                current: self.current.revision(),
+                got: seq,
+            });
+        }
+        let next = Arc::new(snapshot.at_revision(seq));
+        if let Err(e) = self.store.sync() {
+            self.fail(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = self.current.clone();
+        let durable = if adopt {
+            self.store
+                .reset(seq)
+                .and_then(|()| self.snapshot_file.write_over(self.store.dir(), &next))
+        } else {
+            self.store
+                .rotate(seq)
+                .and_then(|()| self.snapshot_file.write(self.store.dir(), &next))
+        };
+        if let Err(e) = durable {
+            self.fail(&e);
+            return Err(WriteError::Storage(e.to_string()));
+        }
+        self.durable = next.clone();
+        if let Err(e) = self.store.remove_journals_through(seq) {
+            warn!(error = %e, "could not remove the journals a fleet snapshot covers");
+        }
+        self.records_since_snapshot = 0;
+        self.current = next;
+        Ok(())
+    }
+
     /// A full replace is written as a snapshot (durable before the group's replies), with the
     /// journal rotated so replay starts after it.
     fn apply_replace(
@@ -664,6 +862,15 @@ impl SnapshotFile {
         if *written > snapshot.revision() {
             return Ok(());
         }
+        write_snapshot(dir, snapshot)?;
+        *written = snapshot.revision();
+        Ok(())
+    }
+
+    /// Writes `snapshot` even over a newer revision: a registry from another history replaces
+    /// the one on disk.
+    fn write_over(&self, dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         write_snapshot(dir, snapshot)?;
         *written = snapshot.revision();
         Ok(())

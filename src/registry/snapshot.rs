@@ -12,9 +12,10 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use hashbrown::HashTable;
+use sha2::{Digest, Sha256};
 
 use super::entry::{BuildError, Entry, Status};
 
@@ -86,6 +87,28 @@ pub struct Snapshot {
     groups: Box<[Arc<[Shard]>]>,
     len: usize,
     revision: u64,
+    /// [`Snapshot::digest`], once asked for; kept up to date by [`Snapshot::apply`] from then on.
+    digest: OnceLock<u128>,
+}
+
+/// One entry's share of [`Snapshot::digest`]: the first 16 bytes (big-endian) of the SHA-256 of
+/// `domain \n icp \n status \n access_here` (`filed`/`revoked`, `true`/`false`).
+fn entry_digest(domain: &str, icp: &str, status: Status, access_here: bool) -> u128 {
+    let mut h = Sha256::new();
+    h.update(domain.as_bytes());
+    h.update(b"\n");
+    h.update(icp.as_bytes());
+    h.update(b"\n");
+    h.update(status.as_str().as_bytes());
+    h.update(if access_here {
+        b"\ntrue" as &[u8]
+    } else {
+        b"\nfalse"
+    });
+    let out = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&out[..16]);
+    u128::from_be_bytes(first)
 }
 
 #[derive(Clone)]
@@ -284,6 +307,7 @@ impl SnapshotBuilder {
             groups,
             len: self.len,
             revision,
+            digest: OnceLock::new(),
         }
     }
 }
@@ -346,6 +370,29 @@ impl Snapshot {
         self.revision
     }
 
+    /// The same entries at another revision (a fleet change installed at its stream sequence).
+    pub fn at_revision(mut self, revision: u64) -> Snapshot {
+        self.revision = revision;
+        self
+    }
+
+    /// An order-independent digest of every entry: the sum modulo 2^128 of each entry's
+    /// SHA-256-based share. Two registries holding the same entries have the same digest,
+    /// whatever their history. Computed on first use (a pass over every entry), then carried
+    /// from snapshot to snapshot by [`Snapshot::apply`] at the cost of the entries it changes.
+    pub fn digest(&self) -> u128 {
+        *self.digest.get_or_init(|| {
+            self.iter().fold(0u128, |d, e| {
+                d.wrapping_add(entry_digest(e.domain, e.icp, e.status, e.access_here))
+            })
+        })
+    }
+
+    /// [`Snapshot::digest`] as 32 lowercase hex digits.
+    pub fn digest_hex(&self) -> String {
+        format!("{:032x}", self.digest())
+    }
+
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> {
         self.groups.iter().flat_map(|g| g.iter()).flat_map(|shard| {
@@ -378,6 +425,7 @@ impl Snapshot {
         let mut len = self.len;
         // Copies of the deltas of the shards this update touches (a handful for a single write).
         let mut touched: HashMap<usize, Delta> = HashMap::new();
+        let mut digest = self.digest.get().copied();
         for op in ops {
             let h = hash(op.domain());
             let s = shard_of(op.domain());
@@ -390,6 +438,21 @@ impl Snapshot {
                 Some((_, v)) => v.is_some(),
                 None => in_base,
             };
+            if let Some(d) = &mut digest {
+                let old = match delta.table.find(h, |(d, _)| &**d == op.domain()) {
+                    Some((name, v)) => v
+                        .as_ref()
+                        .map(|v| entry_digest(name, &v.icp, v.status, v.access_here)),
+                    None => base
+                        .get(h, op.domain())
+                        .map(|e| entry_digest(e.domain, e.icp, e.status, e.access_here)),
+                };
+                let new = match op {
+                    Op::Put(e) => entry_digest(&e.domain, &e.icp, e.status, e.access_here),
+                    Op::Delete(_) => 0,
+                };
+                *d = d.wrapping_sub(old.unwrap_or(0)).wrapping_add(new);
+            }
             let value = match op {
                 Op::Put(e) => {
                     len += usize::from(!existed);
@@ -443,6 +506,7 @@ impl Snapshot {
             groups: groups.into_boxed_slice(),
             len,
             revision,
+            digest: digest.map(OnceLock::from).unwrap_or_default(),
         }
     }
 
@@ -584,6 +648,43 @@ mod tests {
             let d = format!("d{i}.cn");
             assert_eq!(snap.get(&d).map(|e| e.to_entry()), model.get(&d).cloned());
         }
+    }
+
+    #[test]
+    fn digest_is_order_independent_and_follows_apply() {
+        let entries: Vec<Entry> = (0..500)
+            .map(|i| entry(&format!("d{i}.cn"), Status::Filed, i % 3 == 0))
+            .collect();
+        let forward = Snapshot::from_entries(&entries, 1).unwrap();
+        let backward = Snapshot::from_entries(entries.iter().rev(), 9).unwrap();
+        assert_eq!(forward.digest(), backward.digest());
+        assert_ne!(forward.digest(), Snapshot::empty().digest());
+        assert_eq!(Snapshot::empty().digest(), 0);
+        // Carried through apply (the digest was computed), and equal to a fresh computation.
+        let ops = vec![
+            Op::Put(entry("d1.cn", Status::Revoked, false)),
+            Op::Delete("d2.cn".into()),
+            Op::Delete("absent.cn".into()),
+            Op::Put(entry("new.cn", Status::Filed, true)),
+            Op::Put(entry("new.cn", Status::Filed, false)),
+            Op::Delete("d3.cn".into()),
+            Op::Put(entry("d3.cn", Status::Filed, true)),
+        ];
+        let next = forward.apply(&ops, 2);
+        let carried = next.digest();
+        let fresh =
+            Snapshot::from_entries(&next.iter().map(|e| e.to_entry()).collect::<Vec<_>>(), 2)
+                .unwrap()
+                .digest();
+        assert_eq!(carried, fresh);
+        assert_ne!(carried, forward.digest());
+        // Undoing the changes comes back to the same digest.
+        let undo: Vec<Op> = ["d1.cn", "d2.cn", "d3.cn"]
+            .iter()
+            .map(|d| Op::Put(entries.iter().find(|e| e.domain == *d).unwrap().clone()))
+            .chain([Op::Delete("new.cn".into())])
+            .collect();
+        assert_eq!(next.apply(&undo, 3).digest(), forward.digest());
     }
 
     #[test]

@@ -39,6 +39,8 @@ use super::snapshot::{EntryRef, Op, Snapshot, SnapshotBuilder};
 
 const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
+const FLEET_MARKER: &str = "fleet.json";
+const FLEET_MARKER_TMP: &str = "fleet.json.tmp";
 /// Written and removed by [`Store::reopen`] to see that the folder takes writes again.
 const PROBE: &str = "probe.tmp";
 const PROBE_BYTES: usize = 64 * 1024;
@@ -270,6 +272,20 @@ impl Store {
         Ok(newer)
     }
 
+    /// Deletes every journal, the current one too, and continues in a new, empty journal after
+    /// `revision`: the registry is being replaced by one from another history (a fleet's), whose
+    /// revisions the old records do not share. The caller writes the snapshot of `revision` next;
+    /// until then a crash recovers the old snapshot alone.
+    pub(crate) fn reset(&mut self, revision: u64) -> Result<(), StoreError> {
+        self.pending.clear();
+        for (_, path) in list_journals(&self.dir)? {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        let (path, file) = create_journal(&self.dir, revision)?;
+        self.use_journal(path, file, revision)?;
+        sync_dir(&self.dir)
+    }
+
     /// Deletes the journals whose records all lie at or below `revision`, now that a snapshot of
     /// it is durable. The current journal always stays.
     pub(crate) fn remove_journals_through(&mut self, revision: u64) -> Result<(), StoreError> {
@@ -315,28 +331,41 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError>
 
 fn write_snapshot_tmp(tmp: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
     let file = File::create(tmp).map_err(io_err(tmp))?;
-    let mut out = CrcWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        crc: crc32fast::Hasher::new(),
-    };
+    let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut write = || -> io::Result<()> {
-        out.write_all(MAGIC)?;
-        out.write_all(&snapshot.revision().to_le_bytes())?;
-        out.write_all(&(snapshot.len() as u64).to_le_bytes())?;
-        let mut buf = Vec::with_capacity(600);
-        for e in snapshot.iter() {
-            buf.clear();
-            put_str(&mut buf, e.domain);
-            put_str(&mut buf, e.icp);
-            buf.push(flags(e.status, e.access_here));
-            out.write_all(&buf)?;
-        }
-        let crc = out.crc.clone().finalize();
-        out.inner.write_all(&crc.to_le_bytes())?;
-        out.inner.flush()?;
-        out.inner.get_ref().sync_all()
+        encode_snapshot(&mut out, snapshot)?;
+        out.flush()?;
+        out.get_ref().sync_all()
     };
     write().map_err(io_err(tmp))
+}
+
+/// Writes `snapshot` in the `snapshot.bin` format to `out` (a file, or an object in the fleet's
+/// bucket).
+pub(crate) fn encode_snapshot(out: impl Write, snapshot: &Snapshot) -> io::Result<()> {
+    let mut out = CrcWriter {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+    };
+    out.write_all(MAGIC)?;
+    out.write_all(&snapshot.revision().to_le_bytes())?;
+    out.write_all(&(snapshot.len() as u64).to_le_bytes())?;
+    let mut buf = Vec::with_capacity(600);
+    for e in snapshot.iter() {
+        buf.clear();
+        put_str(&mut buf, e.domain);
+        put_str(&mut buf, e.icp);
+        buf.push(flags(e.status, e.access_here));
+        out.write_all(&buf)?;
+    }
+    let crc = out.crc.clone().finalize();
+    out.inner.write_all(&crc.to_le_bytes())
+}
+
+/// Reads a registry in the `snapshot.bin` format from memory; `name` (a file or an object)
+/// names it in errors.
+pub(crate) fn decode_snapshot(bytes: &[u8], name: &Path) -> Result<Snapshot, StoreError> {
+    read_snapshot_from(bytes, bytes.len() as u64, name)
 }
 
 /// The revision `snapshot.bin` holds, from its header alone.
@@ -354,6 +383,31 @@ fn read_snapshot_revision(path: &Path) -> Result<u64, StoreError> {
     let mut revision = [0u8; 8];
     revision.copy_from_slice(&header[8..]);
     Ok(u64::from_le_bytes(revision))
+}
+
+/// Which fleet history the revisions in `dir` belong to (`fleet.json`, written by a fleet node
+/// once its registry is the fleet's); `None` when the file is absent.
+pub(crate) fn read_fleet_marker(dir: &Path) -> Result<Option<String>, StoreError> {
+    let path = dir.join(FLEET_MARKER);
+    match fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::Io { path, source: e }),
+    }
+}
+
+/// Writes `fleet.json` durably and atomically (temp file, fsync, rename, fsync of the folder).
+pub(crate) fn write_fleet_marker(dir: &Path, text: &str) -> Result<(), StoreError> {
+    let tmp = dir.join(FLEET_MARKER_TMP);
+    let write = || -> io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    write().map_err(io_err(&tmp))?;
+    let path = dir.join(FLEET_MARKER);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
 }
 
 /// Whether `dir` takes writes: a small file written, synced and removed.
@@ -450,8 +504,16 @@ fn recover(dir: &Path, repair: bool) -> Result<State, StoreError> {
 fn read_snapshot(path: &Path) -> Result<Snapshot, StoreError> {
     let file = File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
+    read_snapshot_from(BufReader::with_capacity(1 << 20, file), file_len, path)
+}
+
+fn read_snapshot_from(
+    input: impl Read,
+    file_len: u64,
+    path: &Path,
+) -> Result<Snapshot, StoreError> {
     let mut r = CrcReader {
-        inner: BufReader::with_capacity(1 << 20, file),
+        inner: input,
         crc: crc32fast::Hasher::new(),
         at: 0,
     };

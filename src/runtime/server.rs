@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin;
 use crate::config::{Config, ListenerConfig, RegistryConfig};
+use crate::fleet::Fleet;
 use crate::observe::metrics::Metrics;
 use crate::proxy::preamble;
 use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
@@ -43,6 +44,8 @@ pub enum ServerError {
     Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("fleet: {0}")]
+    Fleet(String),
 }
 
 /// Sockets bound for a config, before anything is served on them. Binding port 0 picks a free
@@ -187,7 +190,7 @@ struct AcceptLoop {
 pub struct ServerHandle {
     shared: Arc<Shared>,
     /// Accept loops by identity (kept across reloads).
-    loops: tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>,
+    loops: Arc<tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>>,
     admin_addr: Option<SocketAddr>,
     /// The admin listener's tokens, read again at each reload.
     admin_auth: Option<Arc<admin::AdminAuth>>,
@@ -220,6 +223,7 @@ impl ServerHandle {
         }
 
         let registry_config = shared.generation.load().config.registry.clone();
+        let state_dir = registry_config.state_dir.clone();
         let (store, snapshot) =
             tokio::task::spawn_blocking(move || open_registry(&registry_config))
                 .await
@@ -239,21 +243,65 @@ impl ServerHandle {
             }
         });
         let writer = RegistryWriter::start(store, snapshot, shared.registry.clone(), on_publish);
-        shared.set_writer(writer);
+        shared.set_writer(writer.clone());
         crate::wire::host::warm_up();
 
-        let placement = listeners.placement;
-        let mut loops = HashMap::new();
-        for (cfg, sockets) in listeners.data {
-            loops.insert(
-                ListenerKey::of(&cfg),
-                spawn_accept_loop(&shared, cfg, sockets, &placement),
-            );
+        // A fleet node whose state_dir holds no registry of the fleet yet serves nothing until
+        // it holds the fleet's: never a request decided against a registry it is replacing.
+        let mut joining = None;
+        if let Some(fleet_config) = shared.generation.load().config.fleet.clone() {
+            let joined = registry::read_fleet_marker(&state_dir)?.is_some();
+            let fleet = Fleet::start(
+                fleet_config,
+                writer,
+                shared.registry.clone(),
+                shared.metrics.fleet(),
+                state_dir,
+                joined,
+            )
+            .await
+            .map_err(ServerError::Fleet)?;
+            shared.set_fleet(fleet.clone());
+            if !joined {
+                joining = Some(fleet);
+            }
         }
-        shared.set_ready();
+
+        let placement = listeners.placement;
+        let loops = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
+        match joining {
+            None => {
+                let mut map = loops.lock().await;
+                for (cfg, sockets) in listeners.data {
+                    map.insert(
+                        ListenerKey::of(&cfg),
+                        spawn_accept_loop(&shared, cfg, sockets, &placement),
+                    );
+                }
+                shared.set_ready();
+            }
+            Some(fleet) => {
+                let (shared, loops, placement) = (shared.clone(), loops.clone(), placement.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = fleet.synced() => {}
+                        () = shared.drain.cancelled() => return,
+                    }
+                    let mut map = loops.lock().await;
+                    for (cfg, sockets) in listeners.data {
+                        map.insert(
+                            ListenerKey::of(&cfg),
+                            spawn_accept_loop(&shared, cfg, sockets, &placement),
+                        );
+                    }
+                    shared.set_ready();
+                    info!("fleet: joined; serving");
+                });
+            }
+        }
         Ok(ServerHandle {
             shared,
-            loops: tokio::sync::Mutex::new(loops),
+            loops,
             admin_addr,
             admin_auth,
             placement,

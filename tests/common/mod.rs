@@ -2,6 +2,7 @@
 //! loopback ports picked by the kernel, real origins, and real clients.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod pki;
 pub mod process;
 
@@ -286,6 +287,32 @@ pub async fn http1(
     (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// [`http1`] that answers `None` when the connection fails (a server being killed).
+pub async fn try_http1(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::copy_from_slice(body))).ok()?)
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// Writes raw bytes on a fresh connection and reads until the server closes or `wait` passes.
 pub async fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -348,4 +375,22 @@ pub fn testdata(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(path)
+}
+
+/// A `GET /v1/registry` answer without its `digest`, after checking that the digest is 32
+/// lowercase hex digits (the digest's value is checked where it matters: equal registries).
+pub fn without_digest(mut v: serde_json::Value) -> serde_json::Value {
+    let digest = v
+        .as_object_mut()
+        .and_then(|o| o.remove("digest"))
+        .unwrap_or_else(|| panic!("no digest in {v}"));
+    let digest = digest.as_str().unwrap_or_default();
+    assert!(
+        digest.len() == 32
+            && digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "digest {digest:?}"
+    );
+    v
 }

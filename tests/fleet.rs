@@ -1,0 +1,812 @@
+//! Fleet: real `icp-gate` processes sharing one registry through a real `nats-server` with
+//! JetStream, all on loopback. Needs the `nats-server` binary (Debian package `nats-server`);
+//! without it these tests fail and say how to install it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::nats::NatsServer;
+use common::process::{Proc, write_config};
+use common::*;
+use serde_json::{Value, json};
+
+async fn api(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, _, text) = http1(
+        admin,
+        method,
+        path,
+        &[("host", "admin"), ("authorization", "Bearer test-token")],
+        body.as_bytes(),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn entry(domain: &str) -> String {
+    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
+        .to_string()
+}
+
+/// One icp-gate process of the fleet, with its folder (kept across restarts).
+struct Node {
+    name: String,
+    /// Holds the config and state_dir, kept across restarts.
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    proc: Option<Proc>,
+    admin: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Node {
+    fn new(nats: &str, name: &str, origin: SocketAddr, fleet_extra: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(
+            dir.path(),
+            origin,
+            &format!("[fleet]\nservers = [\"{nats}\"]\nnode = \"{name}\"\n{fleet_extra}\n"),
+        );
+        Node {
+            name: name.into(),
+            _dir: dir,
+            config,
+            proc: None,
+            admin: ([127, 0, 0, 1], 0).into(),
+            http: ([127, 0, 0, 1], 0).into(),
+        }
+    }
+
+    /// Starts the process and waits until it serves (`/readyz` 200).
+    async fn start(&mut self) {
+        let mut p = Proc::start(&self.config);
+        self.admin = p.admin_addr();
+        self.http = p.listener_addr();
+        self.proc = Some(p);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{} ready", self.name),
+            || async {
+                http1(self.admin, "GET", "/readyz", &[("host", "a")], b"")
+                    .await
+                    .0
+                    == 200
+            },
+        )
+        .await;
+    }
+
+    fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("node running")
+    }
+
+    fn kill9(&mut self) {
+        let mut p = self.proc.take().expect("node running");
+        p.signal(libc::SIGKILL);
+        p.wait_exit(Duration::from_secs(5));
+    }
+
+    async fn status(&self, host: &str) -> u16 {
+        http1(self.http, "GET", "/", &[("host", host)], b"").await.0
+    }
+
+    async fn registry(&self) -> Value {
+        let (status, body) = api(self.admin, "GET", "/v1/registry", "").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, _, text) = http1(self.admin, "GET", "/metrics", &[("host", "a")], b"").await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    }
+}
+
+async fn wait_until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every node shows the same revision and digest as the first; answers it.
+async fn converged(nodes: &[&Node], within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut all = Vec::new();
+        for n in nodes {
+            all.push(n.registry().await);
+        }
+        if all.windows(2).all(|w| w[0] == w[1]) {
+            return all.swap_remove(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged within {within:?}: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn three_nodes(nats: &NatsServer, origin: SocketAddr, fleet_extra: &str) -> [Node; 3] {
+    let mut nodes = ["a", "b", "c"].map(|n| Node::new(&nats.url(), n, origin, fleet_extra));
+    for n in &mut nodes {
+        n.start().await;
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_node_is_enforced_by_all_within_a_second() {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    // Every node started from the same seed: the first to reach the empty stream published it,
+    // the others joined from the stream.
+    let joined = converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+    assert_eq!(joined["revision"], 1, "{joined}");
+    assert_eq!(joined["entries"], 6, "{joined}");
+    for n in [&a, &b, &c] {
+        assert_eq!(n.status("filed.cn").await, 200);
+        assert_eq!(n.status("new.cn").await, 403);
+    }
+
+    let (status, body) = api(
+        a.admin,
+        "PUT",
+        "/v1/registry/entries/new.cn",
+        &entry("new.cn"),
+    )
+    .await;
+    let acked = Instant::now();
+    assert_eq!((status, &body), (200, &json!({"revision": 2})));
+    // Acknowledged means enforced on the node that answered.
+    assert_eq!(a.status("new.cn").await, 200);
+    for n in [&b, &c] {
+        wait_until(
+            Duration::from_secs(1),
+            &format!("{} enforces new.cn", n.name),
+            || async { n.status("new.cn").await == 200 },
+        )
+        .await;
+    }
+    let lag = acked.elapsed();
+    let state = converged(&[&a, &b, &c], Duration::from_secs(1)).await;
+    assert_eq!(state["revision"], 2);
+    assert_eq!(state["entries"], 7);
+    eprintln!("convergence after the ack: {lag:?}; {state}");
+
+    // expect_revision is the stream's last sequence, whichever node wrote.
+    let (status, body) = api(
+        b.admin,
+        "PUT",
+        "/v1/registry/entries/other.cn?expect_revision=1",
+        &entry("other.cn"),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["revision"], 2, "{body}");
+    let (status, body) = api(
+        b.admin,
+        "DELETE",
+        "/v1/registry/entries/new.cn?expect_revision=2",
+        "",
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"revision": 3})));
+    assert_eq!(b.status("new.cn").await, 403);
+    let (status, _) = api(c.admin, "DELETE", "/v1/registry/entries/absent.cn", "").await;
+    assert_eq!(status, 404);
+    // A batch on C, a full replace on A.
+    let batch = format!(
+        "{}\n{}\n",
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("batch1.cn")).unwrap()}),
+        json!({"op": "delete", "domain": "gone.cn"})
+    );
+    // It removes 1 of the 6 entries, more than admin.max_shrink (10 %): refused on a fleet node
+    // as on a standalone one, before anything is published, unless the call allows it.
+    let (status, _) = api(c.admin, "POST", "/v1/registry/batch", &batch).await;
+    assert_eq!(status, 409);
+    let (status, body) = api(
+        c.admin,
+        "POST",
+        "/v1/registry/batch?allow_shrink=true",
+        &batch,
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 4, "applied": 2, "absent": 0}))
+    );
+    let state = converged(&[&a, &b, &c], Duration::from_secs(1)).await;
+    assert_eq!(
+        (state["revision"].clone(), state["entries"].clone()),
+        (json!(4), json!(6))
+    );
+    let replace = format!("{}\n{}\n", entry("only.cn"), entry("filed.cn"));
+    let (status, body) = api(a.admin, "PUT", "/v1/registry?allow_shrink=true", &replace).await;
+    assert_eq!((status, body), (200, json!({"revision": 5, "entries": 2})));
+    let state = converged(&[&a, &b, &c], Duration::from_secs(1)).await;
+    assert_eq!(
+        (state["revision"].clone(), state["entries"].clone()),
+        (json!(5), json!(2))
+    );
+    for n in [&a, &b, &c] {
+        assert_eq!(n.status("batch1.cn").await, 403);
+        assert_eq!(n.status("only.cn").await, 200);
+        assert_eq!(n.metric("icp_gate_fleet_connected").await, 1.0);
+        assert_eq!(n.metric("icp_gate_fleet_applied_sequence").await, 5.0);
+        assert_eq!(n.metric("icp_gate_fleet_stream_sequence").await, 5.0);
+        assert_eq!(n.metric("icp_gate_registry_revision").await, 5.0);
+    }
+}
+
+/// `n` single puts `tag-0.cn`…, spread over `admins` by 8 concurrent clients; every one 200.
+async fn write_many(admins: &[SocketAddr], tag: &str, n: usize) {
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let admins = admins.to_vec();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            for i in (worker..n).step_by(8) {
+                let domain = format!("{tag}-{i}.cn");
+                let admin = admins[i % admins.len()];
+                let (status, body) = api(
+                    admin,
+                    "PUT",
+                    &format!("/v1/registry/entries/{domain}"),
+                    &entry(&domain),
+                )
+                .await;
+                assert_eq!(status, 200, "{domain}: {body}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn catch_up(n: usize) {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, mut c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+    c.kill9();
+    // Two nodes writing at once: the stream orders them, both end with the same registry.
+    let started = Instant::now();
+    write_many(&[a.admin, b.admin], "w", n).await;
+    let wrote = started.elapsed();
+    let state = converged(&[&a, &b], Duration::from_secs(5)).await;
+    assert_eq!(state["revision"], 1 + n as u64);
+    assert_eq!(state["entries"], 6 + n as u64);
+
+    let started = Instant::now();
+    c.start().await;
+    let from = c.proc().logged("fleet: applying the stream");
+    assert_eq!(from["from"], 2, "{from}");
+    assert_eq!(from["behind"], n as u64, "{from}");
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+    let caught_up = started.elapsed();
+    assert_eq!(c.status(&format!("w-{}.cn", n - 1)).await, 200);
+    assert_eq!(
+        c.metric("icp_gate_fleet_applied_sequence").await,
+        1.0 + n as f64
+    );
+    assert_eq!(c.metric("icp_gate_fleet_snapshot_loads_total").await, 0.0);
+    eprintln!("{n} writes on two nodes in {wrote:?}; restart to caught up: {caught_up:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_from_where_it_stopped() {
+    catch_up(300).await;
+}
+
+/// The issue's figure: 10 000 changes while a node is down (about a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: 10 000 acknowledged writes; run with --ignored"]
+async fn a_restarted_node_catches_up_ten_thousand_changes() {
+    catch_up(10_000).await;
+}
+
+async fn jetstream(nats: &NatsServer) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_is_reached_through_the_newest_snapshot() {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, mut c] = three_nodes(&nats, origin.addr, "snapshot_every = 50").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+    c.kill9();
+    write_many(&[a.admin, b.admin], "t", 199).await;
+    let state = converged(&[&a, &b], Duration::from_secs(5)).await;
+    assert_eq!(state["revision"], 200);
+
+    let js = jetstream(&nats).await;
+    let bucket = js.get_object_store("ICP_REGISTRY_SNAPSHOTS").await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a snapshot at sequence 200",
+        || async { bucket.info("snapshot-00000000000000000200").await.is_ok() },
+    )
+    .await;
+    // Trim the stream to its last 10 messages: C's position (1) is gone.
+    let mut stream = js.get_stream("ICP_REGISTRY").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_messages = 10;
+    js.update_stream(config).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.first_sequence, 191);
+
+    // A damaged newer snapshot (its bytes do not match its SHA-256) is refused, not loaded.
+    let bogus = async_nats::jetstream::object_store::ObjectMetadata {
+        name: "snapshot-00000000000000000205".into(),
+        metadata: [("sha256".to_string(), "0".repeat(64))]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    };
+    bucket
+        .put(bogus, &mut &b"ICPGSNP1 not a registry"[..])
+        .await
+        .unwrap();
+
+    c.start().await;
+    let refused = c
+        .proc()
+        .logged("fleet snapshot refused; trying an older one");
+    assert_eq!(
+        refused["snapshot"], "snapshot-00000000000000000205",
+        "{refused}"
+    );
+    assert!(
+        refused["error"].as_str().unwrap().contains("SHA-256"),
+        "{refused}"
+    );
+    let loaded = c.proc().logged(
+        "fleet: the stream no longer holds this node's position; loaded the newest snapshot",
+    );
+    assert_eq!(
+        (loaded["was"].clone(), loaded["snapshot"].clone()),
+        (json!(1), json!(200)),
+        "{loaded}"
+    );
+    assert_eq!(c.proc().logged("fleet: applying the stream")["from"], 201);
+    // And it tails from there.
+    let (status, _) = api(
+        a.admin,
+        "PUT",
+        "/v1/registry/entries/late.cn",
+        &entry("late.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let state = converged(&[&a, &b, &c], Duration::from_secs(5)).await;
+    assert_eq!(state["revision"], 201);
+    assert_eq!(c.status("t-198.cn").await, 200);
+    assert_eq!(c.status("late.cn").await, 200);
+    assert_eq!(c.metric("icp_gate_fleet_snapshot_loads_total").await, 1.0);
+
+    // A node joining now starts from the snapshot as well.
+    let mut d = Node::new(&nats.url(), "d", origin.addr, "");
+    d.start().await;
+    let joined = d
+        .proc()
+        .logged("fleet: joined; this node's registry is the fleet's");
+    assert_eq!(joined["from"], "snapshot at sequence 200", "{joined}");
+    converged(&[&a, &d], Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
+    let mut nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    let (status, _) = api(
+        a.admin,
+        "PUT",
+        "/v1/registry/entries/new.cn",
+        &entry("new.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    converged(&[&a, &b, &c], Duration::from_secs(2)).await;
+
+    nats.stop();
+    for n in [&a, &b, &c] {
+        wait_until(Duration::from_secs(5), "connected gauge 0", || async {
+            n.metric("icp_gate_fleet_connected").await == 0.0
+        })
+        .await;
+        assert_eq!(n.status("new.cn").await, 200);
+        assert_eq!(n.status("filed.cn").await, 200);
+        assert_eq!(n.status("unfiled.cn").await, 403);
+        assert_eq!(
+            http1(n.admin, "GET", "/readyz", &[("host", "a")], b"")
+                .await
+                .0,
+            200
+        );
+        let (status, body) = api(n.admin, "PUT", "/v1/registry/entries/x.cn", &entry("x.cn")).await;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("JetStream"),
+            "{body}"
+        );
+    }
+    assert_eq!(a.registry().await["revision"], 2);
+
+    nats.restart();
+    for n in [&a, &b, &c] {
+        wait_until(Duration::from_secs(20), "reconnected", || async {
+            n.metric("icp_gate_fleet_connected").await == 1.0
+        })
+        .await;
+    }
+    let (status, body) = api(c.admin, "PUT", "/v1/registry/entries/x.cn", &entry("x.cn")).await;
+    assert_eq!(status, 200, "{body}");
+    let state = converged(&[&a, &b, &c], Duration::from_secs(2)).await;
+    assert_eq!(state["revision"], 3);
+    assert_eq!(b.status("x.cn").await, 200);
+    // One consumer per node on the server, none left behind by the reconnection (an idle one
+    // would go after 30 s anyway).
+    let js = jetstream(&nats).await;
+    let mut stream = js.get_stream("ICP_REGISTRY").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let consumers = stream.info().await.unwrap().state.consumer_count;
+        if consumers == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{consumers} consumers, not one per node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_stops_applying_and_is_never_skipped() {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+    let js = jetstream(&nats).await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Icp-Gate-Format", "1");
+    headers.insert("Icp-Gate-Change", "ops");
+    let ack = js
+        .publish_with_headers(
+            "icp.registry.changes",
+            headers,
+            "{\"op\":\"put\",\"entry\":{\"domain\":\"bad.cn\"}}\n".into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 2);
+    // A correct message after it is not applied either: order is never broken.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Icp-Gate-Format", "1");
+    headers.insert("Icp-Gate-Change", "ops");
+    let good = format!(
+        "{}\n",
+        json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry("after.cn")).unwrap()})
+    );
+    js.publish_with_headers("icp.registry.changes", headers, good.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for n in [&a, &b, &c] {
+        wait_until(Duration::from_secs(5), "apply stopped", || async {
+            n.metric("icp_gate_fleet_apply_stopped").await == 1.0
+        })
+        .await;
+        assert_eq!(n.registry().await["revision"], 1);
+        assert_eq!(n.metric("icp_gate_fleet_connected").await, 1.0);
+        assert_eq!(n.status("filed.cn").await, 200);
+        assert_eq!(n.status("after.cn").await, 403);
+        let (status, body) = api(n.admin, "PUT", "/v1/registry/entries/y.cn", &entry("y.cn")).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    let mut a = a;
+    let line = a.proc().logged(
+        "fleet: applying the stream stopped; this node keeps enforcing its registry and refuses writes",
+    );
+    let why = line["error"].as_str().unwrap();
+    assert!(
+        why.contains("sequence 2") && why.contains("line 1"),
+        "{line}"
+    );
+}
+
+/// A hub nats-server holding the stream, a leaf nats-server at a "site" with its own JetStream
+/// domain and a mirror of the stream; two nodes at the site read the mirror and write to the
+/// hub's stream through the leaf, one node talks to the hub directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
+    use async_nats::jetstream::stream;
+    let dir = tempfile::tempdir().unwrap();
+    let (hub_port, leaf_port, site_port) = (
+        common::nats::free_port(),
+        common::nats::free_port(),
+        common::nats::free_port(),
+    );
+    let store = |name: &str| dir.path().join(name).display().to_string();
+    let hub_conf = dir.path().join("hub.conf");
+    std::fs::write(
+        &hub_conf,
+        format!(
+            "listen: \"127.0.0.1:{hub_port}\"\nserver_name: hub\n\
+             jetstream {{ store_dir: \"{}\", domain: hub }}\n\
+             leafnodes {{ listen: \"127.0.0.1:{leaf_port}\" }}\n",
+            store("hub")
+        ),
+    )
+    .unwrap();
+    let site_conf = dir.path().join("site.conf");
+    std::fs::write(
+        &site_conf,
+        format!(
+            "listen: \"127.0.0.1:{site_port}\"\nserver_name: site\n\
+             jetstream {{ store_dir: \"{}\", domain: site }}\n\
+             leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{leaf_port}\" }} ] }}\n",
+            store("site")
+        ),
+    )
+    .unwrap();
+    let hub = NatsServer::with_config(&hub_conf, hub_port);
+    let site = NatsServer::with_config(&site_conf, site_port);
+
+    // The site's mirror of the hub's stream, made as an operator would (the nodes only read it).
+    let local = jetstream(&site).await;
+    let mut created = None;
+    for _ in 0..100 {
+        match local
+            .create_stream(stream::Config {
+                name: "ICP_REGISTRY_SITE".into(),
+                storage: stream::StorageType::File,
+                mirror: Some(stream::Source {
+                    name: "ICP_REGISTRY".into(),
+                    domain: Some("hub".into()),
+                    ..Default::default()
+                }),
+                allow_direct: true,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => {
+                created = Some(s);
+                break;
+            }
+            // JetStream on a just-started server may not answer yet.
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    created.expect("creating the site mirror");
+
+    let origin = Origin::start().await;
+    let at_site = "domain = \"hub\"\nread_stream = \"ICP_REGISTRY_SITE\"";
+    let mut central = Node::new(&hub.url(), "central", origin.addr, "");
+    central.start().await;
+    let mut s1 = Node::new(&site.url(), "site-1", origin.addr, at_site);
+    let mut s2 = Node::new(&site.url(), "site-2", origin.addr, at_site);
+    s1.start().await;
+    s2.start().await;
+    let state = converged(&[&central, &s1, &s2], Duration::from_secs(10)).await;
+    assert_eq!(state["revision"], 1, "{state}");
+
+    // A write at the site goes to the hub's stream; the mirror brings it back to the site.
+    let (status, body) = api(
+        s1.admin,
+        "PUT",
+        "/v1/registry/entries/site.cn",
+        &entry("site.cn"),
+    )
+    .await;
+    assert_eq!((status, body), (200, json!({"revision": 2})));
+    assert_eq!(s1.status("site.cn").await, 200);
+    for n in [&central, &s2] {
+        wait_until(
+            Duration::from_secs(1),
+            &format!("{} enforces site.cn", n.name),
+            || async { n.status("site.cn").await == 200 },
+        )
+        .await;
+    }
+    // A write at the hub reaches the site through the mirror.
+    let (status, _) = api(
+        central.admin,
+        "PUT",
+        "/v1/registry/entries/hub.cn",
+        &entry("hub.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // expect_revision holds across sites: it is the hub stream's sequence.
+    let (status, body) = api(
+        s2.admin,
+        "PUT",
+        "/v1/registry/entries/late.cn?expect_revision=2",
+        &entry("late.cn"),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let state = converged(&[&central, &s1, &s2], Duration::from_secs(2)).await;
+    assert_eq!(state["revision"], 3, "{state}");
+    assert_eq!(s2.status("hub.cn").await, 200);
+    drop(site);
+    drop(hub);
+}
+
+/// A full replace and a batch too large for one NATS message (1 MiB) travel as objects in the
+/// bucket, named by a small message with their SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_changes_travel_as_objects() {
+    let nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+
+    let replace: String = (0..40_000)
+        .map(|i| entry(&format!("r{i:05}.cn")) + "\n")
+        .collect();
+    assert!(replace.len() > 2 << 20);
+    let (status, body) = api(a.admin, "PUT", "/v1/registry?allow_shrink=true", &replace).await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 2, "entries": 40_000}))
+    );
+    let batch: String = (0..15_000)
+        .map(|i| {
+            let line = if i % 2 == 0 {
+                json!({"op": "delete", "domain": format!("r{i:05}.cn")})
+            } else {
+                json!({"op": "put", "entry": serde_json::from_str::<Value>(&entry(&format!("b{i:05}.cn"))).unwrap()})
+            };
+            line.to_string() + "\n"
+        })
+        .collect();
+    assert!(batch.len() > 1 << 20);
+    let (status, body) = api(
+        b.admin,
+        "POST",
+        "/v1/registry/batch?allow_shrink=true",
+        &batch,
+    )
+    .await;
+    assert_eq!(
+        (status, body),
+        (200, json!({"revision": 3, "applied": 15_000, "absent": 0}))
+    );
+    let state = converged(&[&a, &b, &c], Duration::from_secs(5)).await;
+    assert_eq!(state["entries"], 40_000 - 7_500 + 7_500, "{state}");
+    for n in [&a, &b, &c] {
+        assert_eq!(n.status("r00001.cn").await, 200);
+        assert_eq!(n.status("r00002.cn").await, 403);
+        assert_eq!(n.status("b00001.cn").await, 200);
+        assert_eq!(n.status("filed.cn").await, 403, "replaced away");
+    }
+    // The messages name their objects.
+    let js = jetstream(&nats).await;
+    let stream = js.get_stream("ICP_REGISTRY").await.unwrap();
+    for seq in [2, 3] {
+        let m = stream.get_raw_message(seq).await.unwrap();
+        let headers = m.headers;
+        let object = headers.get("Icp-Gate-Object").unwrap().to_string();
+        assert!(object.starts_with("change-"), "{object}");
+        assert_eq!(headers.get("Icp-Gate-Sha256").unwrap().as_str().len(), 64);
+        assert!(m.payload.is_empty());
+    }
+    // And the node that published the replace wrote its snapshot.
+    let bucket = js.get_object_store("ICP_REGISTRY_SNAPSHOTS").await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "a snapshot at sequence 2",
+        || async { bucket.info("snapshot-00000000000000000002").await.is_ok() },
+    )
+    .await;
+}
+
+/// Nodes and nats-server killed with SIGKILL while two nodes take writes: every acknowledged
+/// change is on every node at the end, and the nodes end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_nodes_and_of_nats_loses_no_acknowledged_change() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut nats = NatsServer::start();
+    let origin = Origin::start().await;
+    let [mut a, b, mut c] = three_nodes(&nats, origin.addr, "").await;
+    converged(&[&a, &b, &c], Duration::from_secs(10)).await;
+
+    let acknowledged: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Where the writer sends its PUTs (a restarted node has a new admin port).
+    let admins = Arc::new(Mutex::new([a.admin, b.admin]));
+    let writer = {
+        let (acknowledged, stop, admins) = (acknowledged.clone(), stop.clone(), admins.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let domain = format!("k-{i}.cn");
+                let path = format!("/v1/registry/entries/{domain}");
+                let admin = admins.lock().unwrap()[i % 2];
+                let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+                let answer = try_http1(admin, "PUT", &path, &auth, entry(&domain).as_bytes()).await;
+                if matches!(answer, Some((200, _))) {
+                    acknowledged.lock().unwrap().push(domain);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                i += 1;
+            }
+        })
+    };
+    let pause = || tokio::time::sleep(Duration::from_millis(300));
+    for round in 0..2 {
+        pause().await;
+        c.kill9();
+        pause().await;
+        c.start().await;
+        pause().await;
+        nats.stop();
+        pause().await;
+        nats.restart();
+        if round == 1 {
+            // A writing node too, while the server is back.
+            pause().await;
+            a.kill9();
+            pause().await;
+            a.start().await;
+            admins.lock().unwrap()[0] = a.admin;
+        }
+    }
+    // Writes resume once every node is back on the stream.
+    for n in [&a, &b, &c] {
+        wait_until(Duration::from_secs(20), "reconnected", || async {
+            n.metric("icp_gate_fleet_connected").await == 1.0
+        })
+        .await;
+    }
+    let before = acknowledged.lock().unwrap().len();
+    wait_until(
+        Duration::from_secs(20),
+        "writes acknowledged again",
+        || async { acknowledged.lock().unwrap().len() > before + 20 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let state = converged(&[&a, &b, &c], Duration::from_secs(20)).await;
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    eprintln!("{} acknowledged; {state}", acknowledged.len());
+    for n in [&a, &b, &c] {
+        for domain in &acknowledged {
+            let (status, body) = api(
+                n.admin,
+                "GET",
+                &format!("/v1/registry/entries/{domain}"),
+                "",
+            )
+            .await;
+            assert_eq!(status, 200, "{} lost {domain}: {body}", n.name);
+        }
+    }
+}
