@@ -279,16 +279,35 @@ async fn writes_that_would_gut_the_registry_are_refused_and_logged() {
         "{answer}"
     );
 
-    // Every refusal left a line.
-    let lines = proc
-        .received("refused a write that would remove more entries than admin.max_shrink allows");
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    assert_eq!(lines[0]["level"], "WARN");
-    assert_eq!(
-        proc.received("refused a full replace with no entries")
-            .len(),
-        3
+    // Every refusal left a line (the log is written by a thread of its own: wait for it).
+    let lines = lines_with(
+        &mut proc,
+        "refused a write that would remove more entries than admin.max_shrink allows",
+        3,
     );
+    assert_eq!(lines[0]["level"], "WARN");
+    lines_with(&mut proc, "refused a full replace with no entries", 3);
+    // And an audit line for each of the ten writes, the three refused among them.
+    let audit = lines_with(&mut proc, "registry write", 10);
+    let shrink = audit.iter().filter(|l| l["result"] == "shrink").count();
+    assert_eq!(shrink, 3, "{audit:?}");
+}
+
+/// Waits until `n` lines with `msg` have arrived, and returns them all.
+fn lines_with(proc: &mut Proc, msg: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines = proc.received(msg);
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} {msg:?} lines",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1003,13 +1022,27 @@ async fn most_blocked_hosts_in_bounded_memory_under_a_flood_of_random_names() {
     let rss_before = rss_kib(proc.pid());
     let sent = round(&mut state);
     let total = sent.len();
+    // The sketch is drained every 20 ms: wait until every block is counted (or dropped).
+    let settled = |expected: u64| async move {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let a = blocked("?top=3").await;
+            let seen = a["blocks"].as_u64().unwrap() + a["dropped"].as_u64().unwrap();
+            if seen >= expected {
+                return a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{seen} of {expected} blocks counted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     assert_eq!(flood(http, sent, 4).await, total, "every name is blocked");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let first = blocked("?top=3").await;
+    let first = settled(total as u64).await;
     let sent = round(&mut state);
     assert_eq!(flood(http, sent, 4).await, total);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let answer = blocked("?top=3").await;
+    let answer = settled(2 * total as u64).await;
     let rss_after = rss_kib(proc.pid());
 
     // Bounded: 40 000 distinct names, a few thousand keys held.
