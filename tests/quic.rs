@@ -79,3 +79,314 @@ fn check_accepts_a_quic_listener_and_names_a_missing_quic_origin() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("route[0].quic_origin: required"), "{err}");
 }
+
+#[test]
+fn explain_answers_for_a_quic_config_as_for_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &quic_config("127.0.0.1:9443".parse().unwrap(), ""),
+    );
+    let explain = |host: &str| {
+        let out = Command::new(BIN)
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args([host, "--dst", "127.0.0.1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = explain("www.filed.cn");
+    assert!(
+        out.contains("decision:    allow") && out.contains("reason:      filed"),
+        "{out}"
+    );
+    let out = explain("www.unfiled.cn");
+    assert!(
+        out.contains("decision:    block") && out.contains("reason:      unfiled"),
+        "{out}"
+    );
+}
+
+// ---- real QUIC endpoints through the proxy -------------------------------------------------
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::pki::Pki;
+use common::{Gate, http1};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::net::UdpSocket;
+
+const FILED: &str = "www.filed.cn";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A QUIC origin (quinn) answering each bidirectional stream with
+/// `origin <sni> got <request>`; counts the connections it accepted.
+struct QuicOrigin {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl QuicOrigin {
+    fn start(pki: &Pki, names: &[&str], alpn: &[Vec<u8>]) -> QuicOrigin {
+        let (chain, key, _, _) = pki.leaf(names);
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tls.alpn_protocols = alpn.to_vec();
+        let crypto = QuicServerConfig::try_from(tls).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (ep, count) = (endpoint.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let sni = conn
+                        .handshake_data()
+                        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                        .and_then(|d| d.server_name)
+                        .unwrap_or_default();
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let sni = sni.clone();
+                        tokio::spawn(async move {
+                            let request = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                            let answer =
+                                format!("origin {sni} got {}", String::from_utf8_lossy(&request));
+                            let _ = send.write_all(answer.as_bytes()).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        });
+                    }
+                });
+            }
+        });
+        QuicOrigin {
+            addr,
+            connections,
+            _endpoint: endpoint,
+        }
+    }
+}
+
+/// A client endpoint trusting `pki`, offering `alpn`, giving up after `idle` of silence.
+fn client(pki: &Pki, alpn: &[Vec<u8>], idle: Duration) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.to_vec();
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(idle.try_into().unwrap()));
+    config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    (endpoint, config)
+}
+
+/// One request on a new bidirectional stream; the answer, read to its end.
+async fn exchange(conn: &quinn::Connection, request: &str) -> Result<String, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8(answer).unwrap())
+}
+
+async fn gate(origin: SocketAddr, extra: &str) -> (Gate, SocketAddr) {
+    let gate = Gate::start(&quic_config(origin, extra)).await;
+    let addr = gate.server.listener_addr("quic").await.unwrap();
+    (gate, addr)
+}
+
+/// A UDP socket standing in for an origin, to see whether anything at all reaches it.
+async fn udp_spy() -> (UdpSocket, SocketAddr) {
+    let spy = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = spy.local_addr().unwrap();
+    (spy, addr)
+}
+
+async fn nothing_arrives(spy: &UdpSocket, wait: Duration) -> bool {
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(wait, spy.recv_from(&mut buf))
+        .await
+        .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filed_name_reaches_its_http3_origin_end_to_end() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("the origin's handshake completes through the proxy");
+    for i in 0..3 {
+        let answer = exchange(&conn, &format!("request {i}")).await.unwrap();
+        assert_eq!(answer, format!("origin {FILED} got request {i}"));
+    }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(gate.server.live_tunnels(), 1, "registered for revocation");
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
+        r#"icp_gate_quic_flows_active{listener="quic"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfiled_name_is_refused_at_once_with_close_and_nothing_reaches_the_origin() {
+    let pki = Pki::new();
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "").await;
+    let (endpoint, config) = client(&pki, &[b"h3".to_vec()], Duration::from_secs(10));
+    let started = Instant::now();
+    let err = endpoint
+        .connect_with(config, addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect_err("an unfiled name must not connect");
+    let took = started.elapsed();
+    match &err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close:?}"
+            );
+            assert_eq!(&close.reason[..], b"icp-gate: unfiled");
+        }
+        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(nothing_arrives(&spy, Duration::from_millis(300)).await);
+    assert_eq!(gate.server.live_tunnels(), 0);
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_drop_sends_nothing_to_either_side() {
+    let pki = Pki::new();
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "[quic]\nblock = \"drop\"\n").await;
+    let (endpoint, config) = client(&pki, &[b"h3".to_vec()], Duration::from_millis(1500));
+    let err = endpoint
+        .connect_with(config, addr, "gone.cn")
+        .unwrap()
+        .await
+        .expect_err("a revoked name must not connect");
+    assert!(
+        matches!(err, quinn::ConnectionError::TimedOut),
+        "the client hears nothing: {err:?}"
+    );
+    assert!(nothing_arrives(&spy, Duration::from_millis(100)).await);
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="revoked"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    assert!(
+        metrics
+            .contains(r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="blocked"}"#),
+        "{metrics}"
+    );
+}
+
+/// Hundreds of ALPN values make a ClientHello of several kilobytes, which the client has to
+/// send in several Initial packets: it is reassembled, decided and relayed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_spanning_several_initials_is_reassembled() {
+    let pki = Pki::new();
+    let many: Vec<Vec<u8>> = (0..400)
+        .map(|i| format!("proto-{i:05}").into_bytes())
+        .collect();
+    let origin = QuicOrigin::start(&pki, &[FILED], &[b"proto-00399".to_vec()]);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &many, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("connects through the proxy");
+    assert_eq!(
+        exchange(&conn, "big hello").await.unwrap(),
+        format!("origin {FILED} got big hello")
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// Revoking a filed name ends its live QUIC flows within a second: nothing more reaches the
+/// origin, and the stream the client opens afterwards gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_name_cuts_its_live_flows_within_a_second() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "before").await.is_ok());
+    assert_eq!(gate.server.live_tunnels(), 1);
+
+    let entry = r#"{"domain":"filed.cn","icp":"京ICP备00000001号-1","status":"revoked","access_here":true}"#;
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let (code, _, body) = http1(
+        gate.admin,
+        "PUT",
+        "/v1/registry/entries/filed.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let revoked = Instant::now();
+    while gate.server.live_tunnels() > 0 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "the flow outlived the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "{after:?}");
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"icp_gate_quic_flows_active{listener="quic"} 0"#),
+        "{metrics}"
+    );
+}
