@@ -390,3 +390,76 @@ async fn revoking_a_name_cuts_its_live_flows_within_a_second() {
         "{metrics}"
     );
 }
+
+/// UDP sockets of process `pid` bound to `port`.
+fn udp_sockets(pid: u32, port: u16) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[1].ends_with(&local) && inodes.iter().any(|i| i == f[9]))
+        .count()
+}
+
+/// The real binary with three per-thread workers: each has its own `SO_REUSEPORT` UDP socket,
+/// flows from many client ports (hashed over the sockets) are each decided and relayed, each
+/// flow has its access-log line, and SIGTERM exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_workers_each_serve_a_udp_socket_and_log_each_flow() {
+    use common::process::Proc;
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &quic_config(origin.addr, ""));
+    let mut proc = Proc::start_with(&path, &["--threads", "3", "--runtime", "per-thread"]);
+    let addr: SocketAddr = loop {
+        let line = proc.wait_for("listening");
+        if line["listener"] == "quic" {
+            break line["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    proc.wait_for("ready");
+    assert_eq!(udp_sockets(proc.pid(), addr.port()), 3);
+
+    let clients = (0..12).map(|i| {
+        let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+        tokio::spawn(async move {
+            let conn = endpoint
+                .connect_with(config, addr, FILED)
+                .unwrap()
+                .await
+                .unwrap();
+            let answer = exchange(&conn, &format!("client {i}")).await.unwrap();
+            conn.close(0u32.into(), b"");
+            endpoint.wait_idle().await;
+            answer
+        })
+    });
+    for (i, c) in clients.collect::<Vec<_>>().into_iter().enumerate() {
+        assert_eq!(c.await.unwrap(), format!("origin {FILED} got client {i}"));
+    }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 12);
+    let line = proc.access_line(FILED);
+    assert_eq!(line["listener"], "quic");
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["reason"], "filed");
+    assert_eq!(line["dst"], addr.to_string());
+
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
