@@ -1,5 +1,5 @@
 //! The QUIC listener (`kind = "quic"`): decides each flow on the SNI of the client's Initial
-//! packets without terminating QUIC (docs/behaviour.md#quic-http3).
+//! packets without terminating QUIC (docs/behaviour.md#quic-http3-sni-from-the-initial-packets).
 //!
 //! One task per listening socket owns a bounded flow table keyed by the client's address. A new
 //! flow must start with an Initial packet in a datagram of at least 1 200 bytes; its datagrams are
