@@ -463,3 +463,98 @@ async fn per_thread_workers_each_serve_a_udp_socket_and_log_each_flow() {
     proc.signal(libc::SIGTERM);
     assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A flood of Initials from 400 addresses — random bytes that do not decrypt, and genuine
+/// Initials whose ClientHello never completes, sent again and again — keeps the flow table at
+/// `quic.max_flows` (the oldest undecided flows make way), holds memory bounded, never reaches the
+/// origin, and a filed client connecting in the middle of it still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_initials_keeps_state_bounded_and_filed_flows_working() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nmax_flows = 200\n").await;
+    let rss_before = rss_kib();
+
+    let mut sockets = Vec::new();
+    for ip in 10..26u8 {
+        for _ in 0..25 {
+            sockets.push(
+                UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, ip), 0))
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    // The first 600 bytes of a 4 KiB ClientHello: never complete.
+    let partial = [&[1u8, 0, 0x10, 0][..], &[0x42; 596]].concat();
+    let frames = [crypto_frame(0, &partial), vec![0; 600]].concat();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..20u16 {
+            for (i, s) in sockets.iter().enumerate() {
+                let dcid = (i as u64).to_be_bytes();
+                let genuine = client_initial(Version::V1, &dcid, &[1, 2, 3, 4], round, &frames);
+                let mut random = vec![0u8; 1200];
+                for chunk in random.chunks_mut(8) {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    chunk.copy_from_slice(&seed.to_be_bytes()[..chunk.len()]);
+                }
+                random[0] = 0xc0 | (random[0] & 0x0f);
+                random[1..5].copy_from_slice(&1u32.to_be_bytes());
+                random[5] = 8;
+                random[14] = 0;
+                let _ = s.send_to(&genuine, addr).await;
+                let _ = s.send_to(&random, addr).await;
+                sent += 2;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("a filed client gets through the flood");
+    assert_eq!(
+        exchange(&conn, "during the flood").await.unwrap(),
+        format!("origin {FILED} got during the flood")
+    );
+    let sent = flood.await.unwrap();
+    assert_eq!(sent, 16_000);
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        1,
+        "only the filed client"
+    );
+
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
+    let metrics = gate.metrics().await;
+    for reason in ["undecryptable", "evicted"] {
+        let line = format!(
+            r#"icp_gate_quic_datagrams_dropped_total{{listener="quic",reason="{reason}"}}"#
+        );
+        assert!(metrics.contains(&line), "missing {line}\n{metrics}");
+    }
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}

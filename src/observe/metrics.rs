@@ -56,6 +56,9 @@ pub(crate) enum QuicDrop {
     SourceLimit,
     /// More than an undecided flow may hold.
     HeldLimit,
+    /// Held by an undecided flow evicted to make room (`quic.max_flows`, or the memory bound of
+    /// undecided flows).
+    Evicted,
     /// Of a flow that was blocked (held ones included).
     Blocked,
     /// Held by a flow whose ClientHello was not complete within `quic.initial_timeout`.
@@ -67,7 +70,7 @@ pub(crate) enum QuicDrop {
 }
 
 impl QuicDrop {
-    pub(crate) const ALL: [QuicDrop; 11] = [
+    pub(crate) const ALL: [QuicDrop; 12] = [
         QuicDrop::NotQuic,
         QuicDrop::UnknownVersion,
         QuicDrop::ShortInitial,
@@ -75,6 +78,7 @@ impl QuicDrop {
         QuicDrop::MaxFlows,
         QuicDrop::SourceLimit,
         QuicDrop::HeldLimit,
+        QuicDrop::Evicted,
         QuicDrop::Blocked,
         QuicDrop::Undecided,
         QuicDrop::Draining,
@@ -90,6 +94,7 @@ impl QuicDrop {
             QuicDrop::MaxFlows => "max_flows",
             QuicDrop::SourceLimit => "source_limit",
             QuicDrop::HeldLimit => "held_limit",
+            QuicDrop::Evicted => "evicted",
             QuicDrop::Blocked => "blocked",
             QuicDrop::Undecided => "undecided",
             QuicDrop::Draining => "draining",

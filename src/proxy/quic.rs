@@ -15,7 +15,7 @@
 //! connection from the same address, or the client's answer to a Retry) is decided afresh before
 //! any of it is relayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +46,9 @@ const MAX_HELD_BYTES: usize = 64 * 1024;
 /// Undecided flows one source address may have at once (clients behind one NAT share it, and a
 /// flow is undecided for about a round trip at most).
 pub(crate) const MAX_PENDING_PER_SOURCE: usize = 256;
+/// Memory all undecided flows of one socket may hold (datagrams and CRYPTO buffers); past it the
+/// oldest undecided flows are evicted. With `quic.max_flows` it bounds a flood's state.
+pub(crate) const PENDING_BUDGET: usize = 32 << 20;
 
 /// Serves one listening socket until `stop` or the drain: then it takes no new flow, and returns
 /// once its allowed flows have ended (idle, revoked, or the process exits).
@@ -71,6 +74,8 @@ pub(crate) async fn serve(
         shared,
         flows: HashMap::new(),
         pending_per_source: HashMap::new(),
+        pending_cost: 0,
+        order: VecDeque::new(),
         events: events_tx,
         next_id: 0,
     };
@@ -104,6 +109,11 @@ struct Listener {
     flows: HashMap<SocketAddr, Flow>,
     /// Undecided flows by source address, for [`MAX_PENDING_PER_SOURCE`].
     pending_per_source: HashMap<IpAddr, usize>,
+    /// Memory held by undecided flows, for [`PENDING_BUDGET`].
+    pending_cost: usize,
+    /// Undecided and refused flows, oldest first (by serial), the ones evicted to make room.
+    /// Entries whose flow has moved on are skipped and swept.
+    order: VecDeque<(SocketAddr, u64)>,
     events: mpsc::UnboundedSender<Event>,
     next_id: u64,
 }
@@ -115,28 +125,49 @@ enum Flow {
     /// A refused flow, remembered until `until` so that the rest of its first flight is dropped
     /// (and answered with `close` again when it is an Initial) rather than decided once more.
     Refused {
+        serial: u64,
         until: Instant,
         dcid: Vec<u8>,
         close: Option<Vec<u8>>,
     },
 }
 
+impl Flow {
+    /// The eviction-order serial of an undecided or refused flow.
+    fn evictable(&self) -> Option<u64> {
+        match self {
+            Flow::Pending(p) => Some(p.serial),
+            Flow::Refused { serial, .. } => Some(*serial),
+            Flow::Allowed(_) => None,
+        }
+    }
+}
+
 /// A flow whose ClientHello is not complete yet.
 struct Pending {
+    serial: u64,
     reader: InitialReader,
     held: Vec<Vec<u8>>,
     held_bytes: usize,
     started: Instant,
+    /// What it held when last counted in `Listener::pending_cost`.
+    cost: usize,
 }
 
 impl Pending {
-    fn new(max_crypto: usize) -> Pending {
+    fn new(serial: u64, max_crypto: usize) -> Pending {
         Pending {
+            serial,
             reader: InitialReader::new(max_crypto),
             held: Vec::new(),
             held_bytes: 0,
             started: Instant::now(),
+            cost: 0,
         }
+    }
+
+    fn current_cost(&self) -> usize {
+        self.held_bytes + self.reader.buffered()
     }
 
     fn hold(&mut self, datagram: &[u8]) -> bool {
@@ -254,10 +285,13 @@ impl Listener {
                     }
                     if !matches!(fed.read, Read::Incomplete) {
                         self.settle_pending(from, Settle::Read(fed.read), &spec);
+                        return;
                     }
                 } else if !pending.hold(datagram) {
                     metrics.quic_dropped(QuicDrop::HeldLimit, 1);
                 }
+                self.recost(from);
+                self.make_room(0, metrics);
             }
             Flow::Allowed(allowed) => {
                 if allowed.stop.is_cancelled() {
@@ -286,7 +320,9 @@ impl Listener {
                 }
                 relay_to_origin(allowed, datagram, metrics);
             }
-            Flow::Refused { until, dcid, close } => {
+            Flow::Refused {
+                until, dcid, close, ..
+            } => {
                 if *until <= Instant::now() {
                     self.end_flow(from);
                     self.new_flow(from, datagram, &head, closing, &spec);
@@ -344,12 +380,8 @@ impl Listener {
             metrics.quic_dropped(QuicDrop::Draining, 1);
             return;
         }
-        let generation = self.shared.generation.load();
+        let generation = self.shared.generation.load_full();
         let config = &generation.config;
-        if self.flows.len() >= config.quic.max_flows {
-            metrics.quic_dropped(QuicDrop::MaxFlows, 1);
-            return;
-        }
         let per_source = self
             .pending_per_source
             .get(&from.ip())
@@ -359,24 +391,64 @@ impl Listener {
             metrics.quic_dropped(QuicDrop::SourceLimit, 1);
             return;
         }
-        let mut pending = Pending::new(config.tls.max_client_hello);
+        self.next_id += 1;
+        let mut pending = Pending::new(self.next_id, config.tls.max_client_hello);
         let fed = pending.reader.feed(datagram);
         if !fed.accepted {
             metrics.quic_dropped(QuicDrop::Undecryptable, 1);
             return;
         }
+        // Room for one more: the oldest undecided or refused flows make way (a ClientHello that
+        // fits one datagram, as nearly all do, is decided on arrival and never waits).
+        if !self.make_room(1, metrics) {
+            metrics.quic_dropped(QuicDrop::MaxFlows, 1);
+            return;
+        }
         pending.hold(datagram);
         *self.pending_per_source.entry(from.ip()).or_default() += 1;
+        self.order.push_back((from, pending.serial));
         self.flows.insert(from, Flow::Pending(Box::new(pending)));
         if !matches!(fed.read, Read::Incomplete) {
             self.settle_pending(from, Settle::Read(fed.read), spec);
+            return;
         }
+        self.recost(from);
+        self.make_room(0, metrics);
+    }
+
+    /// Updates `pending_cost` for the undecided flow of `client`.
+    fn recost(&mut self, client: SocketAddr) {
+        if let Some(Flow::Pending(p)) = self.flows.get_mut(&client) {
+            let now = p.current_cost();
+            self.pending_cost = self.pending_cost - p.cost + now;
+            p.cost = now;
+        }
+    }
+
+    /// Evicts the oldest undecided or refused flows until `extra` more flows fit in
+    /// `quic.max_flows` and undecided flows hold at most [`PENDING_BUDGET`]. `false` when that
+    /// is not possible (every flow is being relayed).
+    fn make_room(&mut self, extra: usize, metrics: &ListenerMetrics) -> bool {
+        let max_flows = self.shared.generation.load().config.quic.max_flows;
+        while self.flows.len() + extra > max_flows || self.pending_cost > PENDING_BUDGET {
+            let Some((client, serial)) = self.order.pop_front() else {
+                return false;
+            };
+            if self.flows.get(&client).and_then(Flow::evictable) != Some(serial) {
+                continue; // moved on
+            }
+            if let Some(Flow::Pending(p)) = self.end_flow(client) {
+                metrics.quic_dropped(QuicDrop::Evicted, p.held.len() as u64);
+            }
+        }
+        true
     }
 
     /// Removes `client`'s flow, keeping the per-source count of undecided flows right.
     fn end_flow(&mut self, client: SocketAddr) -> Option<Flow> {
         let flow = self.flows.remove(&client)?;
-        if matches!(flow, Flow::Pending(_)) {
+        if let Flow::Pending(p) = &flow {
+            self.pending_cost -= p.cost;
             self.pending_done(client.ip());
         }
         if let Flow::Allowed(a) = &flow {
@@ -453,9 +525,12 @@ impl Listener {
 
     fn refuse(&mut self, client: SocketAddr, close: Option<Vec<u8>>, until: Instant, dcid: &[u8]) {
         self.end_flow(client);
+        self.next_id += 1;
+        self.order.push_back((client, self.next_id));
         self.flows.insert(
             client,
             Flow::Refused {
+                serial: self.next_id,
                 until,
                 dcid: dcid.to_vec(),
                 close,
@@ -588,7 +663,7 @@ impl Listener {
         let fresh = allowed.recheck.is_none();
         let pending = allowed
             .recheck
-            .get_or_insert_with(|| Pending::new(max_crypto));
+            .get_or_insert_with(|| Pending::new(0, max_crypto));
         let fed = pending.reader.feed(datagram);
         if !fed.accepted && !matches!(fed.read, Read::Invalid(_)) {
             if fresh {
@@ -664,6 +739,13 @@ impl Listener {
         }
         for client in gone {
             self.end_flow(client);
+        }
+        // Forget eviction entries whose flow has moved on (decided, allowed, gone).
+        while let Some(&(client, serial)) = self.order.front() {
+            if self.flows.get(&client).and_then(Flow::evictable) == Some(serial) {
+                break;
+            }
+            self.order.pop_front();
         }
         for client in late {
             if let Some(Flow::Pending(p)) = self.flows.get(&client) {

@@ -42,6 +42,8 @@ const SAMPLE_LEN: usize = 16;
 const TAG_LEN: usize = 16;
 /// Initial packets one reader decrypts at most: a 16 KiB ClientHello fills about 15.
 const MAX_PACKETS: usize = 64;
+/// Packet buffer capacity a reader keeps between datagrams.
+const SCRATCH_KEPT: usize = 2048;
 /// Separate pieces of the CRYPTO stream held at once.
 const MAX_RANGES: usize = 64;
 
@@ -279,6 +281,13 @@ impl InitialReader {
         self.conn.as_ref().map(|c| c.scid.as_slice())
     }
 
+    /// Bytes this reader holds (the CRYPTO stream so far and its packet buffer), for callers that
+    /// bound the memory of many readers together.
+    #[must_use]
+    pub fn buffered(&self) -> usize {
+        self.crypto.buf.capacity() + self.scratch.capacity()
+    }
+
     /// Reads the Initial packets of one datagram from the client. Other packets (0-RTT,
     /// Handshake, short header) are skipped unread. Once the answer is `Done`, later datagrams are
     /// still checked: CRYPTO data that contradicts the ClientHello turns it into `Invalid`.
@@ -296,6 +305,10 @@ impl InitialReader {
                 false
             }
         };
+        if self.scratch.capacity() > SCRATCH_KEPT {
+            // A jumbo datagram's copy is not kept for the next one.
+            self.scratch = Vec::new();
+        }
         let read = match &self.outcome {
             Some(outcome) => outcome.clone(),
             None if accepted => match self.try_finish() {
