@@ -558,3 +558,62 @@ async fn a_flood_of_initials_keeps_state_bounded_and_filed_flows_working() {
     let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
     assert!(metrics.contains(line), "missing {line}\n{metrics}");
 }
+
+/// One client socket, several connections (quinn multiplexes them on one endpoint, as a client
+/// may): a second filed name goes through the same flow, an unfiled one is refused at once
+/// without disturbing the others, and nothing of it reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_sharing_a_client_socket_are_each_decided() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED, "x.gov.cn", "www.unfiled.cn"], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let first = endpoint
+        .connect_with(config.clone(), addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&first, "one").await.is_ok());
+
+    let err = endpoint
+        .connect_with(config.clone(), addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect_err("unfiled");
+    assert!(
+        matches!(&err, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{err:?}"
+    );
+    assert_eq!(
+        exchange(&first, "two").await.unwrap(),
+        format!("origin {FILED} got two")
+    );
+
+    let second = endpoint
+        .connect_with(config, addr, "x.gov.cn")
+        .unwrap()
+        .await
+        .expect("a second filed name on the same client socket");
+    assert_eq!(
+        exchange(&second, "three").await.unwrap(),
+        "origin x.gov.cn got three"
+    );
+    assert_eq!(
+        exchange(&first, "four").await.unwrap(),
+        format!("origin {FILED} got four")
+    );
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        2,
+        "never the unfiled one"
+    );
+    assert_eq!(gate.server.live_tunnels(), 2, "both names registered");
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+}

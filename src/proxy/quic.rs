@@ -46,6 +46,8 @@ const MAX_HELD_BYTES: usize = 64 * 1024;
 /// Undecided flows one source address may have at once (clients behind one NAT share it, and a
 /// flow is undecided for about a round trip at most).
 pub(crate) const MAX_PENDING_PER_SOURCE: usize = 256;
+/// Names besides the first that connections on one flow may be allowed for.
+const MAX_NAMES_PER_FLOW: usize = 16;
 /// Memory all undecided flows of one socket may hold (datagrams and CRYPTO buffers); past it the
 /// oldest undecided flows are evicted. With `quic.max_flows` it bounds a flood's state.
 pub(crate) const PENDING_BUDGET: usize = 32 << 20;
@@ -195,12 +197,20 @@ struct Allowed {
     /// Milliseconds since `epoch` of the last datagram either way.
     activity: Arc<AtomicU64>,
     epoch: Instant,
-    /// The reader that decided the flow, still fed the client's Initials under its connection ID.
-    reader: InitialReader,
+    /// The client's first Destination Connection ID, which its Initials keep until the server
+    /// answers.
+    original_dcid: Vec<u8>,
+    /// The reader that decided the flow, still fed the client's Initials under that ID; dropped
+    /// once the client sends Handshake or 1-RTT packets (it has then discarded its Initial keys,
+    /// and the server does so on receiving them).
+    reader: Option<InitialReader>,
     /// A connection started under another Destination Connection ID, being decided.
     recheck: Option<Pending>,
-    /// What decided the flow, for a recheck's access-log line.
+    /// The name that opened the flow (its tunnel registration is the flow task's).
     sni: String,
+    /// Registrations of the other names that connections on this flow were allowed for (one
+    /// client socket, several connections): revoking any of them stops the whole flow.
+    more_names: Vec<TunnelGuard>,
 }
 
 impl Allowed {
@@ -307,16 +317,32 @@ impl Listener {
                     ..
                 } = head
                 {
-                    if allowed.recheck.is_some() || allowed.reader.original_dcid() != Some(dcid) {
+                    if allowed.recheck.is_some() || allowed.original_dcid != dcid {
                         self.recheck(from, datagram, &spec);
                         return;
                     }
-                    if let Read::Invalid(why) = allowed.reader.feed(datagram).read {
+                    let changed = allowed
+                        .reader
+                        .as_mut()
+                        .map(|r| r.feed(datagram).read)
+                        .filter(|read| matches!(read, Read::Invalid(_)));
+                    if let Some(Read::Invalid(why)) = changed {
                         debug!(client = %from, why, "allowed flow's client hello changed: cut");
                         metrics.quic_dropped(QuicDrop::Blocked, 1);
                         self.refuse(from, None, Instant::now() + Duration::from_secs(10), &[]);
                         return;
                     }
+                } else if allowed.reader.is_some()
+                    && matches!(
+                        head,
+                        Peek::Short
+                            | Peek::Long {
+                                kind: quic::LongType::Handshake,
+                                ..
+                            }
+                    )
+                {
+                    allowed.reader = None;
                 }
                 relay_to_origin(allowed, datagram, metrics);
             }
@@ -643,9 +669,11 @@ impl Listener {
                 stop,
                 activity,
                 epoch,
-                reader: pending.reader,
+                original_dcid: pending.reader.original_dcid().unwrap_or_default().to_vec(),
+                reader: Some(pending.reader),
                 recheck: None,
                 sni: d.sni,
+                more_names: Vec::new(),
             })),
         );
     }
@@ -689,35 +717,31 @@ impl Listener {
         let Some(Flow::Allowed(allowed)) = self.flows.get_mut(&client) else {
             return;
         };
-        // The flow's tunnel registration covers its first name only: a different name that is
-        // allowed starts over as a flow of its own, through a new origin socket.
-        if d.decision.forwards() && d.sni == sni_before {
+        let room = allowed.more_names.len() < MAX_NAMES_PER_FLOW;
+        if d.decision.forwards() && (d.sni == sni_before || room) {
+            // A Retry answered, or another connection from the same client socket: on through
+            // the same origin socket (a Retry token is bound to its address). Another name is
+            // registered too, so that its revocation stops the flow.
+            if let Some(r) = d.registrable.as_deref().filter(|_| d.sni != sni_before) {
+                let guard =
+                    self.shared
+                        .tunnels
+                        .register(&d.sni, r, self.local.ip(), allowed.stop.clone());
+                allowed.more_names.push(guard);
+            }
             for held in &pending.held {
                 relay_to_origin(allowed, held, metrics);
             }
-            allowed.reader = pending.reader;
+            allowed.original_dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
+            allowed.reader = Some(pending.reader);
             return;
         }
+        // Refused: nothing of the new connection reached the origin. The flow already relayed
+        // stays, so that an Initial spoofed from a client's address cannot end its connection.
         metrics.quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
-        let close = self.close_for(&d, &pending.reader, &generation.config.quic);
-        if let Some(close) = &close {
-            let _ = self.socket.try_send_to(close, client);
+        if let Some(close) = self.close_for(&d, &pending.reader, &generation.config.quic) {
+            let _ = self.socket.try_send_to(&close, client);
         }
-        let dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
-        if d.decision.forwards() {
-            // Allowed under another name: its own flow, its own origin socket.
-            self.end_flow(client);
-            if let Some(origin) = d.origin.clone() {
-                self.allow(client, pending, d, origin, &generation, spec);
-            }
-            return;
-        }
-        self.refuse(
-            client,
-            close,
-            Instant::now() + generation.config.quic.initial_timeout,
-            &dcid,
-        );
     }
 
     /// Times out undecided flows, forgets refused ones, and removes flows whose task ended.
