@@ -136,6 +136,11 @@ struct QuicOrigin {
 
 impl QuicOrigin {
     fn start(pki: &Pki, names: &[&str], alpn: &[Vec<u8>]) -> QuicOrigin {
+        QuicOrigin::launch(pki, names, alpn, false)
+    }
+
+    /// `retry`: answer every first Initial with a Retry, as a server validating addresses does.
+    fn launch(pki: &Pki, names: &[&str], alpn: &[Vec<u8>], retry: bool) -> QuicOrigin {
         let (chain, key, _, _) = pki.leaf(names);
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -152,6 +157,10 @@ impl QuicOrigin {
         let (ep, count) = (endpoint.clone(), connections.clone());
         tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
+                if retry && !incoming.remote_address_validated() {
+                    let _ = incoming.retry();
+                    continue;
+                }
                 let count = count.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
@@ -616,4 +625,106 @@ async fn connections_sharing_a_client_socket_are_each_decided() {
     ] {
         assert!(metrics.contains(line), "missing {line}\n{metrics}");
     }
+}
+
+/// An origin that validates addresses with a Retry: the Retry is relayed to the client, whose
+/// new Initial (under the Retry's connection ID, with new keys) is decided again and goes out
+/// through the same origin socket, so the token validates and the connection completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_retry_is_relayed_and_the_connection_completes() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::launch(&pki, &[FILED], &h3, true);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("connects after the Retry");
+    assert_eq!(
+        exchange(&conn, "after retry").await.unwrap(),
+        format!("origin {FILED} got after retry")
+    );
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+    let metrics = gate.metrics().await;
+    // The first flight, then the one answering the Retry: both decided, both allowed.
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// A UDP hop in front of `to` that delivers the client's first `n` datagrams in reverse order
+/// (then the rest as they come) and relays the answers back: the network reordering a first
+/// flight.
+async fn reversing_hop(
+    to: SocketAddr,
+    n: usize,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let mut reversed = false;
+        let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                Ok((len, from)) = front.recv_from(&mut a) => {
+                    client = Some(from);
+                    if reversed {
+                        let _ = back.send(&a[..len]).await;
+                        continue;
+                    }
+                    held.push(a[..len].to_vec());
+                    if held.len() == n {
+                        for d in held.drain(..).rev() {
+                            let _ = back.send(&d).await;
+                        }
+                        reversed = true;
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                }
+                Ok(len) = back.recv(&mut b) => {
+                    if let Some(c) = client {
+                        let _ = front.send_to(&b[..len], c).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, done)
+}
+
+/// A ClientHello of several Initial datagrams that arrive in reverse order is reassembled by
+/// offset, decided once whole, and relayed in the order received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_flight_arriving_in_reverse_order_is_reassembled() {
+    let pki = Pki::new();
+    let many: Vec<Vec<u8>> = (0..400)
+        .map(|i| format!("proto-{i:05}").into_bytes())
+        .collect();
+    let origin = QuicOrigin::start(&pki, &[FILED], &[b"proto-00399".to_vec()]);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (hop, reversed) = reversing_hop(addr, 3).await;
+    let (endpoint, config) = client(&pki, &many, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, hop, FILED)
+        .unwrap()
+        .await
+        .expect("connects through the reordering hop and the proxy");
+    assert!(
+        reversed.load(Ordering::SeqCst),
+        "the first three datagrams went out reversed"
+    );
+    assert_eq!(
+        exchange(&conn, "reordered").await.unwrap(),
+        format!("origin {FILED} got reordered")
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
 }
