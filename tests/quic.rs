@@ -728,3 +728,81 @@ async fn a_first_flight_arriving_in_reverse_order_is_reassembled() {
     let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
     assert!(metrics.contains(line), "missing {line}\n{metrics}");
 }
+
+/// Report mode on QUIC: an unfiled name is relayed end to end, and counted and logged with its
+/// would-be reason as `report`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_relays_an_unfiled_name_and_counts_it() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &["www.unfiled.cn"], &h3);
+    let (gate, addr) = gate(origin.addr, "[policy]\nmode = \"report\"\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect("report mode relays");
+    assert_eq!(
+        exchange(&conn, "reported").await.unwrap(),
+        "origin www.unfiled.cn got reported"
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="report",listener="quic",reason="unfiled"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// A quic listener added by a reload binds its UDP socket and serves; removed again, it takes
+/// no new flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_listener_added_by_reload_serves() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let without = quic_config(origin.addr, "").replace(
+        "[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\nkind = \"quic\"\n",
+        "",
+    );
+    let gate = Gate::start(&without).await;
+    assert!(gate.server.listener_addr("quic").await.is_none());
+    let path = gate.config_path();
+    std::fs::write(
+        &path,
+        quic_config(origin.addr, "").replace("{dir}", &gate.dir.path().display().to_string()),
+    )
+    .unwrap();
+    gate.server
+        .reload(icp_gate::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let addr = gate
+        .server
+        .listener_addr("quic")
+        .await
+        .expect("bound by the reload");
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "after reload").await.is_ok());
+    conn.close(0u32.into(), b"");
+
+    std::fs::write(
+        &path,
+        without.replace("{dir}", &gate.dir.path().display().to_string()),
+    )
+    .unwrap();
+    gate.server
+        .reload(icp_gate::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let (endpoint, short) = client(&pki, &h3, Duration::from_millis(800));
+    let err = endpoint
+        .connect_with(short, addr, FILED)
+        .unwrap()
+        .await
+        .expect_err("the removed listener takes no new flow");
+    assert!(matches!(err, quinn::ConnectionError::TimedOut), "{err:?}");
+}
