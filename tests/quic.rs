@@ -806,3 +806,90 @@ async fn a_quic_listener_added_by_reload_serves() {
         .expect_err("the removed listener takes no new flow");
     assert!(matches!(err, quinn::ConnectionError::TimedOut), "{err:?}");
 }
+
+/// A ClientHello handshake message for `sni`, padded with an unknown extension of `pad` bytes.
+fn hello(sni: &str, pad: usize) -> Vec<u8> {
+    let mut body = vec![3, 3];
+    body.extend([0x11; 32]);
+    body.push(0);
+    body.extend([0, 2, 0x13, 0x01, 1, 0]);
+    let name = sni.as_bytes();
+    let mut ext = vec![0, 0];
+    ext.extend(((name.len() + 5) as u16).to_be_bytes());
+    ext.extend(((name.len() + 3) as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend((name.len() as u16).to_be_bytes());
+    ext.extend(name);
+    ext.extend([0xff, 0x99]);
+    ext.extend((pad as u16).to_be_bytes());
+    ext.extend(std::iter::repeat_n(0x5a, pad));
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let len = (body.len() as u32).to_be_bytes();
+    [&[1u8][..], &len[1..], &body].concat()
+}
+
+/// Frames padded so that the Initial carrying them fills a 1 200-byte datagram.
+fn padded(frames: Vec<u8>) -> Vec<u8> {
+    let mut f = frames;
+    f.resize(f.len().max(1160), 0);
+    f
+}
+
+/// A crafted first flight: the filed name's ClientHello in two Initials, and between them a
+/// datagram whose first packet is a 0-RTT packet, with an Initial behind it carrying another
+/// name's ClientHello at the same offsets. The hidden Initial is read (it contradicts the
+/// first), the flow is refused, and nothing at all reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_hidden_behind_another_packet_is_read_before_anything_is_relayed() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "").await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (dcid, scid) = ([0x11u8; 8], [1u8, 2, 3, 4]);
+    let filed = hello(FILED, 2000);
+    let unfiled = hello("www.unfiled.cn", 2000);
+
+    let first = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        0,
+        &padded(crypto_frame(0, &filed[..1000])),
+    );
+    // A 0-RTT long header (v1 type 1) with an opaque payload, then the hidden Initial.
+    let mut zero_rtt = vec![0xd1, 0, 0, 0, 1, 8];
+    zero_rtt.extend(dcid);
+    zero_rtt.push(4);
+    zero_rtt.extend(scid);
+    zero_rtt.extend([0x40, 40]);
+    zero_rtt.extend([0xaa; 40]);
+    let hidden = [
+        zero_rtt,
+        client_initial(
+            Version::V1,
+            &dcid,
+            &scid,
+            1,
+            &padded(crypto_frame(0, &unfiled[..1000])),
+        ),
+    ]
+    .concat();
+    let rest = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        2,
+        &padded(crypto_frame(1000, &filed[1000..])),
+    );
+    for datagram in [&first, &hidden, &rest] {
+        socket.send_to(datagram, addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(nothing_arrives(&spy, Duration::from_millis(500)).await);
+    let metrics = gate.metrics().await;
+    let line =
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="invalid_sni"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    assert!(!metrics.contains(r#"decision="allow""#), "{metrics}");
+}

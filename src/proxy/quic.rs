@@ -272,8 +272,10 @@ impl Listener {
         let spec = self.spec.load_full();
         let metrics = &spec.metrics;
         let head = quic::peek(datagram);
-        let initial = head.is_initial();
-        if initial && datagram.len() < MIN_INITIAL_DATAGRAM {
+        // Wherever it sits among the coalesced packets (clients put it first; a crafted datagram
+        // need not).
+        let initial = quic::initial_dcid(datagram);
+        if initial.is_some() && datagram.len() < MIN_INITIAL_DATAGRAM {
             // RFC 9000 §14.1: before any cryptography, so a flood of small Initials costs nothing.
             metrics.quic_dropped(QuicDrop::ShortInitial, 1);
             return;
@@ -284,21 +286,17 @@ impl Listener {
         };
         match flow {
             Flow::Pending(pending) => {
-                if initial {
-                    let fed = pending.reader.feed(datagram);
-                    if !fed.accepted && !matches!(fed.read, Read::Invalid(_)) {
-                        metrics.quic_dropped(QuicDrop::Undecryptable, 1);
-                        return;
-                    }
-                    if fed.accepted && !pending.hold(datagram) {
-                        metrics.quic_dropped(QuicDrop::HeldLimit, 1);
-                    }
-                    if !matches!(fed.read, Read::Incomplete) {
-                        self.settle_pending(from, Settle::Read(fed.read), &spec);
-                        return;
-                    }
+                // Every datagram is read: an Initial behind a 0-RTT packet is still an Initial,
+                // and nothing the reader did not read is held (so never relayed).
+                let fed = pending.reader.feed(datagram);
+                if fed.unread {
+                    metrics.quic_dropped(QuicDrop::Undecryptable, 1);
                 } else if !pending.hold(datagram) {
                     metrics.quic_dropped(QuicDrop::HeldLimit, 1);
+                }
+                if !matches!(fed.read, Read::Incomplete) {
+                    self.settle_pending(from, Settle::Read(fed.read), &spec);
+                    return;
                 }
                 self.recost(from);
                 self.make_room(0, metrics);
@@ -311,12 +309,7 @@ impl Listener {
                     return;
                 }
                 allowed.touch();
-                if let Peek::Long {
-                    kind: quic::LongType::Initial,
-                    dcid,
-                    ..
-                } = head
-                {
+                if let Some(dcid) = initial {
                     if allowed.recheck.is_some() || allowed.original_dcid != dcid {
                         self.recheck(from, datagram, &spec);
                         return;
@@ -354,12 +347,7 @@ impl Listener {
                     self.new_flow(from, datagram, &head, closing, &spec);
                     return;
                 }
-                if let Peek::Long {
-                    kind: quic::LongType::Initial,
-                    dcid: d,
-                    ..
-                } = head
-                {
+                if let Some(d) = initial {
                     if d != dcid.as_slice() && d.len() >= 8 {
                         // Another connection from the same address: decided on its own.
                         self.end_flow(from);
@@ -420,7 +408,7 @@ impl Listener {
         self.next_id += 1;
         let mut pending = Pending::new(self.next_id, config.tls.max_client_hello);
         let fed = pending.reader.feed(datagram);
-        if !fed.accepted {
+        if !fed.accepted || fed.unread {
             metrics.quic_dropped(QuicDrop::Undecryptable, 1);
             return;
         }
@@ -702,7 +690,9 @@ impl Listener {
             }
             return;
         }
-        if fed.accepted && !pending.hold(datagram) {
+        if fed.unread {
+            metrics.quic_dropped(QuicDrop::Undecryptable, 1);
+        } else if fed.accepted && !pending.hold(datagram) {
             metrics.quic_dropped(QuicDrop::HeldLimit, 1);
         }
         if matches!(fed.read, Read::Incomplete) {

@@ -212,9 +212,33 @@ pub enum Read {
 pub struct Fed {
     pub read: Read,
     /// At least one Initial packet in the datagram was new and decrypted with the connection's
-    /// keys. A datagram that was not accepted carries nothing the reader could vouch for: the
-    /// listener drops it rather than relay it.
+    /// keys.
     pub accepted: bool,
+    /// An Initial packet in the datagram, wherever among its coalesced packets, was not read:
+    /// another connection's, undecryptable, or a repeated packet number. A listener that relays
+    /// only what the reader vouches for drops such a datagram while the flow is undecided.
+    pub unread: bool,
+}
+
+#[derive(Default)]
+struct Seen {
+    accepted: bool,
+    unread: bool,
+}
+
+/// The Destination Connection ID of the first Initial packet among the coalesced packets of
+/// `datagram` (of a version this module reads), in the clear: where a listener must look for a
+/// connection's first flight, whatever packets precede it.
+#[must_use]
+pub fn initial_dcid(datagram: &[u8]) -> Option<&[u8]> {
+    let mut rest = datagram;
+    while let Some(header) = LongHeader::parse(rest) {
+        if header.kind == LongType::Initial {
+            return Some(header.dcid);
+        }
+        rest = &rest[header.packet_len..];
+    }
+    None
 }
 
 /// Resumable reader of one client's Initial packets: feed it every datagram the client sends.
@@ -296,15 +320,14 @@ impl InitialReader {
             return Fed {
                 read: self.outcome.clone().unwrap_or(Read::Incomplete),
                 accepted: false,
+                unread: true,
             };
         }
-        let accepted = match self.packets_of(datagram) {
-            Ok(accepted) => accepted,
-            Err(why) => {
-                self.outcome = Some(Read::Invalid(why));
-                false
-            }
-        };
+        let mut seen = Seen::default();
+        if let Err(why) = self.packets_of(datagram, &mut seen) {
+            self.outcome = Some(Read::Invalid(why));
+        }
+        let Seen { accepted, unread } = seen;
         if self.scratch.capacity() > SCRATCH_KEPT {
             // A jumbo datagram's copy is not kept for the next one.
             self.scratch = Vec::new();
@@ -320,12 +343,16 @@ impl InitialReader {
             },
             None => Read::Incomplete,
         };
-        Fed { read, accepted }
+        Fed {
+            read,
+            accepted,
+            unread,
+        }
     }
 
-    /// Walks the coalesced packets of a datagram. `Ok(true)` when an Initial packet was accepted.
-    fn packets_of(&mut self, datagram: &[u8]) -> Result<bool, &'static str> {
-        let mut accepted = false;
+    /// Walks the coalesced packets of a datagram, noting in `seen` the Initial packets read and
+    /// not read.
+    fn packets_of(&mut self, datagram: &[u8], seen: &mut Seen) -> Result<(), &'static str> {
         let mut rest = datagram;
         let mut first_dcid: Option<&[u8]> = None;
         while let Some(header) = LongHeader::parse(rest) {
@@ -343,10 +370,12 @@ impl InitialReader {
                 continue;
             }
             if self.initial_packet(packet, &header)? {
-                accepted = true;
+                seen.accepted = true;
+            } else {
+                seen.unread = true;
             }
         }
-        Ok(accepted)
+        Ok(())
     }
 
     /// One Initial packet: `Ok(true)` when it was new and decrypted.
@@ -946,7 +975,8 @@ mod tests {
             fed,
             Fed {
                 read: Read::Incomplete,
-                accepted: false
+                accepted: false,
+                unread: true,
             }
         );
         assert_eq!(reader.version(), None);
@@ -990,7 +1020,8 @@ mod tests {
             fed,
             Fed {
                 read: Read::Incomplete,
-                accepted: true
+                accepted: true,
+                unread: false,
             }
         );
         let info = done(reader.feed(&first));
@@ -1040,6 +1071,35 @@ mod tests {
     }
 
     #[test]
+    fn an_initial_behind_another_packet_is_found_and_read() {
+        let hello = client_hello("x.example.cn", 0);
+        let keys = initial_keys(Version::V1, &DCID, Side::Client);
+        let zero_rtt = seal(
+            Version::V1,
+            LongType::ZeroRtt,
+            &keys.local,
+            &DCID,
+            &SCID,
+            0,
+            &[0xaa; 40],
+        );
+        assert_eq!(initial_dcid(&zero_rtt), None);
+        let datagram = [zero_rtt.clone(), initial(0, &crypto_frame(0, &hello))].concat();
+        assert!(!peek(&datagram).is_initial());
+        assert_eq!(initial_dcid(&datagram), Some(&DCID[..]));
+        let fed = InitialReader::new(16384).feed(&datagram);
+        assert!(fed.accepted && !fed.unread);
+        assert_eq!(done(fed).sni.as_deref(), Some("x.example.cn"));
+
+        // The same, with an Initial that does not decrypt: flagged unread.
+        let mut bad = initial(0, &crypto_frame(0, &hello));
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let fed = InitialReader::new(16384).feed(&[zero_rtt, bad].concat());
+        assert!(!fed.accepted && fed.unread);
+    }
+
+    #[test]
     fn changed_crypto_bytes_are_refused_even_after_the_decision() {
         let hello = client_hello("www.filed.cn", 0);
         let mut reader = InitialReader::new(16384);
@@ -1073,7 +1133,8 @@ mod tests {
             fed,
             Fed {
                 read: Read::Incomplete,
-                accepted: false
+                accepted: false,
+                unread: true,
             }
         );
         assert!(matches!(
@@ -1139,7 +1200,8 @@ mod tests {
             reader.feed(&other),
             Fed {
                 read: Read::Incomplete,
-                accepted: false
+                accepted: false,
+                unread: true,
             }
         );
         let v2 = client_initial(
@@ -1153,7 +1215,8 @@ mod tests {
             reader.feed(&v2),
             Fed {
                 read: Read::Incomplete,
-                accepted: false
+                accepted: false,
+                unread: true,
             }
         );
         // Too short a first connection ID chooses no keys.
@@ -1168,7 +1231,8 @@ mod tests {
             InitialReader::new(16384).feed(&short),
             Fed {
                 read: Read::Incomplete,
-                accepted: false
+                accepted: false,
+                unread: true,
             }
         );
     }
