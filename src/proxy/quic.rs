@@ -109,7 +109,7 @@ struct Listener {
     spec: Arc<ArcSwap<ListenerSpec>>,
     shared: Arc<Shared>,
     flows: HashMap<SocketAddr, Flow>,
-    /// Undecided flows by source address, for [`MAX_PENDING_PER_SOURCE`].
+    /// Undecided flows by [`source`], for [`MAX_PENDING_PER_SOURCE`].
     pending_per_source: HashMap<IpAddr, usize>,
     /// Memory held by undecided flows, for [`PENDING_BUDGET`].
     pending_cost: usize,
@@ -257,7 +257,7 @@ impl Listener {
         let Some(Flow::Allowed(flow)) = self.flows.get_mut(&client) else {
             return;
         };
-        if flow.id != id {
+        if flow.id != id || flow.stop.is_cancelled() {
             return;
         }
         let metrics = self.spec.load().metrics.clone();
@@ -398,7 +398,7 @@ impl Listener {
         let config = &generation.config;
         let per_source = self
             .pending_per_source
-            .get(&from.ip())
+            .get(&source(from))
             .copied()
             .unwrap_or(0);
         if per_source >= MAX_PENDING_PER_SOURCE {
@@ -419,7 +419,7 @@ impl Listener {
             return;
         }
         pending.hold(datagram);
-        *self.pending_per_source.entry(from.ip()).or_default() += 1;
+        *self.pending_per_source.entry(source(from)).or_default() += 1;
         self.order.push_back((from, pending.serial));
         self.flows.insert(from, Flow::Pending(Box::new(pending)));
         if !matches!(fed.read, Read::Incomplete) {
@@ -463,7 +463,7 @@ impl Listener {
         let flow = self.flows.remove(&client)?;
         if let Flow::Pending(p) = &flow {
             self.pending_cost -= p.cost;
-            self.pending_done(client.ip());
+            self.pending_done(source(client));
         }
         if let Flow::Allowed(a) = &flow {
             a.stop.cancel();
@@ -771,6 +771,19 @@ impl Listener {
     }
 }
 
+/// What [`MAX_PENDING_PER_SOURCE`] counts by: the client's IPv4 address, or the /64 of its IPv6
+/// one (a single host commonly holds a whole /64).
+fn source(client: SocketAddr) -> IpAddr {
+    match client.ip() {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+        ip => ip.to_canonical(),
+    }
+}
+
 /// Sends one datagram to an allowed flow's origin, or queues it until the socket is open.
 fn relay_to_origin(allowed: &mut Allowed, datagram: &[u8], metrics: &ListenerMetrics) {
     match &allowed.origin {
@@ -829,6 +842,10 @@ impl FlowTask {
                     return;
                 }
             };
+        if self.stop.is_cancelled() {
+            // Revoked (or drained) while the socket was being opened: nothing is sent.
+            return;
+        }
         for datagram in &self.held {
             send_to_origin(&origin, datagram, &self.metrics);
         }
@@ -898,4 +915,23 @@ async fn open_origin(origin: &Origin) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind(any).await?;
     socket.connect(addr).await?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecided_flows_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let a: SocketAddr = "192.0.2.7:1000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.7:2000".parse().unwrap();
+        assert_eq!(source(a), source(b));
+        let v6a: SocketAddr = "[2001:db8:1:2:aaaa::1]:443".parse().unwrap();
+        let v6b: SocketAddr = "[2001:db8:1:2:bbbb::9]:443".parse().unwrap();
+        let v6c: SocketAddr = "[2001:db8:1:3::1]:443".parse().unwrap();
+        assert_eq!(source(v6a), source(v6b));
+        assert_ne!(source(v6a), source(v6c));
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:5".parse().unwrap();
+        assert_eq!(source(mapped), source(a));
+    }
 }
