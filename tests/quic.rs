@@ -248,11 +248,16 @@ async fn a_filed_name_reaches_its_http3_origin_end_to_end() {
     let origin = QuicOrigin::start(&pki, &[FILED], &h3);
     let (gate, addr) = gate(origin.addr, "").await;
     let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let started = Instant::now();
     let conn = endpoint
         .connect_with(config, addr, FILED)
         .unwrap()
         .await
         .expect("the origin's handshake completes through the proxy");
+    // Tens of milliseconds on loopback; a lost first flight would cost the client's 1 s probe
+    // timeout before its retransmission got through.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(900), "handshake took {took:?}");
     for i in 0..3 {
         let answer = exchange(&conn, &format!("request {i}")).await.unwrap();
         assert_eq!(answer, format!("origin {FILED} got request {i}"));
@@ -892,4 +897,42 @@ async fn an_initial_hidden_behind_another_packet_is_read_before_anything_is_rela
         r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="invalid_sni"} 1"#;
     assert!(metrics.contains(line), "missing {line}\n{metrics}");
     assert!(!metrics.contains(r#"decision="allow""#), "{metrics}");
+}
+
+/// An allowed flow without a datagram either way for `quic.flow_idle_timeout` ends: it is no
+/// longer active nor registered, and what the client sends afterwards is not relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_flow_ends_after_flow_idle_timeout() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nflow_idle_timeout = \"500ms\"\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "before").await.is_ok());
+    // Let the handshake's last acknowledgements pass, then stay quiet past the idle timeout.
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gate.server.live_tunnels() == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the idle flow lives on"
+        );
+    }
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"icp_gate_quic_flows_active{listener="quic"} 0"#),
+        "{metrics}"
+    );
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "{after:?}");
 }

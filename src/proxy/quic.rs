@@ -356,7 +356,7 @@ impl Listener {
                     }
                     if let Some(close) = close {
                         // No larger than the client's datagram: no amplification.
-                        let _ = self.socket.try_send_to(close, from);
+                        let _ = send_now(&self.socket, close, Some(from));
                     }
                 }
                 metrics.quic_dropped(QuicDrop::Blocked, 1);
@@ -500,7 +500,7 @@ impl Listener {
                 .quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
             let close = self.close_for(&d, &pending.reader, &generation.config.quic);
             if let Some(close) = &close {
-                let _ = self.socket.try_send_to(close, client);
+                let _ = send_now(&self.socket, close, Some(client));
             }
             let dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
             self.refuse(
@@ -730,7 +730,7 @@ impl Listener {
         // stays, so that an Initial spoofed from a client's address cannot end its connection.
         metrics.quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
         if let Some(close) = self.close_for(&d, &pending.reader, &generation.config.quic) {
-            let _ = self.socket.try_send_to(&close, client);
+            let _ = send_now(&self.socket, &close, Some(client));
         }
     }
 
@@ -799,9 +799,23 @@ fn relay_to_origin(allowed: &mut Allowed, datagram: &[u8], metrics: &ListenerMet
 }
 
 fn send_to_origin(origin: &UdpSocket, datagram: &[u8], metrics: &ListenerMetrics) {
-    match origin.try_send(datagram) {
+    match send_now(origin, datagram, None) {
         Ok(n) => metrics.relayed[0].inc_by(n as u64),
         Err(_) => metrics.quic_dropped(QuicDrop::SendFailed, 1),
+    }
+}
+
+/// Sends a datagram at once, or fails (a full socket buffer drops it, as a router would).
+///
+/// A direct non-blocking send(2), not tokio's `try_send`: that one answers "would block"
+/// without trying until the reactor has seen the socket writable, which a socket opened a moment
+/// ago has not, and the held first flight sent right after opening the origin socket was lost
+/// (the client's retransmission a second later got through).
+fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
+    let socket = socket2::SockRef::from(socket);
+    match to {
+        Some(addr) => socket.send_to(datagram, &addr.into()),
+        None => socket.send(datagram),
     }
 }
 
