@@ -20,9 +20,8 @@
 //! seen, and coalesced packets for another connection are what a server ignores or refuses, so
 //! they are refused or ignored here too rather than read differently.
 
-use rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
-use rustls::quic::{DirectionalKeys, Keys};
-use rustls::{CipherSuite, Side, SupportedCipherSuite};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::hkdf::{self, HKDF_SHA256, KeyType, Prk, Salt};
 
 use crate::wire::clienthello::{self, ClientHelloInfo, Parse};
 
@@ -117,10 +116,26 @@ impl Version {
             .unwrap_or_default()
     }
 
-    fn key_version(self) -> rustls::quic::Version {
+    /// The Initial salt (RFC 9001 §5.2, RFC 9369 §3.3.1).
+    fn initial_salt(self) -> &'static [u8; 20] {
         match self {
-            Version::V1 => rustls::quic::Version::V1,
-            Version::V2 => rustls::quic::Version::V2,
+            Version::V1 => &[
+                0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8,
+                0x0c, 0xad, 0xcc, 0xbb, 0x7f, 0x0a,
+            ],
+            Version::V2 => &[
+                0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26,
+                0x9d, 0xcb, 0xf9, 0xbd, 0x2e, 0xd9,
+            ],
+        }
+    }
+
+    /// The labels of the packet key, IV and header protection key (RFC 9001 §5.1, RFC 9369
+    /// §3.3.2).
+    fn key_labels(self) -> [&'static [u8]; 3] {
+        match self {
+            Version::V1 => [b"quic key", b"quic iv", b"quic hp"],
+            Version::V2 => [b"quicv2 key", b"quicv2 iv", b"quicv2 hp"],
         }
     }
 }
@@ -400,19 +415,15 @@ impl InitialReader {
                     version: header.version,
                     dcid: header.dcid.to_vec(),
                     scid: header.scid.to_vec(),
-                    keys: initial_keys(header.version, header.dcid, Side::Server),
+                    keys: Keys::derive(header.version, header.dcid, Side::Client),
                 })
             }
         };
         self.scratch.clear();
         self.scratch.extend_from_slice(packet);
         let largest = self.packets.iter().copied().max();
-        let Some((pn, payload)) = open(
-            &mut self.scratch,
-            header.pn_offset,
-            &conn.keys.remote,
-            largest,
-        ) else {
+        let Some((pn, payload)) = open(&mut self.scratch, header.pn_offset, &conn.keys, largest)
+        else {
             if self.packets.is_empty() {
                 // The first packet chose the keys; one that does not decrypt chose nothing.
                 self.conn = None;
@@ -621,17 +632,82 @@ impl<'a> LongHeader<'a> {
     }
 }
 
-/// The Initial keys of a connection, as `side` sees them (RFC 9001 §5.2, RFC 9369 §3.3).
-fn initial_keys(version: Version, original_dcid: &[u8], side: Side) -> Keys {
-    // TLS_AES_128_GCM_SHA256 is the Initial packets' suite in every QUIC version.
-    let SupportedCipherSuite::Tls13(suite) = TLS13_AES_128_GCM_SHA256 else {
-        unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite")
-    };
-    debug_assert_eq!(suite.common.suite, CipherSuite::TLS13_AES_128_GCM_SHA256);
-    let quic = suite
-        .quic
-        .expect("the ring provider's TLS 1.3 suites support QUIC");
-    Keys::initial(version.key_version(), suite, quic, original_dcid, side)
+/// Whose packets a set of Initial keys protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// One direction's Initial keys: AEAD_AES_128_GCM with its IV, and AES-128 header protection.
+/// Only the direction needed is derived: reading a client's Initials costs half of deriving both.
+struct Keys {
+    packet: LessSafeKey,
+    iv: [u8; 12],
+    header: aead::quic::HeaderProtectionKey,
+}
+
+/// An output length for ring's HKDF.
+struct Len(usize);
+
+impl KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand-Label with an empty context (RFC 8446 §7.1) into `out`.
+fn expand_label(secret: &Prk, label: &[u8], out: &mut [u8]) {
+    let len = u16::try_from(out.len()).unwrap_or(u16::MAX).to_be_bytes();
+    let label_len = [u8::try_from(6 + label.len()).unwrap_or(u8::MAX)];
+    let info = [&len[..], &label_len, b"tls13 ", label, &[0]];
+    secret
+        .expand(&info, Len(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .expect("lengths within HKDF-SHA256's limit");
+}
+
+impl Keys {
+    /// The Initial keys protecting `side`'s packets, from the client's first Destination
+    /// Connection ID (RFC 9001 §5.2, RFC 9369 §3.3).
+    fn derive(version: Version, original_dcid: &[u8], side: Side) -> Keys {
+        let initial = Salt::new(HKDF_SHA256, version.initial_salt()).extract(original_dcid);
+        let mut secret = [0u8; 32];
+        let label: &[u8] = match side {
+            Side::Client => b"client in",
+            Side::Server => b"server in",
+        };
+        expand_label(&initial, label, &mut secret);
+        let secret = Prk::new_less_safe(hkdf::HKDF_SHA256, &secret);
+        let [key_label, iv_label, hp_label] = version.key_labels();
+        let (mut key, mut iv, mut hp) = ([0u8; 16], [0u8; 12], [0u8; 16]);
+        expand_label(&secret, key_label, &mut key);
+        expand_label(&secret, iv_label, &mut iv);
+        expand_label(&secret, hp_label, &mut hp);
+        Keys {
+            packet: LessSafeKey::new(
+                UnboundKey::new(&aead::AES_128_GCM, &key).expect("a 16-byte AES-128 key"),
+            ),
+            iv,
+            header: aead::quic::HeaderProtectionKey::new(&aead::quic::AES_128, &hp)
+                .expect("a 16-byte AES-128 key"),
+        }
+    }
+
+    /// The nonce of packet `pn`: the IV with the packet number XORed into its end (RFC 9001
+    /// §5.3).
+    fn nonce(&self, pn: u64) -> Nonce {
+        let mut nonce = self.iv;
+        for (n, p) in nonce[4..].iter_mut().zip(pn.to_be_bytes()) {
+            *n ^= p;
+        }
+        Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// The header protection mask for `sample` (RFC 9001 §5.4.1).
+    fn mask(&self, sample: &[u8]) -> Option<[u8; 5]> {
+        self.header.new_mask(sample).ok()
+    }
 }
 
 /// Removes header protection from the long-header packet `packet` (exactly one packet, modified
@@ -640,23 +716,19 @@ fn initial_keys(version: Version, original_dcid: &[u8], side: Side) -> Keys {
 fn open(
     packet: &mut [u8],
     pn_offset: usize,
-    keys: &DirectionalKeys,
+    keys: &Keys,
     largest: Option<u64>,
 ) -> Option<(u64, std::ops::Range<usize>)> {
     let sample_at = pn_offset + 4;
-    let sample: [u8; SAMPLE_LEN] = packet
-        .get(sample_at..sample_at + SAMPLE_LEN)?
-        .try_into()
-        .ok()?;
-    let (head, rest) = packet.split_at_mut(pn_offset);
-    let first = head.first_mut()?;
-    keys.header
-        .decrypt_in_place(&sample, first, rest.get_mut(..4)?)
-        .ok()?;
+    let mask = keys.mask(packet.get(sample_at..sample_at + SAMPLE_LEN)?)?;
+    let first = packet.first_mut()?;
+    *first ^= mask[0] & 0x0f; // long header: the low 4 bits are protected
     let pn_len = usize::from(*first & 3) + 1;
-    let truncated = rest[..pn_len]
-        .iter()
-        .fold(0u64, |n, &b| n << 8 | u64::from(b));
+    let pn_field = packet.get_mut(pn_offset..pn_offset + pn_len)?;
+    for (b, m) in pn_field.iter_mut().zip(&mask[1..]) {
+        *b ^= m;
+    }
+    let truncated = pn_field.iter().fold(0u64, |n, &b| n << 8 | u64::from(b));
     let pn = decode_packet_number(largest, truncated, pn_len * 8);
     let header_len = pn_offset + pn_len;
     let (header, payload) = packet.split_at_mut(header_len);
@@ -665,7 +737,7 @@ fn open(
     }
     let plain = keys
         .packet
-        .decrypt_in_place(pn, header, payload)
+        .open_in_place(keys.nonce(pn), Aad::from(&*header), payload)
         .ok()?
         .len();
     Some((pn, header_len..header_len + plain))
@@ -692,7 +764,7 @@ fn decode_packet_number(largest: Option<u64>, truncated: u64, bits: usize) -> u6
 fn seal(
     version: Version,
     kind: LongType,
-    keys: &DirectionalKeys,
+    keys: &Keys,
     dcid: &[u8],
     scid: &[u8],
     pn: u16,
@@ -717,17 +789,20 @@ fn seal(
     packet.extend_from_slice(&pn.to_be_bytes());
     let tag = keys
         .packet
-        .encrypt_in_place(u64::from(pn), &packet, &mut payload)
+        .seal_in_place_separate_tag(keys.nonce(u64::from(pn)), Aad::from(&packet), &mut payload)
         .expect("an Initial packet is far below the AEAD's size limit");
     packet.extend_from_slice(&payload);
     packet.extend_from_slice(tag.as_ref());
-    let sample: [u8; SAMPLE_LEN] = packet[pn_offset + 4..pn_offset + 4 + SAMPLE_LEN]
-        .try_into()
-        .expect("sample length");
-    let (head, rest) = packet.split_at_mut(pn_offset);
-    keys.header
-        .encrypt_in_place(&sample, &mut head[0], &mut rest[..PN_LEN])
-        .expect("sample and packet number lengths are right");
+    let mask = keys
+        .mask(&packet[pn_offset + 4..pn_offset + 4 + SAMPLE_LEN])
+        .expect("a 16-byte sample");
+    packet[0] ^= mask[0] & 0x0f;
+    for (b, m) in packet[pn_offset..pn_offset + PN_LEN]
+        .iter_mut()
+        .zip(&mask[1..])
+    {
+        *b ^= m;
+    }
     packet
 }
 
@@ -759,7 +834,7 @@ pub fn close_packet(
     server_scid: &[u8],
     reason: &[u8],
 ) -> Vec<u8> {
-    let keys = initial_keys(version, original_dcid, Side::Server);
+    let keys = Keys::derive(version, original_dcid, Side::Server);
     let mut frame = Vec::with_capacity(8 + reason.len());
     write_varint(&mut frame, FRAME_CONNECTION_CLOSE);
     write_varint(&mut frame, CONNECTION_REFUSED);
@@ -769,7 +844,7 @@ pub fn close_packet(
     seal(
         version,
         LongType::Initial,
-        &keys.local,
+        &keys,
         client_scid,
         server_scid,
         0,
@@ -788,16 +863,8 @@ pub fn client_initial(
     pn: u16,
     frames: &[u8],
 ) -> Vec<u8> {
-    let keys = initial_keys(version, dcid, Side::Client);
-    seal(
-        version,
-        LongType::Initial,
-        &keys.local,
-        dcid,
-        scid,
-        pn,
-        frames,
-    )
+    let keys = Keys::derive(version, dcid, Side::Client);
+    seal(version, LongType::Initial, &keys, dcid, scid, pn, frames)
 }
 
 /// A CRYPTO frame carrying `data` at `offset`. For tests, benches and fuzzing.
@@ -932,9 +999,9 @@ mod tests {
             (Version::V1, LongType::Initial)
         );
         assert_eq!(header.dcid, RFC_DCID);
-        let keys = initial_keys(Version::V1, header.dcid, Side::Server);
+        let keys = Keys::derive(Version::V1, header.dcid, Side::Client);
         let mut buf = packet.clone();
-        let (pn, plain) = open(&mut buf, header.pn_offset, &keys.remote, None).unwrap();
+        let (pn, plain) = open(&mut buf, header.pn_offset, &keys, None).unwrap();
         assert_eq!(pn, 2);
         assert_eq!(&buf[plain.clone()][..frame.len()], &frame[..]);
         assert!(buf[plain][frame.len()..].iter().all(|&b| b == 0), "PADDING");
@@ -955,14 +1022,39 @@ mod tests {
             (header.version, header.kind),
             (Version::V2, LongType::Initial)
         );
-        let keys = initial_keys(Version::V2, header.dcid, Side::Server);
+        let keys = Keys::derive(Version::V2, header.dcid, Side::Client);
         let mut buf = packet.clone();
-        let (pn, plain) = open(&mut buf, header.pn_offset, &keys.remote, None).unwrap();
+        let (pn, plain) = open(&mut buf, header.pn_offset, &keys, None).unwrap();
         assert_eq!(pn, 2);
         assert_eq!(&buf[plain][..frame.len()], &frame[..]);
         let info = done(InitialReader::new(16384).feed(&packet));
         assert_eq!(info.sni.as_deref(), Some("example.com"));
         assert!(peek(&packet).is_initial());
+    }
+
+    /// RFC 9001 A.3 and RFC 9369 A.3: the server's Initial opens with the server keys derived
+    /// from the client's DCID (the derivation the forged close packet uses), and with packet
+    /// number 1 and the known payload.
+    #[test]
+    fn rfc_server_initials_open_with_the_server_keys() {
+        let payload = hex_file("rfc9001-a3-server-payload.hex");
+        for (version, file) in [
+            (Version::V1, "rfc9001-a3-server-initial.hex"),
+            (Version::V2, "rfc9369-a3-server-initial.hex"),
+        ] {
+            let packet = hex_file(file);
+            let header = LongHeader::parse(&packet).expect("a long header");
+            assert_eq!((header.version, header.kind), (version, LongType::Initial));
+            assert_eq!(header.packet_len, packet.len());
+            let mut buf = packet.clone();
+            let keys = Keys::derive(version, &RFC_DCID, Side::Server);
+            let (pn, plain) = open(&mut buf, header.pn_offset, &keys, None).unwrap();
+            assert_eq!(pn, 1, "{version:?}");
+            assert_eq!(&buf[plain], &payload[..], "{version:?}");
+            let mut buf = packet.clone();
+            let wrong = Keys::derive(version, &RFC_DCID, Side::Client);
+            assert!(open(&mut buf, header.pn_offset, &wrong, None).is_none());
+        }
     }
 
     #[test]
@@ -1053,11 +1145,11 @@ mod tests {
     #[test]
     fn non_initial_packets_are_skipped_and_short_headers_end_the_datagram() {
         let hello = client_hello("x.example.cn", 0);
-        let keys = initial_keys(Version::V1, &DCID, Side::Client);
+        let keys = Keys::derive(Version::V1, &DCID, Side::Client);
         let mut datagram = seal(
             Version::V1,
             LongType::ZeroRtt,
-            &keys.local,
+            &keys,
             &DCID,
             &SCID,
             0,
@@ -1073,11 +1165,11 @@ mod tests {
     #[test]
     fn an_initial_behind_another_packet_is_found_and_read() {
         let hello = client_hello("x.example.cn", 0);
-        let keys = initial_keys(Version::V1, &DCID, Side::Client);
+        let keys = Keys::derive(Version::V1, &DCID, Side::Client);
         let zero_rtt = seal(
             Version::V1,
             LongType::ZeroRtt,
-            &keys.local,
+            &keys,
             &DCID,
             &SCID,
             0,
@@ -1258,9 +1350,11 @@ mod tests {
                 header.dcid, SCID,
                 "addressed to the client's source connection id"
             );
-            let client = initial_keys(version, &DCID, Side::Client);
+            // The client's view: it opens server packets with the server keys it derives.
+            let server = Keys::derive(version, &DCID, Side::Server);
+            let client = Keys::derive(version, &DCID, Side::Client);
             let mut buf = packet.clone();
-            let (pn, plain) = open(&mut buf, header.pn_offset, &client.remote, None).unwrap();
+            let (pn, plain) = open(&mut buf, header.pn_offset, &server, None).unwrap();
             assert_eq!(pn, 0);
             let mut r = Reader(&buf[plain]);
             assert_eq!(r.varint(), Some(FRAME_CONNECTION_CLOSE));
@@ -1270,7 +1364,7 @@ mod tests {
             assert_eq!(r.take(len), Some(&b"ICP filing required"[..]));
             // The client's own keys cannot open it: it really is a server packet.
             let mut buf = packet.clone();
-            assert!(open(&mut buf, header.pn_offset, &client.local, None).is_none());
+            assert!(open(&mut buf, header.pn_offset, &client, None).is_none());
         }
     }
 
