@@ -936,3 +936,46 @@ async fn an_idle_flow_ends_after_flow_idle_timeout() {
         .expect("the client gives up within its idle timeout");
     assert!(after.is_err(), "{after:?}");
 }
+
+/// Past `quic.new_flows_per_second`, new flows are dropped before any cryptography (counted as
+/// `new_flow_rate`), while a flow already relayed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_past_the_rate_are_dropped_and_relayed_flows_go_on() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nnew_flows_per_second = 50\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+
+    let partial = [&[1u8, 0, 0x10, 0][..], &[0x42; 596]].concat();
+    let frames = padded(crypto_frame(0, &partial));
+    for i in 0..200u64 {
+        let s = UdpSocket::bind(("127.0.0.3", 0)).await.unwrap();
+        let initial = client_initial(Version::V1, &i.to_be_bytes(), &[1, 2, 3, 4], 0, &frames);
+        s.send_to(&initial, addr).await.unwrap();
+    }
+    assert_eq!(
+        exchange(&conn, "still here").await.unwrap(),
+        format!("origin {FILED} got still here")
+    );
+    let metrics = gate.metrics().await;
+    let dropped: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="new_flow_rate"}"#,
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no new_flow_rate drops\n{metrics}"));
+    assert!(
+        (100..=200).contains(&dropped),
+        "{dropped} dropped\n{metrics}"
+    );
+}

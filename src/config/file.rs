@@ -133,6 +133,7 @@ pub(super) struct RawQuic {
     pub(super) flow_idle_timeout: Dur,
     pub(super) max_flows: usize,
     pub(super) initial_timeout: Dur,
+    pub(super) new_flows_per_second: u32,
 }
 
 impl Default for RawQuic {
@@ -142,6 +143,7 @@ impl Default for RawQuic {
             flow_idle_timeout: Dur(Duration::from_secs(30)),
             max_flows: 100_000,
             initial_timeout: Dur(Duration::from_secs(5)),
+            new_flows_per_second: 20_000,
         }
     }
 }

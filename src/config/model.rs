@@ -213,6 +213,9 @@ pub struct QuicConfig {
     pub max_flows: usize,
     /// The ClientHello must be complete within this from a flow's first datagram.
     pub initial_timeout: Duration,
+    /// New flows (each a key derivation and a decryption) one listening socket starts per
+    /// second, with a burst of as many; Initials past it are dropped before any cryptography.
+    pub new_flows_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -409,6 +409,9 @@ impl Validator<'_> {
         if raw.max_flows == 0 {
             return Err(self.err("quic.max_flows", "must be at least 1"));
         }
+        if raw.new_flows_per_second == 0 {
+            return Err(self.err("quic.new_flows_per_second", "must be at least 1"));
+        }
         for (key, d) in [
             ("quic.flow_idle_timeout", raw.flow_idle_timeout),
             ("quic.initial_timeout", raw.initial_timeout),
@@ -422,6 +425,7 @@ impl Validator<'_> {
             flow_idle_timeout: raw.flow_idle_timeout.0,
             max_flows: raw.max_flows,
             initial_timeout: raw.initial_timeout.0,
+            new_flows_per_second: raw.new_flows_per_second,
         })
     }
 
@@ -679,9 +683,10 @@ http_origin = "127.0.0.1:9080"
         assert_eq!(c.quic.flow_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.quic.max_flows, 100_000);
         assert_eq!(c.quic.initial_timeout, Duration::from_secs(5));
+        assert_eq!(c.quic.new_flows_per_second, 20_000);
 
         let tuned = format!(
-            "{text}\n[quic]\nblock = \"drop\"\nflow_idle_timeout = \"2m\"\nmax_flows = 10\ninitial_timeout = \"250ms\"\n"
+            "{text}\n[quic]\nblock = \"drop\"\nflow_idle_timeout = \"2m\"\nmax_flows = 10\ninitial_timeout = \"250ms\"\nnew_flows_per_second = 7\n"
         );
         let c = parse(&tuned).unwrap();
         assert_eq!(
@@ -691,6 +696,7 @@ http_origin = "127.0.0.1:9080"
                 flow_idle_timeout: Duration::from_secs(120),
                 max_flows: 10,
                 initial_timeout: Duration::from_millis(250),
+                new_flows_per_second: 7,
             }
         );
 
@@ -740,6 +746,10 @@ http_origin = "127.0.0.1:9080"
             (
                 format!("{with_origin}[quic]\ninitial_timeout = \"0s\"\n"),
                 "quic.initial_timeout",
+            ),
+            (
+                format!("{with_origin}[quic]\nnew_flows_per_second = 0\n"),
+                "quic.new_flows_per_second",
             ),
         ];
         for (text, key) in cases {

@@ -52,6 +52,8 @@ pub(crate) enum QuicDrop {
     Undecryptable,
     /// A new flow while `quic.max_flows` flows are tracked.
     MaxFlows,
+    /// A new flow past `quic.new_flows_per_second` (dropped before any cryptography).
+    NewFlowRate,
     /// A new flow from a source address that already has its share of undecided flows.
     SourceLimit,
     /// More than an undecided flow may hold.
@@ -70,12 +72,13 @@ pub(crate) enum QuicDrop {
 }
 
 impl QuicDrop {
-    pub(crate) const ALL: [QuicDrop; 12] = [
+    pub(crate) const ALL: [QuicDrop; 13] = [
         QuicDrop::NotQuic,
         QuicDrop::UnknownVersion,
         QuicDrop::ShortInitial,
         QuicDrop::Undecryptable,
         QuicDrop::MaxFlows,
+        QuicDrop::NewFlowRate,
         QuicDrop::SourceLimit,
         QuicDrop::HeldLimit,
         QuicDrop::Evicted,
@@ -92,6 +95,7 @@ impl QuicDrop {
             QuicDrop::ShortInitial => "short_initial",
             QuicDrop::Undecryptable => "undecryptable",
             QuicDrop::MaxFlows => "max_flows",
+            QuicDrop::NewFlowRate => "new_flow_rate",
             QuicDrop::SourceLimit => "source_limit",
             QuicDrop::HeldLimit => "held_limit",
             QuicDrop::Evicted => "evicted",
@@ -283,7 +287,7 @@ impl Metrics {
             decided: Default::default(),
             tls_decided: Default::default(),
             quic_decided: Default::default(),
-            quic_active: self.quic_flows_active.with_label_values(&[name]),
+            quic_active: OnceLock::new(),
             quic_dropped: Default::default(),
             durations: Default::default(),
             upstream_errors: [
@@ -323,8 +327,9 @@ pub(crate) struct ListenerMetrics {
     decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
     tls_decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
     quic_decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
-    /// QUIC flows allowed and being relayed.
-    pub quic_active: IntGauge,
+    /// QUIC flows allowed and being relayed (created with the listener's first flow, so only
+    /// quic listeners show it).
+    quic_active: OnceLock<IntGauge>,
     quic_dropped: [OnceLock<IntCounter>; QuicDrop::ALL.len()],
     durations: [OnceLock<Histogram>; Decision::ALL.len()],
     upstream_errors: [IntCounter; 3],
@@ -371,6 +376,15 @@ impl ListenerMetrics {
                 ])
             })
             .inc();
+    }
+
+    /// The gauge of QUIC flows being relayed.
+    pub(crate) fn quic_active(&self) -> &IntGauge {
+        self.quic_active.get_or_init(|| {
+            self.metrics
+                .quic_flows_active
+                .with_label_values(&[self.name.as_str()])
+        })
     }
 
     /// Counts one decided QUIC flow.

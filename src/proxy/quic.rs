@@ -78,6 +78,7 @@ pub(crate) async fn serve(
         pending_per_source: HashMap::new(),
         pending_cost: 0,
         order: VecDeque::new(),
+        new_flows: Bucket::default(),
         events: events_tx,
         next_id: 0,
     };
@@ -116,6 +117,8 @@ struct Listener {
     /// Undecided and refused flows, oldest first (by serial), the ones evicted to make room.
     /// Entries whose flow has moved on are skipped and swept.
     order: VecDeque<(SocketAddr, u64)>,
+    /// Admission of new flows, for `quic.new_flows_per_second`.
+    new_flows: Bucket,
     events: mpsc::UnboundedSender<Event>,
     next_id: u64,
 }
@@ -405,6 +408,13 @@ impl Listener {
             metrics.quic_dropped(QuicDrop::SourceLimit, 1);
             return;
         }
+        // Each new flow costs a key derivation and a decryption, which random Initials cost as
+        // much as real ones: past the rate they are dropped before any of it, so that a flood
+        // cannot take the time the flows being relayed need.
+        if !self.new_flows.take(config.quic.new_flows_per_second) {
+            metrics.quic_dropped(QuicDrop::NewFlowRate, 1);
+            return;
+        }
         self.next_id += 1;
         let mut pending = Pending::new(self.next_id, config.tls.max_client_hello);
         let fed = pending.reader.feed(datagram);
@@ -677,6 +687,20 @@ impl Listener {
             return;
         };
         let fresh = allowed.recheck.is_none();
+        if fresh
+            && !self.new_flows.take(
+                self.shared
+                    .generation
+                    .load()
+                    .config
+                    .quic
+                    .new_flows_per_second,
+            )
+        {
+            // Reading it would take a key derivation, as for a new flow: the same admission.
+            metrics.quic_dropped(QuicDrop::NewFlowRate, 1);
+            return;
+        }
         let pending = allowed
             .recheck
             .get_or_insert_with(|| Pending::new(0, max_crypto));
@@ -767,6 +791,31 @@ impl Listener {
                     .quic_dropped(QuicDrop::Undecided, p.held.len() as u64);
             }
             self.settle_pending(client, Settle::TimedOut, &spec);
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `rate` held (a second's burst).
+#[derive(Default)]
+struct Bucket {
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: u32) -> bool {
+        let now = Instant::now();
+        let rate = f64::from(rate);
+        let refill = self
+            .last
+            .map_or(rate, |t| now.duration_since(t).as_secs_f64() * rate);
+        self.tokens = (self.tokens + refill).min(rate);
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -905,8 +954,8 @@ struct Active(prometheus::IntGauge);
 
 impl Active {
     fn new(metrics: &ListenerMetrics) -> Active {
-        metrics.quic_active.inc();
-        Active(metrics.quic_active.clone())
+        metrics.quic_active().inc();
+        Active(metrics.quic_active().clone())
     }
 }
 
@@ -934,6 +983,16 @@ async fn open_origin(origin: &Origin) -> std::io::Result<UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_flows_are_admitted_at_the_rate_with_a_second_of_burst() {
+        let mut bucket = Bucket::default();
+        let admitted = (0..150).filter(|_| bucket.take(100)).count();
+        assert_eq!(admitted, 100, "a full second's burst, then nothing");
+        std::thread::sleep(Duration::from_millis(50));
+        let later = (0..150).filter(|_| bucket.take(100)).count();
+        assert!((3..100).contains(&later), "about 5 in 50 ms, got {later}");
+    }
 
     #[test]
     fn undecided_flows_are_counted_per_ipv4_address_and_per_ipv6_64() {
