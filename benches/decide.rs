@@ -46,6 +46,7 @@ fn policy() -> Policy {
         require_access_here: true,
         http_origin: Origin::parse("127.0.0.1:80"),
         tls_origin: None,
+        quic_origin: None,
     };
     Policy::new(
         RouteTable::new(vec![route]),

@@ -318,6 +318,7 @@ fn policy() -> Policy {
         require_access_here: true,
         http_origin: None,
         tls_origin: None,
+        quic_origin: None,
     };
     Policy::new(
         icp_gate::core::routes::RouteTable::new(vec![route]),

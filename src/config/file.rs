@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::model::{Action, ListenerKind, Mode, ProxyProtocolVersion, TlsBlock};
+use super::model::{Action, ListenerKind, Mode, ProxyProtocolVersion, QuicBlock, TlsBlock};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +21,8 @@ pub(super) struct RawConfig {
     pub(super) block_page: RawBlockPage,
     #[serde(default)]
     pub(super) tls: RawTls,
+    #[serde(default)]
+    pub(super) quic: RawQuic,
     #[serde(default)]
     pub(super) limits: RawLimits,
     pub(super) admin: Option<RawAdmin>,
@@ -78,6 +80,7 @@ pub(super) struct RawRoute {
     pub(super) require_access_here: Option<bool>,
     pub(super) http_origin: Option<String>,
     pub(super) tls_origin: Option<String>,
+    pub(super) quic_origin: Option<String>,
 }
 
 fn yes() -> bool {
@@ -120,6 +123,28 @@ impl Default for RawTls {
             client_hello_timeout: Dur(Duration::from_secs(10)),
             block_cert: None,
             block_key: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawQuic {
+    pub(super) block: QuicBlock,
+    pub(super) flow_idle_timeout: Dur,
+    pub(super) max_flows: usize,
+    pub(super) initial_timeout: Dur,
+    pub(super) new_flows_per_second: u32,
+}
+
+impl Default for RawQuic {
+    fn default() -> Self {
+        RawQuic {
+            block: QuicBlock::Close,
+            flow_idle_timeout: Dur(Duration::from_secs(30)),
+            max_flows: 100_000,
+            initial_timeout: Dur(Duration::from_secs(5)),
+            new_flows_per_second: 20_000,
         }
     }
 }

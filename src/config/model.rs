@@ -61,6 +61,26 @@ pub enum Action {
 pub enum ListenerKind {
     Http,
     Tls,
+    /// QUIC on UDP, decided on the SNI of the client's Initial packets.
+    Quic,
+}
+
+impl ListenerKind {
+    /// Whether the listener binds a UDP socket (else TCP): a UDP and a TCP listener may share
+    /// an address.
+    pub fn is_udp(self) -> bool {
+        self == ListenerKind::Quic
+    }
+}
+
+/// How a QUIC flow whose SNI is blocked is ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuicBlock {
+    /// A server Initial with CONNECTION_CLOSE: the client sees a refused connection at once.
+    Close,
+    /// Nothing: the client times out.
+    Drop,
 }
 
 /// How a refused TLS connection is ended when no block certificate is configured.
@@ -85,6 +105,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub block_page: BlockPageConfig,
     pub tls: TlsConfig,
+    pub quic: QuicConfig,
     pub limits: Limits,
     pub admin: Option<AdminConfig>,
     pub demo_origin: Option<DemoOriginConfig>,
@@ -128,6 +149,8 @@ pub struct RouteConfig {
     pub require_access_here: bool,
     pub http_origin: Option<Origin>,
     pub tls_origin: Option<Origin>,
+    /// UDP address of the tenant's HTTP/3 server, for `quic` listeners.
+    pub quic_origin: Option<Origin>,
 }
 
 /// An origin address as written (`10.0.0.5:80` or `origin.internal:80`). Names are resolved at
@@ -180,6 +203,21 @@ pub struct TlsConfig {
     pub client_hello_timeout: Duration,
     pub block_cert: Option<PathBuf>,
     pub block_key: Option<PathBuf>,
+}
+
+/// The `[quic]` section: how `quic` listeners treat flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuicConfig {
+    pub block: QuicBlock,
+    /// An allowed flow ends after this long without a datagram either way.
+    pub flow_idle_timeout: Duration,
+    /// Flows (pending and allowed) one listener socket tracks at once; more new flows are dropped.
+    pub max_flows: usize,
+    /// The ClientHello must be complete within this from a flow's first datagram.
+    pub initial_timeout: Duration,
+    /// New flows (each a key derivation and a decryption) one listening socket starts per
+    /// second, with a burst of as many; Initials past it are dropped before any cryptography.
+    pub new_flows_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,6 +75,7 @@ impl Validator<'_> {
         let routes = self.routes(raw.route, &listeners)?;
         let block_page = self.block_page(raw.block_page)?;
         let tls = self.tls(raw.tls)?;
+        let quic = self.quic(raw.quic)?;
         let limits = self.limits(raw.limits)?;
         let admin = raw.admin.map(|a| self.admin(a)).transpose()?;
         let demo_origin = raw.demo_origin.map(|d| self.demo_origin(d)).transpose()?;
@@ -88,6 +89,7 @@ impl Validator<'_> {
             routes,
             block_page,
             tls,
+            quic,
             limits,
             admin,
             demo_origin,
@@ -312,22 +314,26 @@ impl Validator<'_> {
         admin: Option<&AdminConfig>,
         demo_origin: Option<&DemoOriginConfig>,
     ) -> Result<(), ConfigError> {
-        let mut binds: Vec<(String, SocketAddr)> = listeners
+        // (key, address, UDP): a UDP listener may share a TCP listener's address.
+        let mut binds: Vec<(String, SocketAddr, bool)> = listeners
             .iter()
             .enumerate()
-            .map(|(i, l)| (format!("listener[{i}].bind"), l.bind))
+            .map(|(i, l)| (format!("listener[{i}].bind"), l.bind, l.kind.is_udp()))
             .collect();
         if let Some(a) = admin {
-            binds.push(("admin.bind".into(), a.bind));
+            binds.push(("admin.bind".into(), a.bind, false));
         }
         if let Some(addr) = demo_origin.and_then(|d| d.http) {
-            binds.push(("demo_origin.http".into(), addr));
+            binds.push(("demo_origin.http".into(), addr, false));
         }
         if let Some((addr, _, _)) = demo_origin.and_then(|d| d.tls.as_ref()) {
-            binds.push(("demo_origin.tls".into(), *addr));
+            binds.push(("demo_origin.tls".into(), *addr, false));
         }
-        for (i, (key, addr)) in binds.iter().enumerate() {
-            if let Some((other, _)) = binds[..i].iter().find(|(_, a)| binds_overlap(*a, *addr)) {
+        for (i, (key, addr, udp)) in binds.iter().enumerate() {
+            if let Some((other, _, _)) = binds[..i]
+                .iter()
+                .find(|(_, a, u)| u == udp && binds_overlap(*a, *addr))
+            {
                 return Err(self.err(key, format!("{addr} overlaps {other}")));
             }
         }
@@ -351,6 +357,23 @@ impl Validator<'_> {
                 return Err(self.err(
                     format!("listener[{i}].name"),
                     format!("{:?}: use 1-64 letters, digits, '-' or '_'", l.name),
+                ));
+            }
+            // A UDP socket bound to the wildcard does not tell which address a datagram was sent
+            // to, and that address picks the route: deciding with the wrong one could allow.
+            if l.kind == ListenerKind::Quic && l.bind.ip().is_unspecified() {
+                return Err(self.err(
+                    format!("listener[{i}].bind"),
+                    format!(
+                        "{}: a quic listener binds one address (the destination decides the route); add a listener per address",
+                        l.bind
+                    ),
+                ));
+            }
+            if l.kind == ListenerKind::Quic && l.proxy_protocol {
+                return Err(self.err(
+                    format!("listener[{i}].proxy_protocol"),
+                    "not for quic listeners: PROXY protocol headers come on TCP connections",
                 ));
             }
             if !names.insert(l.name.clone()) {
@@ -379,6 +402,7 @@ impl Validator<'_> {
         }
         let has_http = listeners.iter().any(|l| l.kind == ListenerKind::Http);
         let has_tls = listeners.iter().any(|l| l.kind == ListenerKind::Tls);
+        let has_quic = listeners.iter().any(|l| l.kind == ListenerKind::Quic);
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, r) in raw.into_iter().enumerate() {
@@ -399,6 +423,7 @@ impl Validator<'_> {
             }
             let http_origin = self.origin(&format!("route[{i}].http_origin"), r.http_origin)?;
             let tls_origin = self.origin(&format!("route[{i}].tls_origin"), r.tls_origin)?;
+            let quic_origin = self.origin(&format!("route[{i}].quic_origin"), r.quic_origin)?;
             if has_http && http_origin.is_none() {
                 return Err(self.err(
                     format!("route[{i}].http_origin"),
@@ -409,6 +434,12 @@ impl Validator<'_> {
                 return Err(self.err(
                     format!("route[{i}].tls_origin"),
                     "required: a tls listener passes allowed connections through there",
+                ));
+            }
+            if has_quic && quic_origin.is_none() {
+                return Err(self.err(
+                    format!("route[{i}].quic_origin"),
+                    "required: a quic listener relays allowed flows there",
                 ));
             }
             // Off the mainland nothing is looked up, so the key would be silently ignored.
@@ -427,6 +458,7 @@ impl Validator<'_> {
                 require_access_here: r.require_access_here.unwrap_or(true),
                 http_origin,
                 tls_origin,
+                quic_origin,
             });
         }
         Ok(out)
@@ -513,6 +545,30 @@ impl Validator<'_> {
             client_hello_timeout: raw.client_hello_timeout.0,
             block_cert,
             block_key,
+        })
+    }
+
+    fn quic(&self, raw: RawQuic) -> Result<QuicConfig, ConfigError> {
+        if raw.max_flows == 0 {
+            return Err(self.err("quic.max_flows", "must be at least 1"));
+        }
+        if raw.new_flows_per_second == 0 {
+            return Err(self.err("quic.new_flows_per_second", "must be at least 1"));
+        }
+        for (key, d) in [
+            ("quic.flow_idle_timeout", raw.flow_idle_timeout),
+            ("quic.initial_timeout", raw.initial_timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(self.err(key, "must be more than 0"));
+            }
+        }
+        Ok(QuicConfig {
+            block: raw.block,
+            flow_idle_timeout: raw.flow_idle_timeout.0,
+            max_flows: raw.max_flows,
+            initial_timeout: raw.initial_timeout.0,
+            new_flows_per_second: raw.new_flows_per_second,
         })
     }
 
@@ -888,6 +944,109 @@ http_origin = "127.0.0.1:9080"
             "{MINIMAL}\n[[listener]]\nname = \"tls\"\nbind = \"127.0.0.1:8443\"\nkind = \"tls\"\n"
         );
         assert!(error(&text).contains("route[0].tls_origin: required"));
+    }
+
+    const QUIC: &str =
+        "\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:8080\"\nkind = \"quic\"\n";
+
+    #[test]
+    fn quic_listener_gets_the_spec_defaults_and_may_share_a_tcp_port() {
+        let text = MINIMAL.replace(
+            "http_origin = \"127.0.0.1:9080\"",
+            "http_origin = \"127.0.0.1:9080\"\nquic_origin = \"127.0.0.1:9443\"",
+        ) + QUIC;
+        let c = parse(&text).unwrap();
+        let l = c.listener("quic").unwrap();
+        assert_eq!(l.kind, ListenerKind::Quic);
+        assert!(l.kind.is_udp());
+        assert_eq!(
+            c.routes[0].quic_origin.as_ref().unwrap().as_str(),
+            "127.0.0.1:9443"
+        );
+        assert_eq!(c.quic.block, QuicBlock::Close);
+        assert_eq!(c.quic.flow_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.quic.max_flows, 100_000);
+        assert_eq!(c.quic.initial_timeout, Duration::from_secs(5));
+        assert_eq!(c.quic.new_flows_per_second, 20_000);
+
+        let tuned = format!(
+            "{text}\n[quic]\nblock = \"drop\"\nflow_idle_timeout = \"2m\"\nmax_flows = 10\ninitial_timeout = \"250ms\"\nnew_flows_per_second = 7\n"
+        );
+        let c = parse(&tuned).unwrap();
+        assert_eq!(
+            c.quic,
+            QuicConfig {
+                block: QuicBlock::Drop,
+                flow_idle_timeout: Duration::from_secs(120),
+                max_flows: 10,
+                initial_timeout: Duration::from_millis(250),
+                new_flows_per_second: 7,
+            }
+        );
+
+        // Two UDP listeners on one address do collide.
+        let twice = format!(
+            "{text}{}",
+            QUIC.replace("\"quic\"\nbind", "\"quic2\"\nbind")
+        );
+        assert!(
+            error(&twice).contains("listener[2].bind: 127.0.0.1:8080 overlaps listener[1].bind"),
+            "{}",
+            error(&twice)
+        );
+    }
+
+    #[test]
+    fn quic_keys_are_validated_by_name() {
+        let with_origin = MINIMAL.replace(
+            "http_origin = \"127.0.0.1:9080\"",
+            "http_origin = \"127.0.0.1:9080\"\nquic_origin = \"127.0.0.1:9443\"",
+        ) + QUIC;
+        let cases = [
+            (format!("{MINIMAL}{QUIC}"), "route[0].quic_origin"),
+            (
+                with_origin.replace("127.0.0.1:9443", "nope"),
+                "route[0].quic_origin",
+            ),
+            (
+                with_origin.replace("kind = \"quic\"", "kind = \"quic\"\nproxy_protocol = true"),
+                "listener[1].proxy_protocol",
+            ),
+            (
+                format!("{with_origin}[quic]\nmax_flows = 0\n"),
+                "quic.max_flows",
+            ),
+            (
+                with_origin.replace(
+                    "bind = \"127.0.0.1:8080\"\nkind = \"quic\"",
+                    "bind = \"0.0.0.0:8443\"\nkind = \"quic\"",
+                ),
+                "listener[1].bind",
+            ),
+            (
+                format!("{with_origin}[quic]\nflow_idle_timeout = \"0s\"\n"),
+                "quic.flow_idle_timeout",
+            ),
+            (
+                format!("{with_origin}[quic]\ninitial_timeout = \"0s\"\n"),
+                "quic.initial_timeout",
+            ),
+            (
+                format!("{with_origin}[quic]\nnew_flows_per_second = 0\n"),
+                "quic.new_flows_per_second",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = error(&text);
+            assert!(
+                e.contains(&format!(": {key}: ")),
+                "expected key {key} in {e}"
+            );
+        }
+        let e = error(&format!("{with_origin}[quic]\nblock = \"reset\"\n"));
+        assert!(e.contains("reset") && e.contains("block"), "{e}");
+        let e = error(&format!("{with_origin}[quic]\nmax_flow = 3\n"));
+        assert!(e.contains("max_flow"), "{e}");
     }
 
     #[test]

@@ -388,6 +388,7 @@ mod tests {
             require_access_here: true,
             http_origin: Some(Origin::parse("127.0.0.1:1").unwrap()),
             tls_origin: None,
+            quic_origin: None,
         }
     }
 

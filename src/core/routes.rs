@@ -98,6 +98,7 @@ mod tests {
             require_access_here: true,
             http_origin: None,
             tls_origin: None,
+            quic_origin: None,
         }
     }
 

@@ -56,11 +56,83 @@ impl UpstreamError {
     }
 }
 
+/// Why a QUIC listener dropped a datagram (the `reason` of
+/// `icp_gate_quic_datagrams_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QuicDrop {
+    /// Not a QUIC packet, or not an Initial where a flow must start with one.
+    NotQuic,
+    /// A long header with a version icp-gate cannot read (no Version Negotiation is sent).
+    UnknownVersion,
+    /// An Initial in a datagram shorter than 1 200 bytes (RFC 9000 §14.1).
+    ShortInitial,
+    /// An Initial that does not decrypt with the flow's keys, or repeats a packet number.
+    Undecryptable,
+    /// A new flow while `quic.max_flows` flows are tracked.
+    MaxFlows,
+    /// A new flow past `quic.new_flows_per_second` (dropped before any cryptography).
+    NewFlowRate,
+    /// A new flow from a source address that already has its share of undecided flows.
+    SourceLimit,
+    /// More than an undecided flow may hold.
+    HeldLimit,
+    /// Held by an undecided flow evicted to make room (`quic.max_flows`, or the memory bound of
+    /// undecided flows).
+    Evicted,
+    /// Of a flow that was blocked (held ones included).
+    Blocked,
+    /// Held by a flow whose ClientHello was not complete within `quic.initial_timeout`.
+    Undecided,
+    /// While draining or after the listener was removed: no new flows.
+    Draining,
+    /// The socket refused it (buffer full, origin unreachable).
+    SendFailed,
+}
+
+impl QuicDrop {
+    pub(crate) const ALL: [QuicDrop; 13] = [
+        QuicDrop::NotQuic,
+        QuicDrop::UnknownVersion,
+        QuicDrop::ShortInitial,
+        QuicDrop::Undecryptable,
+        QuicDrop::MaxFlows,
+        QuicDrop::NewFlowRate,
+        QuicDrop::SourceLimit,
+        QuicDrop::HeldLimit,
+        QuicDrop::Evicted,
+        QuicDrop::Blocked,
+        QuicDrop::Undecided,
+        QuicDrop::Draining,
+        QuicDrop::SendFailed,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            QuicDrop::NotQuic => "not_quic",
+            QuicDrop::UnknownVersion => "unknown_version",
+            QuicDrop::ShortInitial => "short_initial",
+            QuicDrop::Undecryptable => "undecryptable",
+            QuicDrop::MaxFlows => "max_flows",
+            QuicDrop::NewFlowRate => "new_flow_rate",
+            QuicDrop::SourceLimit => "source_limit",
+            QuicDrop::HeldLimit => "held_limit",
+            QuicDrop::Evicted => "evicted",
+            QuicDrop::Blocked => "blocked",
+            QuicDrop::Undecided => "undecided",
+            QuicDrop::Draining => "draining",
+            QuicDrop::SendFailed => "send_failed",
+        }
+    }
+}
+
 /// All metric families, registered in one registry.
 pub(crate) struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     tls_connections: IntCounterVec,
+    quic_flows: IntCounterVec,
+    quic_flows_active: IntGaugeVec,
+    quic_dropped: IntCounterVec,
     request_duration: HistogramVec,
     upstream_errors: IntCounterVec,
     connections_active: IntGaugeVec,
@@ -108,6 +180,28 @@ impl Metrics {
             "icp_gate_tls_connections_total",
             "TLS connections decided by SNI, by listener, decision and reason.",
             &["listener", "decision", "reason"],
+        );
+        let quic_flows = counter_vec(
+            &r,
+            "icp_gate_quic_flows_total",
+            "QUIC flows decided by the SNI of their Initial packets, by listener, decision and reason.",
+            &["listener", "decision", "reason"],
+        );
+        let quic_flows_active = IntGaugeVec::new(
+            Opts::new(
+                "icp_gate_quic_flows_active",
+                "QUIC flows allowed and being relayed, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(quic_flows_active.clone()))
+            .expect("metric registered once");
+        let quic_dropped = counter_vec(
+            &r,
+            "icp_gate_quic_datagrams_dropped_total",
+            "Datagrams a QUIC listener dropped instead of relaying, by listener and reason.",
+            &["listener", "reason"],
         );
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
@@ -196,6 +290,9 @@ impl Metrics {
             registry: r,
             requests,
             tls_connections,
+            quic_flows,
+            quic_flows_active,
+            quic_dropped,
             request_duration,
             upstream_errors,
             connections_active,
@@ -220,6 +317,9 @@ impl Metrics {
             metrics: self.clone(),
             decided: Default::default(),
             tls_decided: Default::default(),
+            quic_decided: Default::default(),
+            quic_active: OnceLock::new(),
+            quic_dropped: Default::default(),
             durations: Default::default(),
             upstream_errors: [
                 UpstreamError::Connect,
@@ -311,6 +411,11 @@ pub(crate) struct ListenerMetrics {
     metrics: Arc<Metrics>,
     decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
     tls_decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
+    quic_decided: [[OnceLock<IntCounter>; Reason::ALL.len()]; Decision::ALL.len()],
+    /// QUIC flows allowed and being relayed (created with the listener's first flow, so only
+    /// quic listeners show it).
+    quic_active: OnceLock<IntGauge>,
+    quic_dropped: [OnceLock<IntCounter>; QuicDrop::ALL.len()],
     durations: [OnceLock<Histogram>; Decision::ALL.len()],
     upstream_errors: [IntCounter; 3],
     pub active: IntGauge,
@@ -356,6 +461,40 @@ impl ListenerMetrics {
                 ])
             })
             .inc();
+    }
+
+    /// The gauge of QUIC flows being relayed.
+    pub(crate) fn quic_active(&self) -> &IntGauge {
+        self.quic_active.get_or_init(|| {
+            self.metrics
+                .quic_flows_active
+                .with_label_values(&[self.name.as_str()])
+        })
+    }
+
+    /// Counts one decided QUIC flow.
+    pub(crate) fn quic_flow(&self, decision: Decision, reason: Reason) {
+        self.quic_decided[decision_index(decision)][reason_index(reason)]
+            .get_or_init(|| {
+                self.metrics.quic_flows.with_label_values(&[
+                    self.name.as_str(),
+                    decision.as_str(),
+                    reason.as_str(),
+                ])
+            })
+            .inc();
+    }
+
+    /// Counts `n` datagrams a QUIC listener dropped.
+    pub(crate) fn quic_dropped(&self, why: QuicDrop, n: u64) {
+        let i = QuicDrop::ALL.iter().position(|x| *x == why).unwrap_or(0);
+        self.quic_dropped[i]
+            .get_or_init(|| {
+                self.metrics
+                    .quic_dropped
+                    .with_label_values(&[self.name.as_str(), why.as_str()])
+            })
+            .inc_by(n);
     }
 
     pub(crate) fn observe_duration(&self, decision: Decision, seconds: f64) {

@@ -6,6 +6,7 @@ pub(crate) mod forward;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod preamble;
+pub(crate) mod quic;
 pub(crate) mod relay;
 pub(crate) mod state;
 pub(crate) mod tls;

@@ -107,6 +107,8 @@ pub(crate) async fn connection(
     match spec.config.kind {
         ListenerKind::Http => Box::pin(http::serve(stream, ends, spec, shared)).await,
         ListenerKind::Tls => Box::pin(tls::serve(stream, ends, spec, shared)).await,
+        // UDP: served by `proxy::quic`, never by a TCP accept loop.
+        ListenerKind::Quic => {}
     }
 }
 

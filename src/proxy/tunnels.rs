@@ -166,6 +166,7 @@ mod tests {
             require_access_here,
             http_origin: None,
             tls_origin: None,
+            quic_origin: None,
         };
         Policy::new(
             RouteTable::new(vec![route("10.0.0.0/8", true), route("10.7.0.0/16", false)]),

@@ -2,7 +2,7 @@
 //! and drains on shutdown. Connection handling itself lives in the listener modules.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use crate::admin;
 use crate::config::{Config, ListenerConfig, RegistryConfig};
 use crate::fleet::Fleet;
 use crate::observe::metrics::Metrics;
-use crate::proxy::preamble;
 use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
+use crate::proxy::{preamble, quic};
 use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::runtime::demo_origin;
 use crate::runtime::rlimit::fit_descriptor_limit;
@@ -52,7 +52,7 @@ pub enum ServerError {
 /// port; [`ServerHandle::listener_addr`] tells which.
 pub struct Listeners {
     /// Per data listener, one socket per place its accept loop runs.
-    data: Vec<(ListenerConfig, Vec<StdListener>)>,
+    data: Vec<(ListenerConfig, Sockets)>,
     admin: Option<TcpListener>,
     demo_origin: Vec<(TcpListener, Option<tokio_rustls::TlsAcceptor>)>,
     placement: Placement,
@@ -92,7 +92,7 @@ impl Listeners {
     fn bind_at(config: &Config, placement: Placement) -> Result<Listeners, ServerError> {
         let mut data = Vec::new();
         for l in &config.listeners {
-            data.push((l.clone(), bind_group(&l.name, l.bind, placement.sockets())?));
+            data.push((l.clone(), bind_sockets(l, placement.sockets())?));
         }
         let admin = match &config.admin {
             Some(a) => Some(bind_here("admin", a.bind)?),
@@ -139,6 +139,78 @@ fn bind(name: &str, addr: SocketAddr, reuseport: bool) -> Result<StdListener, Se
     Ok(socket.into())
 }
 
+/// A data listener's sockets: TCP listening sockets, or UDP ones for `quic` listeners.
+enum Sockets {
+    Tcp(Vec<StdListener>),
+    Udp(Vec<StdUdpSocket>),
+}
+
+impl Sockets {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Sockets::Tcp(s) => s.first()?.local_addr().ok(),
+            Sockets::Udp(s) => s.first()?.local_addr().ok(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Sockets::Tcp(s) => s.len(),
+            Sockets::Udp(s) => s.len(),
+        }
+    }
+}
+
+/// The `n` sockets of a data listener, of its kind's transport.
+fn bind_sockets(l: &ListenerConfig, n: usize) -> Result<Sockets, ServerError> {
+    if l.kind.is_udp() {
+        bind_udp_group(&l.name, l.bind, n).map(Sockets::Udp)
+    } else {
+        bind_group(&l.name, l.bind, n).map(Sockets::Tcp)
+    }
+}
+
+/// A UDP socket on `addr` for a `quic` listener, not yet registered with any runtime.
+fn bind_udp(name: &str, addr: SocketAddr, reuseport: bool) -> Result<StdUdpSocket, ServerError> {
+    let err = |source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    };
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if reuseport {
+        socket.set_reuse_port(true).map_err(err)?;
+    }
+    // Room for bursts of Initials while the listener task decides: 4 MiB asked, the kernel
+    // caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}
+
+/// [`bind_group`] for UDP: `n` sockets sharing `addr` through `SO_REUSEPORT`, which spreads
+/// datagrams over them by the hash of their addresses, so a client's flow stays on one socket.
+fn bind_udp_group(
+    name: &str,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<StdUdpSocket>, ServerError> {
+    let reuseport = n > 1;
+    let first = bind_udp(name, addr, reuseport)?;
+    let addr = first.local_addr().map_err(|source| ServerError::Bind {
+        name: name.to_string(),
+        addr,
+        source,
+    })?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(bind_udp(name, addr, reuseport)?);
+    }
+    Ok(group)
+}
+
 /// [`bind`] for a socket served on the current runtime (admin, demo origin).
 fn bind_here(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(bind(name, addr, false)?).map_err(|source| ServerError::Bind {
@@ -167,14 +239,19 @@ fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>
     Ok(group)
 }
 
-/// What makes a listener "the same" across a reload: its bind address; for port 0 (pick any)
-/// also its name, since several such listeners share the configured address.
+/// What makes a listener "the same" across a reload: its bind address and transport (UDP or
+/// not); for port 0 (pick any) also its name, since several such listeners share the configured
+/// address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ListenerKey(SocketAddr, Option<String>);
+struct ListenerKey(SocketAddr, bool, Option<String>);
 
 impl ListenerKey {
     fn of(cfg: &ListenerConfig) -> ListenerKey {
-        ListenerKey(cfg.bind, (cfg.bind.port() == 0).then(|| cfg.name.clone()))
+        ListenerKey(
+            cfg.bind,
+            cfg.kind.is_udp(),
+            (cfg.bind.port() == 0).then(|| cfg.name.clone()),
+        )
     }
 }
 
@@ -374,7 +451,7 @@ impl ServerHandle {
         let mut bound = Vec::new();
         for l in &generation.config.listeners {
             if !loops.contains_key(&ListenerKey::of(l)) {
-                let sockets = bind_group(&l.name, l.bind, self.placement.sockets())?;
+                let sockets = bind_sockets(l, self.placement.sockets())?;
                 bound.push((l.clone(), sockets));
             }
         }
@@ -482,19 +559,27 @@ fn open_registry(config: &RegistryConfig) -> Result<(Store, Arc<Snapshot>), Serv
 fn spawn_accept_loop(
     shared: &Arc<Shared>,
     cfg: ListenerConfig,
-    sockets: Vec<StdListener>,
+    sockets: Sockets,
     placement: &Placement,
 ) -> AcceptLoop {
-    let local_addr = sockets
-        .first()
-        .and_then(|s| s.local_addr().ok())
-        .unwrap_or(cfg.bind);
+    let local_addr = sockets.local_addr().unwrap_or(cfg.bind);
     info!(listener = %cfg.name, kind = ?cfg.kind, addr = %local_addr, sockets = sockets.len(), "listening");
     let spec = Arc::new(ArcSwap::from_pointee(ListenerSpec {
         metrics: shared.metrics.listener(&cfg.name),
         config: cfg,
     }));
     let stop = CancellationToken::new();
+    let sockets = match sockets {
+        Sockets::Tcp(s) => s,
+        Sockets::Udp(s) => {
+            return AcceptLoop {
+                tasks: spawn_quic(shared, s, local_addr, &spec, &stop, placement),
+                spec,
+                stop,
+                local_addr,
+            };
+        }
+    };
     let tasks = sockets
         .into_iter()
         .enumerate()
@@ -518,6 +603,44 @@ fn spawn_accept_loop(
         local_addr,
         tasks,
     }
+}
+
+/// Serves a `quic` listener's sockets, one per place. Each socket's task runs in the connection
+/// task tracker (draining waits for it, as for connections); the handles returned end at once on
+/// `stop` or the drain, as an accept loop does, so that closing listeners never waits on flows.
+fn spawn_quic(
+    shared: &Arc<Shared>,
+    sockets: Vec<StdUdpSocket>,
+    local_addr: SocketAddr,
+    spec: &Arc<ArcSwap<ListenerSpec>>,
+    stop: &CancellationToken,
+    placement: &Placement,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let serve = quic::serve(
+                socket,
+                local_addr,
+                spec.clone(),
+                stop.clone(),
+                shared.clone(),
+            );
+            let (stop, shared) = (stop.clone(), shared.clone());
+            let task = async move {
+                shared.tasks.spawn(serve);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = shared.drain.cancelled() => {}
+                }
+            };
+            match placement {
+                Placement::Here => tokio::spawn(task),
+                Placement::Workers(handles) => handles[i % handles.len()].spawn(task),
+            }
+        })
+        .collect()
 }
 
 async fn accept_loop(

@@ -40,7 +40,8 @@ pub struct ClientHelloInfo {
     pub sni: Option<String>,
     /// The encrypted_client_hello extension (0xfe0d) is present, so `sni` is the outer name.
     pub has_ech: bool,
-    /// Version field of the first record header, the one to answer an alert with.
+    /// Version field of the first record header, the one to answer an alert with (0 when the
+    /// hello came without records, as in QUIC).
     pub record_version: u16,
     /// Bytes of the input taken by the records carrying the ClientHello, headers included;
     /// whatever follows (early data, ...) is not looked at.
@@ -51,6 +52,41 @@ pub struct ClientHelloInfo {
 #[must_use]
 pub fn parse(buf: &[u8]) -> Parse {
     ClientHelloParser::new(usize::MAX).advance(buf)
+}
+
+/// Parses a ClientHello handshake message carried without TLS records (QUIC CRYPTO frames,
+/// RFC 9001 §4): `message` is the handshake header and body, and nothing may follow the body.
+/// `Incomplete` until the header and the body it announces are all in `message`.
+#[must_use]
+pub fn parse_handshake(message: &[u8]) -> Parse {
+    let Some(&[kind, a, b, c]) = message.get(..HANDSHAKE_HEADER_LEN) else {
+        return match message.first() {
+            Some(&kind) if kind != HANDSHAKE_TYPE_CLIENT_HELLO => {
+                Parse::Invalid("handshake message is not a client hello")
+            }
+            _ => Parse::Incomplete,
+        };
+    };
+    if kind != HANDSHAKE_TYPE_CLIENT_HELLO {
+        return Parse::Invalid("handshake message is not a client hello");
+    }
+    let total =
+        HANDSHAKE_HEADER_LEN + (usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c));
+    match message.len().cmp(&total) {
+        std::cmp::Ordering::Less => Parse::Incomplete,
+        std::cmp::Ordering::Greater => Parse::Invalid("data after the client hello"),
+        std::cmp::Ordering::Equal => {
+            match parse_client_hello_body(&message[HANDSHAKE_HEADER_LEN..]) {
+                Ok(found) => Parse::Done(ClientHelloInfo {
+                    sni: found.sni,
+                    has_ech: found.has_ech,
+                    record_version: 0,
+                    len: total,
+                }),
+                Err(why) => Parse::Invalid(why),
+            }
+        }
+    }
 }
 
 /// Resumable [`parse`]: each call only looks at the bytes that arrived since the previous one, so
@@ -546,6 +582,24 @@ mod tests {
             extension(0x000a, &[0, 2, 0, 0x1d]),
             sni_extension(SNI.as_bytes()),
         ])
+    }
+
+    #[test]
+    fn a_bare_handshake_message_reads_as_quic_carries_it() {
+        let message = handshake(HANDSHAKE_TYPE_CLIENT_HELLO, &with_sni().body());
+        for cut in 0..message.len() {
+            assert_eq!(parse_handshake(&message[..cut]), Parse::Incomplete, "{cut}");
+        }
+        let info = done(parse_handshake(&message));
+        assert_eq!(info.sni.as_deref(), Some(SNI));
+        assert_eq!((info.record_version, info.len), (0, message.len()));
+        let longer = [&message[..], b"x"].concat();
+        assert_eq!(
+            parse_handshake(&longer),
+            Parse::Invalid("data after the client hello")
+        );
+        assert!(matches!(parse_handshake(&[2]), Parse::Invalid(_)));
+        assert!(matches!(parse_handshake(&[2, 0, 0, 0]), Parse::Invalid(_)));
     }
 
     #[test]

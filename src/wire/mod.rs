@@ -6,3 +6,4 @@ pub(crate) mod clock;
 pub mod host;
 pub(crate) mod http1;
 pub(crate) mod proxy_protocol;
+pub mod quic;

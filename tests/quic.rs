@@ -1,0 +1,981 @@
+//! QUIC listeners (`kind = "quic"`): the config, `check` and `explain`, and real QUIC clients and
+//! origins (quinn) through icp-gate on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use common::SEED;
+use common::process::BIN;
+
+/// A config with a QUIC listener (and the HTTP one the harness expects), routing 127.0.0.1 to
+/// `origin` over UDP; `extra` is appended.
+fn quic_config(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+[registry]
+state_dir = "{{dir}}/state"
+seed = "seed.ndjson"
+
+[[listener]]
+name = "http"
+bind = "127.0.0.1:0"
+kind = "http"
+
+[[listener]]
+name = "quic"
+bind = "127.0.0.1:0"
+kind = "quic"
+
+[[route]]
+dst = "127.0.0.1/32"
+mainland = true
+http_origin = "127.0.0.1:9"
+quic_origin = "{origin}"
+
+[admin]
+bind = "127.0.0.1:0"
+token_file = "admin.token"
+{extra}
+"#
+    )
+}
+
+fn write(dir: &std::path::Path, text: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("seed.ndjson"), SEED).unwrap();
+    std::fs::write(dir.join("admin.token"), "test-token\n").unwrap();
+    let path = dir.join("icp-gate.toml");
+    std::fs::write(&path, text.replace("{dir}", &dir.display().to_string())).unwrap();
+    path
+}
+
+#[test]
+fn check_accepts_a_quic_listener_and_names_a_missing_quic_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = quic_config(
+        "127.0.0.1:9443".parse().unwrap(),
+        "[quic]\nblock = \"drop\"\nmax_flows = 1000\n",
+    );
+    let path = write(dir.path(), &text);
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("listeners: 2"));
+
+    let path = write(
+        dir.path(),
+        &text.replace("quic_origin = \"127.0.0.1:9443\"\n", ""),
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("route[0].quic_origin: required"), "{err}");
+}
+
+#[test]
+fn explain_answers_for_a_quic_config_as_for_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &quic_config("127.0.0.1:9443".parse().unwrap(), ""),
+    );
+    let explain = |host: &str| {
+        let out = Command::new(BIN)
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args([host, "--dst", "127.0.0.1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = explain("www.filed.cn");
+    assert!(
+        out.contains("decision:    allow") && out.contains("reason:      filed"),
+        "{out}"
+    );
+    let out = explain("www.unfiled.cn");
+    assert!(
+        out.contains("decision:    block") && out.contains("reason:      unfiled"),
+        "{out}"
+    );
+}
+
+// ---- real QUIC endpoints through the proxy -------------------------------------------------
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::pki::Pki;
+use common::{Gate, http1};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::net::UdpSocket;
+
+const FILED: &str = "www.filed.cn";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A QUIC origin (quinn) answering each bidirectional stream with
+/// `origin <sni> got <request>`; counts the connections it accepted.
+struct QuicOrigin {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl QuicOrigin {
+    fn start(pki: &Pki, names: &[&str], alpn: &[Vec<u8>]) -> QuicOrigin {
+        QuicOrigin::launch(pki, names, alpn, false)
+    }
+
+    /// `retry`: answer every first Initial with a Retry, as a server validating addresses does.
+    fn launch(pki: &Pki, names: &[&str], alpn: &[Vec<u8>], retry: bool) -> QuicOrigin {
+        let (chain, key, _, _) = pki.leaf(names);
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        tls.alpn_protocols = alpn.to_vec();
+        let crypto = QuicServerConfig::try_from(tls).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (ep, count) = (endpoint.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                if retry && !incoming.remote_address_validated() {
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let sni = conn
+                        .handshake_data()
+                        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                        .and_then(|d| d.server_name)
+                        .unwrap_or_default();
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let sni = sni.clone();
+                        tokio::spawn(async move {
+                            let request = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                            let answer =
+                                format!("origin {sni} got {}", String::from_utf8_lossy(&request));
+                            let _ = send.write_all(answer.as_bytes()).await;
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                        });
+                    }
+                });
+            }
+        });
+        QuicOrigin {
+            addr,
+            connections,
+            _endpoint: endpoint,
+        }
+    }
+}
+
+/// A client endpoint trusting `pki`, offering `alpn`, giving up after `idle` of silence.
+fn client(pki: &Pki, alpn: &[Vec<u8>], idle: Duration) -> (quinn::Endpoint, quinn::ClientConfig) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.der().clone()).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.to_vec();
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(idle.try_into().unwrap()));
+    config.transport_config(Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    (endpoint, config)
+}
+
+/// One request on a new bidirectional stream; the answer, read to its end.
+async fn exchange(conn: &quinn::Connection, request: &str) -> Result<String, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8(answer).unwrap())
+}
+
+async fn gate(origin: SocketAddr, extra: &str) -> (Gate, SocketAddr) {
+    let gate = Gate::start(&quic_config(origin, extra)).await;
+    let addr = gate.server.listener_addr("quic").await.unwrap();
+    (gate, addr)
+}
+
+/// A UDP socket standing in for an origin, to see whether anything at all reaches it.
+async fn udp_spy() -> (UdpSocket, SocketAddr) {
+    let spy = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = spy.local_addr().unwrap();
+    (spy, addr)
+}
+
+async fn nothing_arrives(spy: &UdpSocket, wait: Duration) -> bool {
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(wait, spy.recv_from(&mut buf))
+        .await
+        .is_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filed_name_reaches_its_http3_origin_end_to_end() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let started = Instant::now();
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("the origin's handshake completes through the proxy");
+    // Tens of milliseconds on loopback; a lost first flight would cost the client's 1 s probe
+    // timeout before its retransmission got through.
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(900), "handshake took {took:?}");
+    for i in 0..3 {
+        let answer = exchange(&conn, &format!("request {i}")).await.unwrap();
+        assert_eq!(answer, format!("origin {FILED} got request {i}"));
+    }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(gate.server.live_tunnels(), 1, "registered for revocation");
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
+        r#"icp_gate_quic_flows_active{listener="quic"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+    conn.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfiled_name_is_refused_at_once_with_close_and_nothing_reaches_the_origin() {
+    let pki = Pki::new();
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "").await;
+    let (endpoint, config) = client(&pki, &[b"h3".to_vec()], Duration::from_secs(10));
+    let started = Instant::now();
+    let err = endpoint
+        .connect_with(config, addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect_err("an unfiled name must not connect");
+    let took = started.elapsed();
+    match &err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close:?}"
+            );
+            assert_eq!(&close.reason[..], b"icp-gate: unfiled");
+        }
+        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(nothing_arrives(&spy, Duration::from_millis(300)).await);
+    assert_eq!(gate.server.live_tunnels(), 0);
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_drop_sends_nothing_to_either_side() {
+    let pki = Pki::new();
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "[quic]\nblock = \"drop\"\n").await;
+    let (endpoint, config) = client(&pki, &[b"h3".to_vec()], Duration::from_millis(1500));
+    let err = endpoint
+        .connect_with(config, addr, "gone.cn")
+        .unwrap()
+        .await
+        .expect_err("a revoked name must not connect");
+    assert!(
+        matches!(err, quinn::ConnectionError::TimedOut),
+        "the client hears nothing: {err:?}"
+    );
+    assert!(nothing_arrives(&spy, Duration::from_millis(100)).await);
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="revoked"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    assert!(
+        metrics
+            .contains(r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="blocked"}"#),
+        "{metrics}"
+    );
+}
+
+/// Hundreds of ALPN values make a ClientHello of several kilobytes, which the client has to
+/// send in several Initial packets: it is reassembled, decided and relayed whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_spanning_several_initials_is_reassembled() {
+    let pki = Pki::new();
+    let many: Vec<Vec<u8>> = (0..400)
+        .map(|i| format!("proto-{i:05}").into_bytes())
+        .collect();
+    let origin = QuicOrigin::start(&pki, &[FILED], &[b"proto-00399".to_vec()]);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &many, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("connects through the proxy");
+    assert_eq!(
+        exchange(&conn, "big hello").await.unwrap(),
+        format!("origin {FILED} got big hello")
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// Revoking a filed name ends its live QUIC flows within a second: nothing more reaches the
+/// origin, and the stream the client opens afterwards gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_name_cuts_its_live_flows_within_a_second() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "before").await.is_ok());
+    assert_eq!(gate.server.live_tunnels(), 1);
+
+    let entry = r#"{"domain":"filed.cn","icp":"京ICP备00000001号-1","status":"revoked","access_here":true}"#;
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let (code, _, body) = http1(
+        gate.admin,
+        "PUT",
+        "/v1/registry/entries/filed.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let revoked = Instant::now();
+    while gate.server.live_tunnels() > 0 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(1),
+            "the flow outlived the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "{after:?}");
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"icp_gate_quic_flows_active{listener="quic"} 0"#),
+        "{metrics}"
+    );
+}
+
+/// UDP sockets of process `pid` bound to `port`.
+fn udp_sockets(pid: u32, port: u16) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let local = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[1].ends_with(&local) && inodes.iter().any(|i| i == f[9]))
+        .count()
+}
+
+/// The real binary with three per-thread workers: each has its own `SO_REUSEPORT` UDP socket,
+/// flows from many client ports (hashed over the sockets) are each decided and relayed, each
+/// flow has its access-log line, and SIGTERM exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_thread_workers_each_serve_a_udp_socket_and_log_each_flow() {
+    use common::process::Proc;
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), &quic_config(origin.addr, ""));
+    let mut proc = Proc::start_with(&path, &["--threads", "3", "--runtime", "per-thread"]);
+    let addr: SocketAddr = loop {
+        let line = proc.wait_for("listening");
+        if line["listener"] == "quic" {
+            break line["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    proc.wait_for("ready");
+    assert_eq!(udp_sockets(proc.pid(), addr.port()), 3);
+
+    let clients = (0..12).map(|i| {
+        let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+        tokio::spawn(async move {
+            let conn = endpoint
+                .connect_with(config, addr, FILED)
+                .unwrap()
+                .await
+                .unwrap();
+            let answer = exchange(&conn, &format!("client {i}")).await.unwrap();
+            conn.close(0u32.into(), b"");
+            endpoint.wait_idle().await;
+            answer
+        })
+    });
+    for (i, c) in clients.collect::<Vec<_>>().into_iter().enumerate() {
+        assert_eq!(c.await.unwrap(), format!("origin {FILED} got client {i}"));
+    }
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 12);
+    let line = proc.access_line(FILED);
+    assert_eq!(line["listener"], "quic");
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["reason"], "filed");
+    assert_eq!(line["dst"], addr.to_string());
+
+    proc.signal(libc::SIGTERM);
+    assert_eq!(proc.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A flood of Initials from 400 addresses — random bytes that do not decrypt, and genuine
+/// Initials whose ClientHello never completes, sent again and again — keeps the flow table at
+/// `quic.max_flows` (the oldest undecided flows make way), holds memory bounded, never reaches the
+/// origin, and a filed client connecting in the middle of it still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_initials_keeps_state_bounded_and_filed_flows_working() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nmax_flows = 200\n").await;
+    let rss_before = rss_kib();
+
+    let mut sockets = Vec::new();
+    for ip in 10..26u8 {
+        for _ in 0..25 {
+            sockets.push(
+                UdpSocket::bind((std::net::Ipv4Addr::new(127, 0, 0, ip), 0))
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    // The first 600 bytes of a 4 KiB ClientHello: never complete.
+    let partial = [&[1u8, 0, 0x10, 0][..], &[0x42; 596]].concat();
+    let frames = [crypto_frame(0, &partial), vec![0; 600]].concat();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for round in 0..20u16 {
+            for (i, s) in sockets.iter().enumerate() {
+                let dcid = (i as u64).to_be_bytes();
+                let genuine = client_initial(Version::V1, &dcid, &[1, 2, 3, 4], round, &frames);
+                let mut random = vec![0u8; 1200];
+                for chunk in random.chunks_mut(8) {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    chunk.copy_from_slice(&seed.to_be_bytes()[..chunk.len()]);
+                }
+                random[0] = 0xc0 | (random[0] & 0x0f);
+                random[1..5].copy_from_slice(&1u32.to_be_bytes());
+                random[5] = 8;
+                random[14] = 0;
+                let _ = s.send_to(&genuine, addr).await;
+                let _ = s.send_to(&random, addr).await;
+                sent += 2;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("a filed client gets through the flood");
+    assert_eq!(
+        exchange(&conn, "during the flood").await.unwrap(),
+        format!("origin {FILED} got during the flood")
+    );
+    let sent = flood.await.unwrap();
+    assert_eq!(sent, 16_000);
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        1,
+        "only the filed client"
+    );
+
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "memory grew by {grown} KiB");
+    let metrics = gate.metrics().await;
+    for reason in ["undecryptable", "evicted"] {
+        let line = format!(
+            r#"icp_gate_quic_datagrams_dropped_total{{listener="quic",reason="{reason}"}}"#
+        );
+        assert!(metrics.contains(&line), "missing {line}\n{metrics}");
+    }
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// One client socket, several connections (quinn multiplexes them on one endpoint, as a client
+/// may): a second filed name goes through the same flow, an unfiled one is refused at once
+/// without disturbing the others, and nothing of it reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_sharing_a_client_socket_are_each_decided() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED, "x.gov.cn", "www.unfiled.cn"], &h3);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let first = endpoint
+        .connect_with(config.clone(), addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&first, "one").await.is_ok());
+
+    let err = endpoint
+        .connect_with(config.clone(), addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect_err("unfiled");
+    assert!(
+        matches!(&err, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
+        "{err:?}"
+    );
+    assert_eq!(
+        exchange(&first, "two").await.unwrap(),
+        format!("origin {FILED} got two")
+    );
+
+    let second = endpoint
+        .connect_with(config, addr, "x.gov.cn")
+        .unwrap()
+        .await
+        .expect("a second filed name on the same client socket");
+    assert_eq!(
+        exchange(&second, "three").await.unwrap(),
+        "origin x.gov.cn got three"
+    );
+    assert_eq!(
+        exchange(&first, "four").await.unwrap(),
+        format!("origin {FILED} got four")
+    );
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        2,
+        "never the unfiled one"
+    );
+    assert_eq!(gate.server.live_tunnels(), 2, "both names registered");
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+}
+
+/// An origin that validates addresses with a Retry: the Retry is relayed to the client, whose
+/// new Initial (under the Retry's connection ID, with new keys) is decided again and goes out
+/// through the same origin socket, so the token validates and the connection completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_retry_is_relayed_and_the_connection_completes() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::launch(&pki, &[FILED], &h3, true);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .expect("connects after the Retry");
+    assert_eq!(
+        exchange(&conn, "after retry").await.unwrap(),
+        format!("origin {FILED} got after retry")
+    );
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+    let metrics = gate.metrics().await;
+    // The first flight, then the one answering the Retry: both decided, both allowed.
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// A UDP hop in front of `to` that delivers the client's first `n` datagrams in reverse order
+/// (then the rest as they come) and relays the answers back: the network reordering a first
+/// flight.
+async fn reversing_hop(
+    to: SocketAddr,
+    n: usize,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>) {
+    let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    back.connect(to).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    tokio::spawn(async move {
+        let mut client = None;
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let mut reversed = false;
+        let (mut a, mut b) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                Ok((len, from)) = front.recv_from(&mut a) => {
+                    client = Some(from);
+                    if reversed {
+                        let _ = back.send(&a[..len]).await;
+                        continue;
+                    }
+                    held.push(a[..len].to_vec());
+                    if held.len() == n {
+                        for d in held.drain(..).rev() {
+                            let _ = back.send(&d).await;
+                        }
+                        reversed = true;
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                }
+                Ok(len) = back.recv(&mut b) => {
+                    if let Some(c) = client {
+                        let _ = front.send_to(&b[..len], c).await;
+                    }
+                }
+            }
+        }
+    });
+    (addr, done)
+}
+
+/// A ClientHello of several Initial datagrams that arrive in reverse order is reassembled by
+/// offset, decided once whole, and relayed in the order received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_flight_arriving_in_reverse_order_is_reassembled() {
+    let pki = Pki::new();
+    let many: Vec<Vec<u8>> = (0..400)
+        .map(|i| format!("proto-{i:05}").into_bytes())
+        .collect();
+    let origin = QuicOrigin::start(&pki, &[FILED], &[b"proto-00399".to_vec()]);
+    let (gate, addr) = gate(origin.addr, "").await;
+    let (hop, reversed) = reversing_hop(addr, 3).await;
+    let (endpoint, config) = client(&pki, &many, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, hop, FILED)
+        .unwrap()
+        .await
+        .expect("connects through the reordering hop and the proxy");
+    assert!(
+        reversed.load(Ordering::SeqCst),
+        "the first three datagrams went out reversed"
+    );
+    assert_eq!(
+        exchange(&conn, "reordered").await.unwrap(),
+        format!("origin {FILED} got reordered")
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// Report mode on QUIC: an unfiled name is relayed end to end, and counted and logged with its
+/// would-be reason as `report`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_relays_an_unfiled_name_and_counts_it() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &["www.unfiled.cn"], &h3);
+    let (gate, addr) = gate(origin.addr, "[policy]\nmode = \"report\"\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, "www.unfiled.cn")
+        .unwrap()
+        .await
+        .expect("report mode relays");
+    assert_eq!(
+        exchange(&conn, "reported").await.unwrap(),
+        "origin www.unfiled.cn got reported"
+    );
+    let metrics = gate.metrics().await;
+    let line = r#"icp_gate_quic_flows_total{decision="report",listener="quic",reason="unfiled"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+}
+
+/// A quic listener added by a reload binds its UDP socket and serves; removed again, it takes
+/// no new flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_listener_added_by_reload_serves() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let without = quic_config(origin.addr, "").replace(
+        "[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\nkind = \"quic\"\n",
+        "",
+    );
+    let gate = Gate::start(&without).await;
+    assert!(gate.server.listener_addr("quic").await.is_none());
+    let path = gate.config_path();
+    std::fs::write(
+        &path,
+        quic_config(origin.addr, "").replace("{dir}", &gate.dir.path().display().to_string()),
+    )
+    .unwrap();
+    gate.server
+        .reload(icp_gate::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let addr = gate
+        .server
+        .listener_addr("quic")
+        .await
+        .expect("bound by the reload");
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "after reload").await.is_ok());
+    conn.close(0u32.into(), b"");
+
+    std::fs::write(
+        &path,
+        without.replace("{dir}", &gate.dir.path().display().to_string()),
+    )
+    .unwrap();
+    gate.server
+        .reload(icp_gate::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let (endpoint, short) = client(&pki, &h3, Duration::from_millis(800));
+    let err = endpoint
+        .connect_with(short, addr, FILED)
+        .unwrap()
+        .await
+        .expect_err("the removed listener takes no new flow");
+    assert!(matches!(err, quinn::ConnectionError::TimedOut), "{err:?}");
+}
+
+/// A ClientHello handshake message for `sni`, padded with an unknown extension of `pad` bytes.
+fn hello(sni: &str, pad: usize) -> Vec<u8> {
+    let mut body = vec![3, 3];
+    body.extend([0x11; 32]);
+    body.push(0);
+    body.extend([0, 2, 0x13, 0x01, 1, 0]);
+    let name = sni.as_bytes();
+    let mut ext = vec![0, 0];
+    ext.extend(((name.len() + 5) as u16).to_be_bytes());
+    ext.extend(((name.len() + 3) as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend((name.len() as u16).to_be_bytes());
+    ext.extend(name);
+    ext.extend([0xff, 0x99]);
+    ext.extend((pad as u16).to_be_bytes());
+    ext.extend(std::iter::repeat_n(0x5a, pad));
+    body.extend((ext.len() as u16).to_be_bytes());
+    body.extend(ext);
+    let len = (body.len() as u32).to_be_bytes();
+    [&[1u8][..], &len[1..], &body].concat()
+}
+
+/// Frames padded so that the Initial carrying them fills a 1 200-byte datagram.
+fn padded(frames: Vec<u8>) -> Vec<u8> {
+    let mut f = frames;
+    f.resize(f.len().max(1160), 0);
+    f
+}
+
+/// A crafted first flight: the filed name's ClientHello in two Initials, and between them a
+/// datagram whose first packet is a 0-RTT packet, with an Initial behind it carrying another
+/// name's ClientHello at the same offsets. The hidden Initial is read (it contradicts the
+/// first), the flow is refused, and nothing at all reaches the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_hidden_behind_another_packet_is_read_before_anything_is_relayed() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let (spy, spy_addr) = udp_spy().await;
+    let (gate, addr) = gate(spy_addr, "").await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (dcid, scid) = ([0x11u8; 8], [1u8, 2, 3, 4]);
+    let filed = hello(FILED, 2000);
+    let unfiled = hello("www.unfiled.cn", 2000);
+
+    let first = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        0,
+        &padded(crypto_frame(0, &filed[..1000])),
+    );
+    // A 0-RTT long header (v1 type 1) with an opaque payload, then the hidden Initial.
+    let mut zero_rtt = vec![0xd1, 0, 0, 0, 1, 8];
+    zero_rtt.extend(dcid);
+    zero_rtt.push(4);
+    zero_rtt.extend(scid);
+    zero_rtt.extend([0x40, 40]);
+    zero_rtt.extend([0xaa; 40]);
+    let hidden = [
+        zero_rtt,
+        client_initial(
+            Version::V1,
+            &dcid,
+            &scid,
+            1,
+            &padded(crypto_frame(0, &unfiled[..1000])),
+        ),
+    ]
+    .concat();
+    let rest = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        2,
+        &padded(crypto_frame(1000, &filed[1000..])),
+    );
+    for datagram in [&first, &hidden, &rest] {
+        socket.send_to(datagram, addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(nothing_arrives(&spy, Duration::from_millis(500)).await);
+    let metrics = gate.metrics().await;
+    let line =
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="invalid_sni"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    assert!(!metrics.contains(r#"decision="allow""#), "{metrics}");
+}
+
+/// An allowed flow without a datagram either way for `quic.flow_idle_timeout` ends: it is no
+/// longer active nor registered, and what the client sends afterwards is not relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_flow_ends_after_flow_idle_timeout() {
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nflow_idle_timeout = \"500ms\"\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(exchange(&conn, "before").await.is_ok());
+    // Let the handshake's last acknowledgements pass, then stay quiet past the idle timeout.
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if gate.server.live_tunnels() == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the idle flow lives on"
+        );
+    }
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"icp_gate_quic_flows_active{listener="quic"} 0"#),
+        "{metrics}"
+    );
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "{after:?}");
+}
+
+/// Past `quic.new_flows_per_second`, new flows are dropped before any cryptography (counted as
+/// `new_flow_rate`), while a flow already relayed goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_flows_past_the_rate_are_dropped_and_relayed_flows_go_on() {
+    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED], &h3);
+    let (gate, addr) = gate(origin.addr, "[quic]\nnew_flows_per_second = 50\n").await;
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = endpoint
+        .connect_with(config, addr, FILED)
+        .unwrap()
+        .await
+        .unwrap();
+
+    let partial = [&[1u8, 0, 0x10, 0][..], &[0x42; 596]].concat();
+    let frames = padded(crypto_frame(0, &partial));
+    for i in 0..200u64 {
+        let s = UdpSocket::bind(("127.0.0.3", 0)).await.unwrap();
+        let initial = client_initial(Version::V1, &i.to_be_bytes(), &[1, 2, 3, 4], 0, &frames);
+        s.send_to(&initial, addr).await.unwrap();
+    }
+    assert_eq!(
+        exchange(&conn, "still here").await.unwrap(),
+        format!("origin {FILED} got still here")
+    );
+    let metrics = gate.metrics().await;
+    let dropped: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="new_flow_rate"}"#,
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no new_flow_rate drops\n{metrics}"));
+    assert!(
+        (100..=200).contains(&dropped),
+        "{dropped} dropped\n{metrics}"
+    );
+}
