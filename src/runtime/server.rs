@@ -335,6 +335,7 @@ impl ServerHandle {
             ("admin", old.config.admin != config.admin),
             ("registry", old.config.registry != config.registry),
             ("demo_origin", old.config.demo_origin != config.demo_origin),
+            ("fleet", old.config.fleet != config.fleet),
         ] {
             if changed {
                 warn!("reload: [{what}] changed; it takes effect at the next restart");
