@@ -204,7 +204,14 @@ async fn main() {
         percentile(&put, 0.99)
     );
 
-    // 2. Convergence at a fixed rate, published straight to the stream.
+    // 2. Convergence at a fixed rate, published straight to the stream. B's first
+    // `/v1/registry` computes its digest (a pass over every entry); done before measuring.
+    let digest_started = Instant::now();
+    revision(b).await;
+    println!(
+        "first digest of {entries} entries on B: {:?}",
+        digest_started.elapsed()
+    );
     let client = async_nats::connect(&url).await.unwrap();
     let js = async_nats::jetstream::new(client);
     for rate in [1_000u64, 10_000] {

@@ -414,7 +414,7 @@ async fn trimmed_history_is_reached_through_the_newest_snapshot() {
 async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
     let mut nats = NatsServer::start();
     let origin = Origin::start().await;
-    let [a, b, c] = three_nodes(&nats, origin.addr, "").await;
+    let [a, b, mut c] = three_nodes(&nats, origin.addr, "").await;
     let (status, _) = api(
         a.admin,
         "PUT",
@@ -448,6 +448,16 @@ async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
         );
     }
     assert_eq!(a.registry().await["revision"], 2);
+    // A node restarted while NATS is down starts on its local registry and says why it waits.
+    c.kill9();
+    c.start().await;
+    assert_eq!(c.status("new.cn").await, 200);
+    assert_eq!(c.registry().await["revision"], 2);
+    assert_eq!(c.metric("icp_gate_fleet_connected").await, 0.0);
+    let waiting = c.proc().logged(
+        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
+    );
+    assert_eq!(waiting["revision"], 2, "{waiting}");
 
     nats.restart();
     for n in [&a, &b, &c] {

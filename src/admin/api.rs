@@ -263,10 +263,17 @@ async fn handle(req: Request<Incoming>, path: &str, shared: &Shared, note: &mut 
         }
         Endpoint::Registry if method == Method::PUT => replace(req, guard, shared, note).await,
         Endpoint::Registry => {
-            let s = shared.registry.load();
+            let s = shared.registry.load_full();
+            // The first digest of a large registry is a pass over every entry: off the runtime.
+            let digest = {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.digest_hex())
+                    .await
+                    .unwrap_or_default()
+            };
             json_answer(
                 StatusCode::OK,
-                json!({"revision": s.revision(), "entries": s.len(), "digest": s.digest_hex()}),
+                json!({"revision": s.revision(), "entries": s.len(), "digest": digest}),
             )
         }
         Endpoint::Batch => batch(req, guard, shared, note).await,

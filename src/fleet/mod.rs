@@ -326,7 +326,30 @@ impl Fleet {
         let sequence = snapshot.revision();
         match snapshots::write(&bucket, snapshot, &inner.config.node).await {
             Ok(()) => inner.metrics.snapshot_writes.inc(),
-            Err(e) => warn!(sequence, error = %e, "fleet snapshot not written"),
+            Err(e) => {
+                warn!(sequence, error = %e, "fleet snapshot not written");
+                return;
+            }
+        }
+        // Large changes whose messages the stream no longer holds.
+        let first = match inner.js.get_stream(&inner.config.stream).await {
+            Ok(mut s) => match s.info().await {
+                Ok(info) if info.state.first_sequence > 1 => {
+                    Some(info.state.first_timestamp.unix_timestamp_nanos())
+                }
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        if let Some(first) = first {
+            match snapshots::remove_old_changes(&bucket, first).await {
+                Ok(0) => {}
+                Ok(removed) => info!(
+                    removed,
+                    "fleet: removed change objects the stream no longer names"
+                ),
+                Err(e) => warn!(error = %e, "fleet: could not remove old change objects"),
+            }
         }
     }
 

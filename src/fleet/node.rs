@@ -17,7 +17,7 @@ use async_nats::jetstream::stream::{self, Stream};
 use async_nats::jetstream::{self, Message};
 use async_nats::{Client, ConnectOptions, Event};
 use futures_util::{FutureExt, StreamExt};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::message::{self, Change};
 use super::{Fleet, snapshots};
@@ -82,7 +82,8 @@ pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Resu
                         warn!("fleet: disconnected from NATS; reconnecting, the registry in force stays");
                     }
                     Event::ServerError(e) => warn!(error = %e, "fleet: NATS server error"),
-                    Event::ClientError(e) => warn!(error = %e, "fleet: NATS client error"),
+                    // Each failed reconnection attempt; the wait is said every 30 s instead.
+                    Event::ClientError(e) => debug!(error = %e, "fleet: NATS client error"),
                     other => info!(event = %other, "fleet: NATS"),
                 }
             }
@@ -159,8 +160,18 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
     }
     let mut attempt = 0u32;
     loop {
+        let mut said: Option<std::time::Instant> = None;
         while fleet.inner.client.connection_state() != async_nats::connection::State::Connected {
             fleet.set_attached(false);
+            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                warn!(
+                    servers = ?fleet.inner.config.servers,
+                    revision = fleet.inner.registry.load().revision(),
+                    "fleet: NATS unreachable; serving the registry this node has, writes refused, \
+                     retrying"
+                );
+                said = Some(std::time::Instant::now());
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let stop = session(&fleet, &state_dir, &mut attempt).await;

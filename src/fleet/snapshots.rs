@@ -45,6 +45,39 @@ pub(crate) async fn list(bucket: &ObjectStore) -> Result<Vec<u64>, String> {
     Ok(sequences)
 }
 
+/// How long before the stream's first message a change object must have been stored to be
+/// removed: its message was published after it, and this leaves room for a publisher that
+/// stored an object and published its message late.
+const CHANGE_MARGIN_NANOS: i128 = 3600 * 1_000_000_000;
+
+/// Removes `change-*` objects stored more than an hour before the stream's first message
+/// (`first_nanos`, Unix time): the messages naming them are gone from the stream, and every
+/// node past them holds their changes or starts from a snapshot.
+pub(crate) async fn remove_old_changes(
+    bucket: &ObjectStore,
+    first_nanos: i128,
+) -> Result<usize, String> {
+    let mut list = bucket.list().await.map_err(|e| e.to_string())?;
+    let mut old = Vec::new();
+    while let Some(info) = list.next().await {
+        let info = info.map_err(|e| e.to_string())?;
+        let stored = info.modified.map(|t| t.unix_timestamp_nanos());
+        if info.name.starts_with("change-")
+            && !info.deleted
+            && stored.is_some_and(|t| t < first_nanos - CHANGE_MARGIN_NANOS)
+        {
+            old.push(info.name);
+        }
+    }
+    for name in &old {
+        bucket
+            .delete(name)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(old.len())
+}
+
 /// Reads an object whole and checks it against `sha256` (hex).
 pub(crate) async fn read_object(
     bucket: &ObjectStore,

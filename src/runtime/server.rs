@@ -440,6 +440,7 @@ impl ServerHandle {
         for (what, changed) in [
             ("registry", old.config.registry != config.registry),
             ("demo_origin", old.config.demo_origin != config.demo_origin),
+            ("fleet", old.config.fleet != config.fleet),
         ] {
             if changed {
                 warn!("reload: [{what}] changed; it takes effect at the next restart");
