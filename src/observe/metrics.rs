@@ -239,7 +239,7 @@ impl Metrics {
         let relayed_bytes = counter_vec(
             &r,
             "icp_gate_relayed_bytes_total",
-            "Bytes relayed through TLS passthrough tunnels, by listener and direction.",
+            "Bytes relayed through TLS passthrough tunnels and QUIC flows, by listener and direction.",
             &["listener", "direction"],
         );
         let registry_entries =
