@@ -6,8 +6,9 @@
 //! for it or acts on its verdict.
 //!
 //! The layers, each using only those before it: `wire` (parsers of untrusted bytes), `config`,
-//! `registry`, `core` (the decision), `observe` (metrics, logs), `proxy` (the data path), `admin`
-//! (the control API), `runtime` (the process). docs/design.md says why.
+//! `registry`, `core` (the decision), `observe` (metrics, logs), `fleet` (the registry over NATS),
+//! `proxy` (the data path), `admin` (the control API), `runtime` (the process). docs/design.md
+//! says why.
 
 #![deny(unsafe_code)]
 #![warn(unreachable_pub)]
