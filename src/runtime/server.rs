@@ -164,9 +164,9 @@ impl Sockets {
 /// The `n` sockets of a data listener, of its kind's transport.
 fn bind_sockets(l: &ListenerConfig, n: usize) -> Result<Sockets, ServerError> {
     if l.kind.is_udp() {
-        bind_udp_group(&l.name, l.bind, n).map(Sockets::Udp)
+        bind_group(&l.name, l.bind, n, bind_udp, StdUdpSocket::local_addr).map(Sockets::Udp)
     } else {
-        bind_group(&l.name, l.bind, n).map(Sockets::Tcp)
+        bind_group(&l.name, l.bind, n, bind, StdListener::local_addr).map(Sockets::Tcp)
     }
 }
 
@@ -190,27 +190,6 @@ fn bind_udp(name: &str, addr: SocketAddr, reuseport: bool) -> Result<StdUdpSocke
     Ok(socket.into())
 }
 
-/// [`bind_group`] for UDP: `n` sockets sharing `addr` through `SO_REUSEPORT`, which spreads
-/// datagrams over them by the hash of their addresses, so a client's flow stays on one socket.
-fn bind_udp_group(
-    name: &str,
-    addr: SocketAddr,
-    n: usize,
-) -> Result<Vec<StdUdpSocket>, ServerError> {
-    let reuseport = n > 1;
-    let first = bind_udp(name, addr, reuseport)?;
-    let addr = first.local_addr().map_err(|source| ServerError::Bind {
-        name: name.to_string(),
-        addr,
-        source,
-    })?;
-    let mut group = vec![first];
-    for _ in 1..n {
-        group.push(bind_udp(name, addr, reuseport)?);
-    }
-    Ok(group)
-}
-
 /// [`bind`] for a socket served on the current runtime (admin, demo origin).
 fn bind_here(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::from_std(bind(name, addr, false)?).map_err(|source| ServerError::Bind {
@@ -220,21 +199,28 @@ fn bind_here(name: &str, addr: SocketAddr) -> Result<TcpListener, ServerError> {
     })
 }
 
-/// `n` listening sockets on `addr`, for accept loops that each register their own with the
-/// runtime they run on. Several share the address through `SO_REUSEPORT`; for port 0 the first
-/// picks the port and the others join it. One socket does without the option, so no other
-/// process can join it.
-fn bind_group(name: &str, addr: SocketAddr, n: usize) -> Result<Vec<StdListener>, ServerError> {
+/// `n` sockets on `addr` (listening TCP ones, or UDP ones), for accept loops that each register
+/// their own with the runtime they run on. Several share the address through `SO_REUSEPORT`,
+/// which for UDP spreads datagrams by the hash of their addresses, so a client's flow stays on
+/// one socket; for port 0 the first picks the port and the others join it. One socket does
+/// without the option, so no other process can join it.
+fn bind_group<S>(
+    name: &str,
+    addr: SocketAddr,
+    n: usize,
+    bind_one: fn(&str, SocketAddr, bool) -> Result<S, ServerError>,
+    local_addr: fn(&S) -> std::io::Result<SocketAddr>,
+) -> Result<Vec<S>, ServerError> {
     let reuseport = n > 1;
-    let first = bind(name, addr, reuseport)?;
-    let addr = first.local_addr().map_err(|source| ServerError::Bind {
+    let first = bind_one(name, addr, reuseport)?;
+    let addr = local_addr(&first).map_err(|source| ServerError::Bind {
         name: name.to_string(),
         addr,
         source,
     })?;
     let mut group = vec![first];
     for _ in 1..n {
-        group.push(bind(name, addr, reuseport)?);
+        group.push(bind_one(name, addr, reuseport)?);
     }
     Ok(group)
 }
@@ -347,16 +333,7 @@ impl ServerHandle {
         let placement = listeners.placement;
         let loops = Arc::new(tokio::sync::Mutex::new(HashMap::new()));
         match joining {
-            None => {
-                let mut map = loops.lock().await;
-                for (cfg, sockets) in listeners.data {
-                    map.insert(
-                        ListenerKey::of(&cfg),
-                        spawn_accept_loop(&shared, cfg, sockets, &placement),
-                    );
-                }
-                shared.set_ready();
-            }
+            None => serve_data(&shared, &loops, listeners.data, &placement).await,
             Some(fleet) => {
                 let (shared, loops, placement) = (shared.clone(), loops.clone(), placement.clone());
                 tokio::spawn(async move {
@@ -364,14 +341,7 @@ impl ServerHandle {
                         () = fleet.synced() => {}
                         () = shared.drain.cancelled() => return,
                     }
-                    let mut map = loops.lock().await;
-                    for (cfg, sockets) in listeners.data {
-                        map.insert(
-                            ListenerKey::of(&cfg),
-                            spawn_accept_loop(&shared, cfg, sockets, &placement),
-                        );
-                    }
-                    shared.set_ready();
+                    serve_data(&shared, &loops, listeners.data, &placement).await;
                     info!("fleet: joined; serving");
                 });
             }
@@ -555,6 +525,23 @@ fn open_registry(config: &RegistryConfig) -> Result<(Store, Arc<Snapshot>), Serv
         }
     };
     Ok((store, Arc::new(snapshot)))
+}
+
+/// Starts an accept loop on each bound data listener, then marks the server ready.
+async fn serve_data(
+    shared: &Arc<Shared>,
+    loops: &tokio::sync::Mutex<HashMap<ListenerKey, AcceptLoop>>,
+    data: Vec<(ListenerConfig, Sockets)>,
+    placement: &Placement,
+) {
+    let mut map = loops.lock().await;
+    for (cfg, sockets) in data {
+        map.insert(
+            ListenerKey::of(&cfg),
+            spawn_accept_loop(shared, cfg, sockets, placement),
+        );
+    }
+    shared.set_ready();
 }
 
 fn spawn_accept_loop(
