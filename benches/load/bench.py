@@ -62,11 +62,31 @@ CONTENDER_PORTS = {  # (http, tls) per contender: never reuse a port right after
     "nginx": (18120, 18121),
     "haproxy": (18130, 18131),
     "icp-gate-ws": (18140, 18141),
+    "nginx-tuned": (18150, 18151),
+    "haproxy-tuned": (18160, 18161),
+    "icp-gate-before": (18170, 18171),
+    "floor": (18180, 18181),
 }
 CONTENDERS = ["icp-gate", "nginx", "haproxy"]
 # With --threads N > 1 also icp-gate's other runtime shape: one work-stealing runtime.
 SHAPE_CONTENDER = "icp-gate-ws"
-ANCHORS = ["nginx", "haproxy"]
+# --before-binary: an older icp-gate build measured in the same run (before/after in one sitting).
+BEFORE_CONTENDER = "icp-gate-before"
+# The anchors with the accept-path levers icp-gate may use too: nginx `listen … deferred
+# reuseport`, HAProxy `bind … defer-accept` (TCP_DEFER_ACCEPT: accepted once data is in).
+TUNED = ["nginx-tuned", "haproxy-tuned"]
+ANCHORS = ["nginx", "haproxy", *TUNED]
+# --conns (wrk's keep-alive connections) and --inflight (TLS clients' connections in flight);
+# --shape saturated sets both to 64.
+CONNS = 50
+INFLIGHT = 16
+# --page: the block page all three render; "large" is icp-gate's built-in (~2 KB), "small" a
+# ~200-byte page (conf/block-small.html), where per-request overhead weighs most.
+PAGE = "large"
+# The floor (floor.c): a bare epoll loop that answers without deciding anything, so what the
+# kernel costs per operation is measured in the same run. It has no origin side: only these.
+FLOOR = "floor"
+FLOOR_SCENARIOS = ("blocked", "newconn", "tls-refuse")
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -87,23 +107,23 @@ class Scenario:
 
 SCENARIOS = [
     Scenario("blocked", "http", "wrk", "req",
-             "unfiled Host, 50 keep-alive connections: every request gets the ~2 KB 403 page",
+             "unfiled Host, {conns} keep-alive connections: every request gets the {page} 403 page",
              expect_4xx=1.0),
     Scenario("forwarded", "http", "wrk", "req",
-             "filed Host (www.<entry>), 50 keep-alive connections, forwarded to the origin",
+             "filed Host (www.<entry>), {conns} keep-alive connections, forwarded to the origin",
              expect_4xx=0.0),
     Scenario("newconn", "http", "wrk", "req",
-             "unfiled Host with `Connection: close`: one TCP connection per request, 50 at a "
-             "time (wrk's latency starts after connect)", expect_4xx=1.0),
+             "unfiled Host with `Connection: close`: one TCP connection per request, {conns} "
+             "at a time (wrk's latency starts after connect)", expect_4xx=1.0),
     Scenario("mix", "http", "wrk", "req",
              "Host rotating over 100 000 names, 90 % filed (sub-domains of entries, "
-             "forwarded) / 10 % unfiled (403), 50 keep-alive connections", expect_4xx=0.1),
+             "forwarded) / 10 % unfiled (403), {conns} keep-alive connections", expect_4xx=0.1),
     Scenario("tls-handshake", "tls", "tls-handshake", "conn",
              "filed SNI: new TCP connection + full TLS 1.3 handshake with the origin through "
-             "the proxy + one GET + close, 16 at a time (latency: connect to close)"),
+             "the proxy + one GET + close, {inflight} at a time (latency: connect to close)"),
     Scenario("tls-refuse", "tls", "tls-refuse", "conn",
              "unfiled SNI: connect, send a ClientHello, wait until the proxy refuses "
-             "(alert/close/reset), 16 at a time"),
+             "(alert/close/reset), {inflight} at a time"),
     Scenario("tls-bulk", "tls", "bulk", "MiB",
              "filed SNI: one TLS connection through the proxy downloads a large file "
              "(curl); rate in MiB/s, CPU per MiB"),
@@ -206,9 +226,14 @@ UNFILED_TEXTS = {
 }
 
 
+def block_template() -> Path:
+    """The page every contender renders: icp-gate's built-in one, or the small one (--page)."""
+    return REPO / "config" / "block.html" if PAGE == "large" else CONF / "block-small.html"
+
+
 def block_page(engine: str) -> str:
-    """icp-gate's config/block.html with the host, request id and time as engine variables."""
-    page = (REPO / "config" / "block.html").read_text(encoding="utf-8")
+    """The block page template with the host, request id and time as engine variables."""
+    page = block_template().read_text(encoding="utf-8")
     for k, v in UNFILED_TEXTS.items():
         page = page.replace(k, v)
     if engine == "nginx":
@@ -455,17 +480,21 @@ def tls_probe(port: int, sni: str) -> str:
         return f"refused ({type(e).__name__})"
 
 
-def probe(kind: str, port: int, reg: Registry) -> str | None:
-    """None when the contender behaves as every contender must; otherwise what is wrong."""
+def probe(kind: str, port: int, reg: Registry, floor: bool = False) -> str | None:
+    """None when the contender behaves as every contender must; otherwise what is wrong.
+    The floor has no origin side: only its refusals are probed."""
     if kind == "http":
         st, body = http_get(port, reg.unfiled_host)
-        if st != 403 or not 1500 < len(body) < 3000 or reg.unfiled_host.encode() not in body:
+        size_ok = 1500 < len(body) < 3000 if PAGE == "large" else 150 < len(body) < 400
+        if st != 403 or not size_ok or reg.unfiled_host.encode() not in body:
             return f"unfiled host: {st}, {len(body)} bytes"
+        if floor:
+            return None
         st, body = http_get(port, reg.filed_host)
         if st != 200 or body != b"origin ok\n":
             return f"filed host: {st} {body[:40]!r}"
         return None
-    if (r := tls_probe(port, reg.filed_host)) != "ok":
+    if not floor and (r := tls_probe(port, reg.filed_host)) != "ok":
         return f"filed SNI: {r}"
     if (r := tls_probe(port, reg.unfiled_host)) == "ok" or r.startswith("answer"):
         return f"unfiled SNI not refused: {r}"
@@ -481,6 +510,7 @@ def probe(kind: str, port: int, reg: Registry) -> str | None:
 class Env:
     work: Path
     binary: Path
+    before: Path | None = None  # --before-binary
 
 
 def start_origin(env: Env, bulk_bytes: int) -> Proc:
@@ -518,12 +548,18 @@ def start_contender(env: Env, who: str, kind: str, reg: Registry, tag: str) -> t
     Returns the process and the port of the listener of `kind`."""
     w = env.work
     http_port, tls_port = CONTENDER_PORTS[who]
-    values = {"WORK": w, **PORTS, "PORT_HTTP": http_port, "PORT_TLS": tls_port}
+    values = {"WORK": w, **PORTS, "PORT_HTTP": http_port, "PORT_TLS": tls_port,
+              "BLOCK_TEMPLATE": block_template(),
+              # the tuned anchors: accepted once the first bytes are in, a socket per worker
+              "NGINX_LISTEN_TUNED": " deferred reuseport" if who == "nginx-tuned" else "",
+              # nginx 1.22's stream `listen` has no `deferred` (newer releases do)
+              "NGINX_STREAM_LISTEN_TUNED": " reuseport" if who == "nginx-tuned" else "",
+              "HAPROXY_BIND_TUNED": " defer-accept" if who == "haproxy-tuned" else ""}
     logfile = w / "logs" / f"{tag}.log"
     unpinned = THREADS > 1  # then each nginx worker gets its own socket, as icp-gate's do
     values.update(WORKERS=THREADS,
                   NGINX_AFFINITY="" if unpinned else "worker_cpu_affinity 01;",
-                  REUSEPORT=" reuseport" if unpinned else "",
+                  REUSEPORT=" reuseport" if unpinned and who != "nginx-tuned" else "",
                   HAPROXY_CPUMAP="" if unpinned else "    cpu-map 1/1 0")
     if who.startswith("icp-gate"):
         state = w / "state" / tag  # fresh every start: the seed is parsed like the others' maps
@@ -531,12 +567,29 @@ def start_contender(env: Env, who: str, kind: str, reg: Registry, tag: str) -> t
         values.update(STATE_DIR=state, NDJSON=reg.ndjson)
         conf = render(CONF / f"icp-gate-{kind}.toml", w / f"icp-gate-{kind}.toml", values)
         envv = dict(os.environ, RUST_LOG="warn")  # warn: the access log (info) is off
-        argv = ["taskset", "-c", CORE_SERVER, str(env.binary), "run", "--config", str(conf),
+        binary = env.before if who == BEFORE_CONTENDER else env.binary
+        argv = ["taskset", "-c", CORE_SERVER, str(binary), "run", "--config", str(conf),
                 "--threads", str(THREADS)]
         if who == SHAPE_CONTENDER:
             argv += ["--runtime", "work-stealing"]
         proc = Proc(who, argv, logfile, envv)
-    elif who == "nginx":
+    elif who == FLOOR:
+        if kind == "http":
+            page = block_template().read_text(encoding="utf-8")
+            for k, v in {**UNFILED_TEXTS, "{host}": reg.unfiled_host,
+                         "{request_id}": "0" * 16, "{time}": "2026-12-05T12:00:00Z"}.items():
+                page = page.replace(k, v)
+            body = page.encode()
+            head = ("HTTP/1.1 403 Forbidden\r\ncontent-type: text/html; charset=utf-8\r\n"
+                    "cache-control: no-store\r\nicp-gate-reason: unfiled\r\nx-request-id: "
+                    f"{'0' * 16}\r\ncontent-length: {len(body)}\r\n"
+                    "date: Sat, 05 Dec 2026 12:00:00 GMT\r\n\r\n")
+            (w / "floor-page").write_bytes(head.encode() + body)
+            argv = [str(w / "floor"), "http", str(http_port), str(w / "floor-page")]
+        else:
+            argv = [str(w / "floor"), "tls", str(tls_port)]
+        proc = Proc(who, ["taskset", "-c", CORE_SERVER, *argv], logfile)
+    elif who.startswith("nginx"):
         values.update(NGINX_MAP=reg.nginx_map, MAP_HASH_MAX=max(4096, 2 * reg.n),
                       NGINX_STREAM_MODULE=NGINX_STREAM_MODULE,
                       BLOCK_PAGE=block_page("nginx"))
@@ -571,7 +624,7 @@ def wait_ready(proc: Proc, port: int, timeout: float) -> float | None:
 
 
 def run_wrk(port: int, scen: Scenario, reg: Registry, seconds: float) -> dict:
-    argv = ["taskset", "-c", CORE_CLIENT, "wrk", f"-t{THREADS}", "-c50",
+    argv = ["taskset", "-c", CORE_CLIENT, "wrk", f"-t{THREADS}", f"-c{CONNS}",
             f"-d{max(1, round(seconds))}s",
             "--timeout", "5s", "-s", str(HERE / "wrk.lua")]
     envv = dict(os.environ, ICP_HOSTS_FILE="")
@@ -598,7 +651,7 @@ def run_wrk(port: int, scen: Scenario, reg: Registry, seconds: float) -> dict:
 def run_tls_client(port: int, mode: str, sni: str, seconds: float) -> dict:
     argv = ["taskset", "-c", CORE_CLIENT, sys.executable, str(Path(__file__).resolve()),
             "_tlsclient", "--port", str(port), "--mode", mode, "--sni", sni,
-            "--seconds", str(seconds), "--concurrency", "16"]
+            "--seconds", str(seconds), "--concurrency", str(INFLIGHT)]
     r = subprocess.run(argv, capture_output=True, text=True, preexec_fn=raise_nofile)
     if r.returncode != 0:
         raise RuntimeError(f"tls client failed: {r.stderr[-800:]}")
@@ -862,7 +915,7 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         why, deadline = "no answer", time.monotonic() + 300
         while time.monotonic() < deadline and proc.alive():
             try:
-                if (why := probe(scen.kind, port, reg)) is None:
+                if (why := probe(scen.kind, port, reg, who == FLOOR)) is None:
                     res.ready_s = time.monotonic() - proc.started
                     break
             except OSError as e:
@@ -966,11 +1019,17 @@ def ratio(a, b, spec=".2f"):
 
 
 def ratio_pairs(agg: dict[str, dict]):
-    """(icp-gate contender, its figures, anchor, its figures) for every ratio row of a table."""
-    for mine in [c for c in agg if c.startswith("icp-gate")]:
-        for who in ANCHORS:
+    """(contender, its figures, other, its figures) for every ratio row of a table: each
+    icp-gate shape against each anchor, its --before-binary build and the floor; the floor
+    against each anchor (the least any proxy could cost, as a share of theirs)."""
+    for mine in [c for c in agg if c.startswith("icp-gate") and c != BEFORE_CONTENDER]:
+        for who in ANCHORS + [BEFORE_CONTENDER, FLOOR]:
             if who in agg:
                 yield mine, agg[mine], who, agg[who]
+    if FLOOR in agg:
+        for who in ANCHORS:
+            if who in agg:
+                yield FLOOR, agg[FLOOR], who, agg[who]
 
 
 def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
@@ -978,7 +1037,9 @@ def scenario_table(scen: Scenario, n: int, results: list[Result]) -> list[str]:
     unit = scen.unit
     rate_h = "MiB/s" if unit == "MiB" else f"{unit}/s"
     cpu_h = f"CPU µs/{unit}"
-    lines = [f"### {scen.name}, N = {n:,}", "", scen.description, "",
+    desc = scen.description.format(conns=CONNS, inflight=INFLIGHT,
+                                   page="~2 KB" if PAGE == "large" else "~200-byte")
+    lines = [f"### {scen.name}, N = {n:,}", "", desc, "",
              f"| contender | {rate_h} | p50 ms | p99 ms | {cpu_h} | peak RSS MiB | PSS MiB "
              f"| ready s | errors | core-0 noise % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1088,7 +1149,8 @@ def machine_lines(env: Env, args, load_before: str) -> list[str]:
         f"- machine: {os.cpu_count()} × {cpu}, {platform.platform()}; load average before: "
         f"{load_before}, after: {' '.join(open('/proc/loadavg').read().split()[:3])}; "
         f"TCP congestion control: {congestion_control()}",
-        f"- icp-gate {rev}{' (src/ modified)' if dirty else ''}, nginx {ver(['nginx', '-v'])}, "
+        f"- icp-gate {rev}{' (src/ modified)' if dirty else ''}"
+        + (f" ({BEFORE_CONTENDER}: {env.before})" if env.before else "") + f", nginx {ver(['nginx', '-v'])}, "
         f"HAProxy {ver(['haproxy', '-v'])}, wrk {ver(['wrk', '-v'])}, "
         f"curl {ver(['curl', '--version'])}, Python {platform.python_version()}",
         (f"- contender on core {CORE_SERVER}; load generator and the shared origin (nginx) on "
@@ -1099,6 +1161,8 @@ def machine_lines(env: Env, args, load_before: str) -> list[str]:
          f"with {THREADS} threads; nothing pinned except the origin (one nginx worker, on "
          f"core 1), so contenders and load generator share every core")
         + f"; {args.rounds} round(s) of {', '.join(CONTENDERS)} in turn, "
+        f"shape {args.shape} (wrk {CONNS} connections, TLS {INFLIGHT} in flight), "
+        f"{'~2 KB' if PAGE == 'large' else '~200-byte'} block page, "
         f"{args.duration:g} s per measurement after {args.warmup:g} s of warm-up; tables show "
         f"the median over rounds",
     ]
@@ -1125,11 +1189,25 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=None, help="default 2 (--quick 1)")
     ap.add_argument("--contenders", default=None,
                     help=f"default {','.join(CONTENDERS)} (--threads above 1: also "
-                         f"{SHAPE_CONTENDER})")
+                         f"{SHAPE_CONTENDER}; --before-binary: also {BEFORE_CONTENDER}); "
+                         f"the tuned anchors: {','.join(TUNED)}; the bare epoll loop: {FLOOR} "
+                         f"(only {', '.join(FLOOR_SCENARIOS)})")
     ap.add_argument("--threads", type=int, default=1,
                     help="workers per contender (default 1, each pinned to core 0); above 1 "
                          "nothing is pinned and icp-gate's work-stealing shape runs too")
+    ap.add_argument("--shape", choices=["default", "saturated"], default="default",
+                    help="default: 50 keep-alive connections (wrk), 16 TLS connections in "
+                         "flight; saturated: 64 and 64 (override with --conns / --inflight)")
+    ap.add_argument("--conns", type=int, default=None, help="wrk's connections")
+    ap.add_argument("--inflight", type=int, default=None,
+                    help="TLS client: connections in flight")
+    ap.add_argument("--page", choices=["large", "small"], default="large",
+                    help="block page: icp-gate's built-in ~2 KB one (default) or a ~200-byte "
+                         "one (conf/block-small.html); every contender renders the same")
     ap.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "icp-gate")
+    ap.add_argument("--before-binary", type=Path, default=None,
+                    help=f"an older icp-gate build, measured as `{BEFORE_CONTENDER}` in the same "
+                         "run (before and after in one sitting)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep generated data and logs here (default: a temporary dir, removed)")
     ap.add_argument("--results", type=Path, default=HERE / "results")
@@ -1151,21 +1229,30 @@ def parse_args() -> argparse.Namespace:
         unknown = [s for s in a.scenarios if s not in SCENARIO_BY_NAME]
         if unknown:
             ap.error(f"unknown scenario(s) {unknown}; known: {[s.name for s in SCENARIOS]}")
-    known = CONTENDERS + [SHAPE_CONTENDER]
+    known = CONTENDERS + [SHAPE_CONTENDER, BEFORE_CONTENDER, *TUNED, FLOOR]
     if a.contenders is None:
         a.contenders = ",".join(CONTENDERS[:1] + [SHAPE_CONTENDER] + CONTENDERS[1:]
                                 if a.threads > 1 else CONTENDERS)
+        if a.before_binary:
+            a.contenders = a.contenders.replace("icp-gate,", f"icp-gate,{BEFORE_CONTENDER},", 1)
     a.contenders = [c for c in a.contenders.split(",") if c]
     if set(a.contenders) - set(known):
         ap.error(f"contenders are {known}")
     if a.threads < 1:
         ap.error("--threads must be at least 1")
+    if BEFORE_CONTENDER in a.contenders and not a.before_binary:
+        ap.error(f"{BEFORE_CONTENDER} needs --before-binary")
+    saturated = a.shape == "saturated"
+    a.conns = a.conns or (64 if saturated else 50)
+    a.inflight = a.inflight or (64 if saturated else 16)
     return a
 
 
 def set_name(a) -> str:
     """Results file label: quick, full, or what was picked (e.g. http-n1000)."""
     threads = f"-t{a.threads}" if a.threads > 1 else ""
+    threads += ("-saturated" if a.shape == "saturated" else "") + \
+        ("-small" if a.page == "small" else "")
     if a.quick and a.scenario_arg == "all" and a.sizes == [1000]:
         return "quick" + threads
     if a.scenario_arg == "all" and a.sizes == [1000, 1000000]:
@@ -1177,9 +1264,10 @@ def set_name(a) -> str:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_tlsclient":
         return tls_client_main(sys.argv[2:])
-    global CONTENDERS, THREADS, CORE_SERVER, CORE_CLIENT
+    global CONTENDERS, THREADS, CORE_SERVER, CORE_CLIENT, CONNS, INFLIGHT, PAGE
     args = parse_args()
     CONTENDERS = args.contenders
+    CONNS, INFLIGHT, PAGE = args.conns, args.inflight, args.page
     THREADS = args.threads
     if THREADS > 1:
         everywhere = f"0-{os.cpu_count() - 1}"
@@ -1205,12 +1293,18 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="icp-gate-load."))
     for sub in ("logs", "tmp", "state"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    env = Env(work, args.binary.resolve())
+    if args.before_binary and not args.before_binary.exists():
+        raise SystemExit(f"{args.before_binary}: no such file")
+    env = Env(work, args.binary.resolve(),
+              args.before_binary.resolve() if args.before_binary else None)
     load_before = " ".join(open("/proc/loadavg").read().split()[:3])
     planned = len(args.scenarios) * len(args.sizes) * args.rounds * len(CONTENDERS)
     log(f"work dir {work}; {planned} measurements of {args.duration:g}s "
         f"(scenarios {','.join(args.scenarios)}; N {args.sizes}; {args.rounds} round(s))")
 
+    if FLOOR in CONTENDERS:
+        subprocess.run(["cc", "-O2", "-o", str(work / "floor"), str(HERE / "floor.c")],
+                       check=True)
     regs = {n: generate_registry(n, work) for n in args.sizes}
     origin = start_origin(env, args.bulk_bytes)
     results: list[Result] = []
@@ -1228,9 +1322,11 @@ def main() -> None:
                 batch = []
                 for rnd in range(1, args.rounds + 1):
                     for who in CONTENDERS:  # A B C A B C
+                        if who == FLOOR and name not in FLOOR_SCENARIOS:
+                            continue
                         r = measure(env, scen, regs[n], rnd, who, args)
                         batch.append(r)
-                        log(f"{name:14} N={n:<9,} round {rnd} {who:9} "
+                        log(f"{name:14} N={n:<9,} round {rnd} {who:15} "
                             + (f"FAILED: {r.failure}" if r.failure else
                                f"{fmt(r.rate, ',.0f'):>10} {scen.unit}/s  "
                                f"{fmt(r.cpu_us_per_op, '.2f'):>8} µs/{scen.unit}  "
