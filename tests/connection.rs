@@ -264,8 +264,13 @@ async fn oversized_request_head_is_431() {
 async fn connection_limit_refuses_the_extra_connection() {
     let origin = Origin::start().await;
     let gate = Gate::start(&config(origin.addr, "[limits]\nmax_connections = 2")).await;
-    let _a = TcpStream::connect(gate.http).await.unwrap();
-    let _b = TcpStream::connect(gate.http).await.unwrap();
+    // Each says something, so deferred accept hands both to the proxy (a silent connection
+    // waits in the kernel and holds no slot: deferred_accept_waits_for_the_first_bytes).
+    let mut _a = TcpStream::connect(gate.http).await.unwrap();
+    let mut _b = TcpStream::connect(gate.http).await.unwrap();
+    for s in [&mut _a, &mut _b] {
+        s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = TcpStream::connect(gate.http).await.unwrap();
     c.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
@@ -326,4 +331,34 @@ async fn origin_stalled_mid_body_is_cut_off() {
         text.starts_with("HTTP/1.1 200") && text.ends_with("only ten.."),
         "{text}"
     );
+}
+
+/// `defer_accept` (on by default): a connection is accepted once its first bytes are in, so a
+/// silent one holds no worker and no connection slot; with it off, it is accepted at once.
+#[tokio::test]
+async fn deferred_accept_waits_for_the_first_bytes() {
+    let origin = Origin::start().await;
+    for (extra, accepted_while_silent) in [("", 0), ("defer_accept = false", 1)] {
+        let config = config(origin.addr, "")
+            .replace("kind = \"http\"", &format!("kind = \"http\"\n{extra}"));
+        let gate = Gate::start(&config).await;
+        let active = "icp_gate_connections_active{listener=\"http\"} ";
+        let mut silent = TcpStream::connect(gate.http).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let metrics = gate.metrics().await;
+        assert!(
+            metrics.contains(&format!("{active}{accepted_while_silent}\n")),
+            "{extra:?}: {}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(active))
+                .collect::<String>()
+        );
+        silent
+            .write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+        assert_eq!(statuses(&answer), [200], "{extra:?}: {answer}");
+    }
 }

@@ -65,6 +65,7 @@ pub(super) struct RawListener {
     pub(super) kind: ListenerKind,
     #[serde(default)]
     pub(super) proxy_protocol: bool,
+    pub(super) defer_accept: Option<bool>,
 }
 
 #[derive(Deserialize)]

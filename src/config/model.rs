@@ -134,6 +134,9 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     pub kind: ListenerKind,
     pub proxy_protocol: bool,
+    /// `TCP_DEFER_ACCEPT` on the listening sockets (on by default for TCP kinds): every client of
+    /// a TCP listener speaks first, so a connection is accepted once its first bytes are in.
+    pub defer_accept: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

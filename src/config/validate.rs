@@ -376,6 +376,12 @@ impl Validator<'_> {
                     "not for quic listeners: PROXY protocol headers come on TCP connections",
                 ));
             }
+            if l.kind == ListenerKind::Quic && l.defer_accept == Some(true) {
+                return Err(self.err(
+                    format!("listener[{i}].defer_accept"),
+                    "not for quic listeners: UDP has no connections to accept",
+                ));
+            }
             if !names.insert(l.name.clone()) {
                 return Err(self.err(
                     format!("listener[{i}].name"),
@@ -387,6 +393,7 @@ impl Validator<'_> {
                 bind: l.bind,
                 kind: l.kind,
                 proxy_protocol: l.proxy_protocol,
+                defer_accept: l.defer_accept.unwrap_or(!l.kind.is_udp()),
             });
         }
         Ok(out)
@@ -1007,6 +1014,10 @@ http_origin = "127.0.0.1:9080"
             (
                 with_origin.replace("127.0.0.1:9443", "nope"),
                 "route[0].quic_origin",
+            ),
+            (
+                with_origin.replace("kind = \"quic\"", "kind = \"quic\"\ndefer_accept = true"),
+                "listener[1].defer_accept",
             ),
             (
                 with_origin.replace("kind = \"quic\"", "kind = \"quic\"\nproxy_protocol = true"),

@@ -5,4 +5,5 @@ pub(crate) mod offline;
 pub(crate) mod process;
 mod rlimit;
 pub(crate) mod server;
+mod sockopt;
 pub(crate) mod workers;

@@ -22,6 +22,7 @@ use crate::proxy::{preamble, quic};
 use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::runtime::demo_origin;
 use crate::runtime::rlimit::fit_descriptor_limit;
+use crate::runtime::sockopt::set_defer_accept;
 use crate::runtime::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +93,8 @@ impl Listeners {
     fn bind_at(config: &Config, placement: Placement) -> Result<Listeners, ServerError> {
         let mut data = Vec::new();
         for l in &config.listeners {
-            data.push((l.clone(), bind_sockets(l, placement.sockets())?));
+            let sockets = bind_sockets(l, placement.sockets(), config.limits.header_read_timeout)?;
+            data.push((l.clone(), sockets));
         }
         let admin = match &config.admin {
             Some(a) => Some(bind_here("admin", a.bind)?),
@@ -161,12 +163,28 @@ impl Sockets {
     }
 }
 
-/// The `n` sockets of a data listener, of its kind's transport.
-fn bind_sockets(l: &ListenerConfig, n: usize) -> Result<Sockets, ServerError> {
+/// The `n` sockets of a data listener, of its kind's transport. A connection that sends nothing
+/// waits in the kernel up to `defer_wait` (the header read timeout) before it is accepted and
+/// that timeout starts, as with nginx's `deferred`.
+fn bind_sockets(
+    l: &ListenerConfig,
+    n: usize,
+    defer_wait: Duration,
+) -> Result<Sockets, ServerError> {
     if l.kind.is_udp() {
         bind_group(&l.name, l.bind, n, bind_udp, StdUdpSocket::local_addr).map(Sockets::Udp)
     } else {
-        bind_group(&l.name, l.bind, n, bind, StdListener::local_addr).map(Sockets::Tcp)
+        let group = bind_group(&l.name, l.bind, n, bind, StdListener::local_addr)?;
+        if l.defer_accept {
+            for socket in &group {
+                set_defer_accept(socket, defer_wait).map_err(|source| ServerError::Bind {
+                    name: l.name.clone(),
+                    addr: l.bind,
+                    source,
+                })?;
+            }
+        }
+        Ok(Sockets::Tcp(group))
     }
 }
 
@@ -422,7 +440,11 @@ impl ServerHandle {
         let mut bound = Vec::new();
         for l in &generation.config.listeners {
             if !loops.contains_key(&ListenerKey::of(l)) {
-                let sockets = bind_sockets(l, self.placement.sockets())?;
+                let sockets = bind_sockets(
+                    l,
+                    self.placement.sockets(),
+                    generation.config.limits.header_read_timeout,
+                )?;
                 bound.push((l.clone(), sockets));
             }
         }
@@ -444,6 +466,12 @@ impl ServerHandle {
         for l in &new_config.listeners {
             if let Some(existing) = loops.get(&ListenerKey::of(l)) {
                 let current = existing.spec.load();
+                if current.config.defer_accept != l.defer_accept {
+                    warn!(
+                        listener = %l.name,
+                        "reload: defer_accept changed; it takes effect at the next restart"
+                    );
+                }
                 if current.config != *l {
                     existing.spec.store(Arc::new(ListenerSpec {
                         metrics: self.shared.metrics.listener(&l.name),
