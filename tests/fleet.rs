@@ -885,3 +885,241 @@ async fn kill_9_of_nodes_and_of_nats_loses_no_acknowledged_change() {
 async fn kill_9_thirty_rounds_loses_no_acknowledged_change() {
     kill_9_rounds(30).await;
 }
+
+/// A nats-server with users, as `nats-server -c` reads them: `writer` may do anything, `reader`
+/// may only read the stream and the bucket (JetStream info, consumers, message gets, flow
+/// control, replies to its own inbox). `reader_password` is what the server expects of the
+/// reader; `tls`: the server's certificate and key files.
+fn users_conf(
+    dir: &std::path::Path,
+    port: u16,
+    reader_password: &str,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> PathBuf {
+    let tls = tls
+        .map(|(cert, key)| {
+            format!(
+                "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+                cert.display(),
+                key.display()
+            )
+        })
+        .unwrap_or_default();
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: \"127.0.0.1:{port}\"\n\
+             jetstream {{ store_dir: \"{}\" }}\n\
+             {tls}\
+             authorization {{ users = [\n\
+               {{ user: writer, password: \"writer-secret\" }}\n\
+               {{ user: reader, password: \"{reader_password}\", permissions: {{\n\
+                 publish: {{ allow: [\"$JS.API.INFO\", \"$JS.API.STREAM.INFO.>\", \
+                   \"$JS.API.STREAM.MSG.GET.>\", \"$JS.API.DIRECT.GET.>\", \
+                   \"$JS.API.CONSUMER.>\", \"$JS.FC.>\", \"_INBOX.>\"] }}\n\
+                 subscribe: {{ allow: [\"_INBOX.>\"] }}\n\
+               }} }}\n\
+             ] }}\n",
+            dir.join("jetstream").display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+/// `[fleet]` lines for `user` with its password in a file under `dir`.
+fn as_user(dir: &std::path::Path, user: &str, password: &str) -> String {
+    let file = dir.join(format!("{user}.password"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    format!(
+        "user = \"{user}\"\npassword_file = \"{}\"\n",
+        file.display()
+    )
+}
+
+/// Over TLS (the node verifies the server with `tls_ca`): a node whose user may publish takes
+/// writes, a node whose user may only read joins, tails and enforces them, and answers its own
+/// `/v1` writes with 403 naming the permission, at once, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_read_only_node_tails_and_refuses_writes_with_403() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::Pki::new();
+    let (_, _, cert, key) = pki.leaf(&["127.0.0.1"]);
+    let (ca, cert_file, key_file) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("server.pem"),
+        dir.path().join("server.key"),
+    );
+    std::fs::write(&ca, pki.ca.pem()).unwrap();
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let port = common::nats::free_port();
+    let conf = users_conf(
+        dir.path(),
+        port,
+        "reader-secret",
+        Some((&cert_file, &key_file)),
+    );
+    let _nats = NatsServer::with_config(&conf, port);
+    let url = format!("tls://127.0.0.1:{port}");
+    let tls = format!("tls_ca = \"{}\"\n", ca.display());
+    let origin = Origin::start().await;
+    let mut writer = Node::new(
+        &url,
+        "writer",
+        origin.addr,
+        &format!("{tls}{}", as_user(dir.path(), "writer", "writer-secret")),
+    );
+    writer.start().await;
+    let mut reader = Node::new(
+        &url,
+        "reader",
+        origin.addr,
+        &format!(
+            "{tls}{}snapshot_every = 0\n",
+            as_user(dir.path(), "reader", "reader-secret")
+        ),
+    );
+    reader.start().await;
+    converged(&[&writer, &reader], Duration::from_secs(10)).await;
+
+    let (status, body) = api(
+        writer.admin,
+        "PUT",
+        "/v1/registry/entries/w.cn",
+        &entry("w.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
+    assert_eq!(reader.status("w.cn").await, 200);
+
+    let asked = Instant::now();
+    let (status, body) = api(
+        reader.admin,
+        "PUT",
+        "/v1/registry/entries/r.cn",
+        &entry("r.cn"),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("Permissions Violation for Publish")
+            && error.contains("icp.registry.changes"),
+        "{body}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    reader
+        .proc()
+        .wait_for("fleet: the NATS server refused this node's user a publish");
+    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 1.0);
+    assert_eq!(
+        converged(&[&writer, &reader], Duration::from_secs(5)).await,
+        state
+    );
+    assert_eq!(reader.status("r.cn").await, 403);
+
+    // It goes on tailing after the refusal.
+    let (status, body) = api(writer.admin, "DELETE", "/v1/registry/entries/w.cn", "").await;
+    assert_eq!(status, 200, "{body}");
+    converged(&[&writer, &reader], Duration::from_secs(5)).await;
+    assert_eq!(reader.status("w.cn").await, 403);
+}
+
+/// A node whose password the server refuses starts on its local registry, says why in its log,
+/// refuses writes, and keeps retrying: once the server accepts it (its config reloaded), it
+/// reconnects by itself and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::nats::free_port();
+    users_conf(dir.path(), port, "reader-secret", None);
+    let nats = NatsServer::with_config(&dir.path().join("nats.conf"), port);
+    let url = format!("nats://127.0.0.1:{port}");
+    let origin = Origin::start().await;
+    let mut writer = Node::new(
+        &url,
+        "writer",
+        origin.addr,
+        &as_user(dir.path(), "writer", "writer-secret"),
+    );
+    writer.start().await;
+    let mut reader = Node::new(
+        &url,
+        "reader",
+        origin.addr,
+        &format!(
+            "{}snapshot_every = 0\n",
+            as_user(dir.path(), "reader", "reader-secret")
+        ),
+    );
+    reader.start().await;
+    let (status, body) = api(
+        writer.admin,
+        "PUT",
+        "/v1/registry/entries/before.cn",
+        &entry("before.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    converged(&[&writer, &reader], Duration::from_secs(5)).await;
+    reader.kill9();
+
+    // The server now expects another password of the reader.
+    users_conf(dir.path(), port, "rotated-secret", None);
+    nats.reload();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    reader.start().await;
+    let said = reader.proc().wait_for(
+        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
+    );
+    let said = if said["error"] == "not connected yet" {
+        reader.proc().wait_for(
+            "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
+        )
+    } else {
+        said
+    };
+    assert!(
+        said["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authorization violation")),
+        "{said}"
+    );
+    assert_eq!(reader.status("before.cn").await, 200);
+    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
+    let (status, body) = api(
+        reader.admin,
+        "PUT",
+        "/v1/registry/entries/r.cn",
+        &entry("r.cn"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    let (status, body) = api(
+        writer.admin,
+        "PUT",
+        "/v1/registry/entries/after.cn",
+        &entry("after.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The operator gives the reader the password it has; it gets in on its own.
+    users_conf(dir.path(), port, "reader-secret", None);
+    nats.reload();
+    wait_until(
+        Duration::from_secs(15),
+        "the reader reconnected",
+        || async { reader.metric("icp_gate_fleet_connected").await == 1.0 },
+    )
+    .await;
+    converged(&[&writer, &reader], Duration::from_secs(5)).await;
+    assert_eq!(reader.status("after.cn").await, 200);
+}

@@ -60,8 +60,50 @@ fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     plain.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
 }
 
+/// What the NATS client reported that the node's answers and log should name: why it cannot
+/// connect, and the server refusing this node's user a publish.
+#[derive(Default)]
+pub(super) struct Reported {
+    /// The last failed connection attempt ("authorization violation", "timed out", a TLS
+    /// error...); cleared once connected.
+    connect_error: std::sync::Mutex<Option<String>>,
+    /// Publish permission violations: a count (watched by writes waiting for their ack) and
+    /// the server's words for the last one.
+    denied: tokio::sync::watch::Sender<(u64, String)>,
+}
+
+impl Reported {
+    pub(super) fn connect_error(&self) -> Option<String> {
+        self.connect_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_connect_error(&self, e: Option<String>) {
+        *self.connect_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// Resolves with the server's words once it refuses this node a publish (after this call).
+    pub(super) fn denied(&self) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.denied.subscribe();
+        rx.mark_unchanged();
+        async move {
+            match rx.changed().await {
+                Ok(()) => rx.borrow().1.clone(),
+                // Never: the sender lives as long as the node.
+                Err(_) => std::future::pending().await,
+            }
+        }
+    }
+}
+
 /// A client that connects in the background and reconnects by itself, forever.
-pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Result<Client, String> {
+pub(super) async fn connect(
+    config: &FleetConfig,
+    metrics: FleetMetrics,
+    reported: std::sync::Arc<Reported>,
+) -> Result<Client, String> {
     let node = config.node.clone();
     let mut options = ConnectOptions::new()
         .name(format!("icp-gate {node}"))
@@ -74,16 +116,33 @@ pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Resu
         })
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let reported = reported.clone();
             async move {
                 match event {
-                    Event::Connected => info!("fleet: connected to NATS"),
+                    Event::Connected => {
+                        reported.set_connect_error(None);
+                        info!("fleet: connected to NATS");
+                    }
                     Event::Disconnected => {
                         metrics.connected.set(0);
                         warn!("fleet: disconnected from NATS; reconnecting, the registry in force stays");
                     }
+                    Event::ServerError(async_nats::ServerError::Other(e))
+                        if e.to_ascii_lowercase().contains("permissions violation for publish") =>
+                    {
+                        warn!(error = %e, "fleet: the NATS server refused this node's user a publish");
+                        reported.denied.send_modify(|(n, text)| {
+                            *n += 1;
+                            *text = e;
+                        });
+                    }
                     Event::ServerError(e) => warn!(error = %e, "fleet: NATS server error"),
-                    // Each failed reconnection attempt; the wait is said every 30 s instead.
-                    Event::ClientError(e) => debug!(error = %e, "fleet: NATS client error"),
+                    // Each failed connection attempt; the run loop says it (every 30 s, and
+                    // whenever the reason changes).
+                    Event::ClientError(e) => {
+                        debug!(error = %e, "fleet: NATS client error");
+                        reported.set_connect_error(Some(e.to_string()));
+                    }
                     other => info!(event = %other, "fleet: NATS"),
                 }
             }
@@ -93,6 +152,11 @@ pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Resu
             .credentials_file(creds)
             .await
             .map_err(|e| format!("fleet.credentials {}: {e}", creds.display()))?;
+    }
+    if let Some((user, file)) = &config.user {
+        let password = std::fs::read_to_string(file)
+            .map_err(|e| format!("fleet.password_file {}: {e}", file.display()))?;
+        options = options.user_and_password(user.clone(), password.trim_end().to_string());
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -160,17 +224,22 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
     }
     let mut attempt = 0u32;
     loop {
-        let mut said: Option<std::time::Instant> = None;
+        let mut said: Option<(std::time::Instant, Option<String>)> = None;
         while fleet.inner.client.connection_state() != async_nats::connection::State::Connected {
             fleet.set_attached(false);
-            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            let why = fleet.inner.reported.connect_error();
+            if said
+                .as_ref()
+                .is_none_or(|(t, was)| t.elapsed() >= Duration::from_secs(30) || *was != why)
+            {
                 warn!(
                     servers = ?fleet.inner.config.servers,
+                    error = why.as_deref().unwrap_or("not connected yet"),
                     revision = fleet.inner.registry.load().revision(),
                     "fleet: NATS unreachable; serving the registry this node has, writes refused, \
                      retrying"
                 );
-                said = Some(std::time::Instant::now());
+                said = Some((std::time::Instant::now(), why));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
