@@ -581,7 +581,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
         ),
     )
     .unwrap();
-    let hub = NatsServer::with_config(&hub_conf, hub_port);
+    let mut hub = NatsServer::with_config(&hub_conf, hub_port);
     let site = NatsServer::with_config(&site_conf, site_port);
 
     // The site's mirror of the hub's stream, made as an operator would (the nodes only read it).
@@ -662,6 +662,54 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
     let state = converged(&[&central, &s1, &s2], Duration::from_secs(2)).await;
     assert_eq!(state["revision"], 3, "{state}");
     assert_eq!(s2.status("hub.cn").await, 200);
+
+    // The hub goes away while site-2 is down and the mirror holds a change it has not applied:
+    // site-2 starts, applies the mirror without the hub, and refuses writes until the hub is
+    // back.
+    s2.kill9();
+    let (status, _) = api(
+        central.admin,
+        "PUT",
+        "/v1/registry/entries/while.cn",
+        &entry("while.cn"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let state = converged(&[&central, &s1], Duration::from_secs(2)).await;
+    hub.stop();
+    s2.start().await;
+    s2.proc().wait_for(
+        "fleet: the stream's JetStream (the hub) is unreachable; applying the site's mirror \
+         meanwhile, writes refused",
+    );
+    assert_eq!(converged(&[&s1, &s2], Duration::from_secs(5)).await, state);
+    assert_eq!(s2.status("while.cn").await, 200);
+    let (status, body) = api(
+        s2.admin,
+        "PUT",
+        "/v1/registry/entries/nohub.cn",
+        &entry("nohub.cn"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    hub.restart();
+    for n in [&central, &s1, &s2] {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{} attached again", n.name),
+            || async { n.metric("icp_gate_fleet_connected").await == 1.0 },
+        )
+        .await;
+    }
+    let (status, body) = api(
+        s2.admin,
+        "PUT",
+        "/v1/registry/entries/hubback.cn",
+        &entry("hubback.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    converged(&[&central, &s1, &s2], Duration::from_secs(5)).await;
     drop(site);
     drop(hub);
 }

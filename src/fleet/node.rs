@@ -270,49 +270,71 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
 async fn session(fleet: &Fleet, state_dir: &Path, attempt: &mut u32) -> Stop {
     let inner = &fleet.inner;
     let config = &inner.config;
-    let mut stream = match ensure_stream(&inner.js, config).await {
-        Ok(s) => s,
-        Err(e) => return Stop::Retry(e),
-    };
-    let bucket = match bucket(&inner.js, config).await {
-        Ok(b) => b,
-        Err(e) => return Stop::Retry(e),
-    };
-    let mut read = match &config.read_stream {
-        Some(name) => match inner.js_read.get_stream(name).await {
+    // The stream written to and the bucket: in the hub's domain when this node reads a mirror.
+    let hub = async {
+        let mut stream = ensure_stream(&inner.js, config).await?;
+        let bucket = bucket(&inner.js, config).await?;
+        let identity = match stream.info().await {
+            Ok(info) => identity(info),
+            Err(e) => return Err(format!("stream {}: {e}", config.stream)),
+        };
+        Ok((stream, bucket, identity))
+    }
+    .await;
+    let mut read = match (&config.read_stream, &hub) {
+        (Some(name), _) => match inner.js_read.get_stream(name).await {
             Ok(s) => s,
             Err(e) => return Stop::Retry(format!("read_stream {name}: {e}")),
         },
-        None => stream.clone(),
+        (None, Ok((stream, _, _))) => stream.clone(),
+        (None, Err(e)) => return Stop::Retry(e.clone()),
     };
-    let identity = match stream.info().await {
-        Ok(info) => identity(info),
-        Err(e) => return Stop::Retry(format!("stream {}: {e}", config.stream)),
-    };
-    fleet.set_attached(true);
-    *attempt = 0;
     let marker = match read_fleet_marker(state_dir) {
         Ok(m) => m,
         Err(e) => return Stop::Stopped(format!("reading the fleet marker: {e}")),
     };
-    if marker.as_deref() != Some(identity.as_str()) {
-        if marker.is_some() {
+    let bucket = match hub {
+        Ok((mut stream, bucket, identity)) => {
+            fleet.set_attached(true);
+            *attempt = 0;
+            if marker.as_deref() != Some(identity.as_str()) {
+                if marker.is_some() {
+                    warn!(
+                        marker = marker.as_deref().unwrap_or_default(),
+                        stream = %identity,
+                        "fleet: state_dir holds the registry of another stream (deleted and \
+                         created again?); joining this one"
+                    );
+                }
+                if let Err(stop) = join(fleet, &mut stream, &mut read, &bucket).await {
+                    return stop;
+                }
+                if let Err(e) = write_fleet_marker(state_dir, &identity) {
+                    return Stop::Stopped(format!("writing the fleet marker: {e}"));
+                }
+            }
+            Some(bucket)
+        }
+        // Reading a site's mirror, with the hub out of reach: a node that joined this fleet
+        // before goes on applying what the mirror holds; writes wait for the hub.
+        Err(why) if marker.is_some() => {
+            *attempt = 0;
             warn!(
-                marker = marker.as_deref().unwrap_or_default(),
-                stream = %identity,
-                "fleet: state_dir holds the registry of another stream (deleted and created \
-                 again?); joining this one"
+                error = %why,
+                read_stream = config.read_stream.as_deref().unwrap_or_default(),
+                "fleet: the stream's JetStream (the hub) is unreachable; applying the site's \
+                 mirror meanwhile, writes refused"
             );
+            None
         }
-        if let Err(stop) = join(fleet, &mut stream, &mut read, &bucket).await {
-            return stop;
+        Err(why) => {
+            return Stop::Retry(format!(
+                "{why} (this node has not joined the fleet yet, so it waits for the hub)"
+            ));
         }
-        if let Err(e) = write_fleet_marker(state_dir, &identity) {
-            return Stop::Stopped(format!("writing the fleet marker: {e}"));
-        }
-    }
+    };
     fleet.set_stopped(None);
-    match tail(fleet, &mut read, &bucket).await {
+    match tail(fleet, &mut read, bucket.as_ref()).await {
         Ok(never) => match never {},
         Err(stop) => stop,
     }
@@ -410,7 +432,7 @@ async fn join(
                     current.revision() + 1
                 )));
             }
-            current = match decode(&m, seq, bucket).await? {
+            current = match decode(&m, seq, Some(bucket)).await? {
                 Change::Ops(ops) => current.apply(&ops, seq),
                 Change::Replace(s) => s.at_revision(seq),
             };
@@ -468,14 +490,20 @@ fn sequence(m: &Message) -> Result<u64, Stop> {
 
 /// Decodes a message (fetching its object when it names one). A malformed message stops the
 /// node: it is never half-applied nor skipped.
-async fn decode(m: &Message, seq: u64, bucket: &ObjectStore) -> Result<Change, Stop> {
+async fn decode(m: &Message, seq: u64, bucket: Option<&ObjectStore>) -> Result<Change, Stop> {
     let stopped = |why: String| Stop::Stopped(format!("the message at sequence {seq}: {why}"));
     let header = message::header(m.headers.as_ref()).map_err(stopped)?;
-    let body = match &header.object {
-        Some((name, sha)) => snapshots::read_object(bucket, name, Some(sha))
+    let body = match (&header.object, bucket) {
+        (Some((name, _)), None) => {
+            return Err(Stop::Retry(format!(
+                "the message at sequence {seq} names object {name}, and the bucket (in the \
+                 hub's domain) is unreachable"
+            )));
+        }
+        (Some((name, sha)), Some(bucket)) => snapshots::read_object(bucket, name, Some(sha))
             .await
             .map_err(stopped)?,
-        None => m.payload.to_vec(),
+        (None, _) => m.payload.to_vec(),
     };
     let decoded = if body.len() > 64 * 1024 {
         tokio::task::spawn_blocking(move || message::decode(&header, &body))
@@ -501,7 +529,7 @@ fn applied(fleet: &Fleet, seq: u64, stored: Option<time_stored::Stored>) {
 async fn tail(
     fleet: &Fleet,
     read: &mut Stream,
-    bucket: &ObjectStore,
+    bucket: Option<&ObjectStore>,
 ) -> Result<std::convert::Infallible, Stop> {
     let inner = &fleet.inner;
     let state = read.info().await.map_err(retry)?.state.clone();
@@ -509,6 +537,12 @@ async fn tail(
     inner.metrics.stream_sequence.set(last as i64);
     let mut revision = inner.registry.load().revision();
     if revision + 1 < first {
+        let Some(bucket) = bucket else {
+            return Err(Stop::Retry(format!(
+                "the stream starts at sequence {first}, past this node's {revision}, and the \
+                 bucket of snapshots (in the hub's domain) is unreachable"
+            )));
+        };
         let snapshot = snapshots::load_newest(bucket, first - 1)
             .await
             .map_err(Stop::Retry)?
@@ -563,7 +597,7 @@ async fn tail_consumer(
     fleet: &Fleet,
     consumer: &jetstream::consumer::Consumer<pull::Config>,
     read: &mut Stream,
-    bucket: &ObjectStore,
+    bucket: Option<&ObjectStore>,
     mut revision: u64,
     sync_target: u64,
 ) -> Result<std::convert::Infallible, Stop> {
@@ -577,6 +611,7 @@ async fn tail_consumer(
         .await
         .map_err(retry)?;
     let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u32;
     loop {
         let first = tokio::select! {
             m = messages.next() => match m {
@@ -587,6 +622,13 @@ async fn tail_consumer(
             _ = check.tick() => {
                 if inner.client.connection_state() != async_nats::connection::State::Connected {
                     return Err(Stop::Retry("disconnected from NATS".into()));
+                }
+                // Applying a site's mirror without the hub: attach again once it answers.
+                if bucket.is_none() {
+                    ticks += 1;
+                    if ticks % 8 == 0 && hub_answers(fleet).await {
+                        return Err(Stop::Retry("the hub answers again; attaching".into()));
+                    }
                 }
                 continue;
             }
@@ -605,13 +647,26 @@ async fn tail_consumer(
     }
 }
 
+/// Whether the stream's JetStream (the hub, through the leaf) answers now.
+async fn hub_answers(fleet: &Fleet) -> bool {
+    let inner = &fleet.inner;
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            inner.js.get_stream(&inner.config.stream)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
 /// Queues every message of `batch` to the registry writer (one group commit for all), then
 /// waits for each; answers the revision reached. Stops at the first that cannot be applied,
 /// after what came before it is applied.
 async fn apply_batch(
     fleet: &Fleet,
     read: &mut Stream,
-    bucket: &ObjectStore,
+    bucket: Option<&ObjectStore>,
     batch: Vec<Message>,
     revision: u64,
 ) -> Result<u64, Stop> {
