@@ -242,7 +242,15 @@ impl Fleet {
         body: Vec<u8>,
         expect_revision: Option<u64>,
     ) -> Result<u64, WriteError> {
-        let denied = self.inner.reported.denied();
+        // The server names the subject in quotes: the change's, or an object's chunks.
+        let (subject, chunks) = (
+            format!("\"{}\"", self.inner.config.subject),
+            format!("\"$O.{}.", self.inner.config.snapshots),
+        );
+        let denied = self
+            .inner
+            .reported
+            .denied(move |text| text.contains(&subject) || text.contains(&chunks));
         tokio::select! {
             published = self.publish_change(kind, encoding, body, expect_revision) => published,
             why = denied => Err(WriteError::Forbidden(format!(

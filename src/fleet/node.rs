@@ -84,15 +84,24 @@ impl Reported {
         *self.connect_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
-    /// Resolves with the server's words once it refuses this node a publish (after this call).
-    pub(super) fn denied(&self) -> impl std::future::Future<Output = String> + 'static {
+    /// Resolves with the server's words once it refuses this node a publish to a subject
+    /// `concerns` accepts (after this call).
+    pub(super) fn denied(
+        &self,
+        concerns: impl Fn(&str) -> bool + Send + 'static,
+    ) -> impl std::future::Future<Output = String> + 'static {
         let mut rx = self.denied.subscribe();
         rx.mark_unchanged();
         async move {
-            match rx.changed().await {
-                Ok(()) => rx.borrow().1.clone(),
-                // Never: the sender lives as long as the node.
-                Err(_) => std::future::pending().await,
+            loop {
+                if rx.changed().await.is_err() {
+                    // Never: the sender lives as long as the node.
+                    return std::future::pending().await;
+                }
+                let text = rx.borrow_and_update().1.clone();
+                if concerns(&text) {
+                    return text;
+                }
             }
         }
     }
