@@ -607,7 +607,7 @@ async fn tail_consumer(
     consumer: &jetstream::consumer::Consumer<pull::Config>,
     read: &mut Stream,
     bucket: Option<&ObjectStore>,
-    mut revision: u64,
+    revision: u64,
     sync_target: u64,
 ) -> Result<std::convert::Infallible, Stop> {
     let inner = &fleet.inner;
@@ -621,22 +621,49 @@ async fn tail_consumer(
         .map_err(retry)?;
     let mut check = tokio::time::interval(Duration::from_millis(250));
     let mut ticks = 0u32;
+    // Messages queued to the registry writer and not yet durable, in stream order. The next
+    // messages are read and queued while the writer commits earlier ones, so that a node
+    // catching up fills each group commit rather than waiting for one per batch it reads.
+    let mut pending = std::collections::VecDeque::new();
+    let mut queued = revision;
     loop {
-        let first = tokio::select! {
-            m = messages.next() => match m {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(Stop::Retry(format!("consumer: {e}"))),
-                None => return Err(Stop::Retry("consumer ended".into())),
-            },
-            _ = check.tick() => {
+        let room = pending.len() < MAX_PENDING;
+        let event = tokio::select! {
+            biased;
+            settled = next_settled(&mut pending) => Ok(settled),
+            m = messages.next(), if room => Err(Some(m)),
+            _ = check.tick() => Err(None),
+        };
+        let first = match event {
+            Ok((seq, stored, answer)) => {
+                if let Err(stop) = settle(fleet, seq, stored, answer) {
+                    return Err(drained(fleet, &mut pending, stop).await);
+                }
+                if seq >= sync_target && !*inner.synced.borrow() {
+                    inner.synced.send_replace(true);
+                }
+                continue;
+            }
+            Err(Some(Some(Ok(m)))) => m,
+            Err(Some(Some(Err(e)))) => {
+                let stop = Stop::Retry(format!("consumer: {e}"));
+                return Err(drained(fleet, &mut pending, stop).await);
+            }
+            Err(Some(None)) => {
+                let stop = Stop::Retry("consumer ended".into());
+                return Err(drained(fleet, &mut pending, stop).await);
+            }
+            Err(None) => {
                 if inner.client.connection_state() != async_nats::connection::State::Connected {
-                    return Err(Stop::Retry("disconnected from NATS".into()));
+                    let stop = Stop::Retry("disconnected from NATS".into());
+                    return Err(drained(fleet, &mut pending, stop).await);
                 }
                 // Applying a site's mirror without the hub: attach again once it answers.
                 if bucket.is_none() {
                     ticks += 1;
                     if ticks % 8 == 0 && hub_answers(fleet).await {
-                        return Err(Stop::Retry("the hub answers again; attaching".into()));
+                        let stop = Stop::Retry("the hub answers again; attaching".into());
+                        return Err(drained(fleet, &mut pending, stop).await);
                     }
                 }
                 continue;
@@ -649,11 +676,79 @@ async fn tail_consumer(
                 _ => break,
             }
         }
-        revision = apply_batch(fleet, read, bucket, batch, revision).await?;
-        if revision >= sync_target && !*inner.synced.borrow() {
-            inner.synced.send_replace(true);
+        if let Err(stop) = queue_batch(fleet, read, bucket, batch, &mut queued, &mut pending).await
+        {
+            return Err(drained(fleet, &mut pending, stop).await);
         }
     }
+}
+
+/// Messages queued to the registry writer at most, not yet durable.
+const MAX_PENDING: usize = 4 * BATCH;
+
+/// A message queued to the registry writer: its sequence, when it was stored, the answer.
+type Pending = (
+    u64,
+    Option<time_stored::Stored>,
+    tokio::sync::oneshot::Receiver<Result<std::sync::Arc<Snapshot>, WriteError>>,
+);
+type Answer =
+    Result<Result<std::sync::Arc<Snapshot>, WriteError>, tokio::sync::oneshot::error::RecvError>;
+
+/// The writer's answer for the oldest pending message (never resolves when none is). Safe to
+/// cancel: the message leaves `pending` only with its answer.
+async fn next_settled(
+    pending: &mut std::collections::VecDeque<Pending>,
+) -> (u64, Option<time_stored::Stored>, Answer) {
+    let answer = match pending.front_mut() {
+        Some((_, _, answer)) => answer.await,
+        None => std::future::pending().await,
+    };
+    match pending.pop_front() {
+        Some((seq, stored, _)) => (seq, stored, answer),
+        None => std::future::pending().await,
+    }
+}
+
+/// Records a message the writer answered for: applied (and durable), or why not.
+fn settle(
+    fleet: &Fleet,
+    seq: u64,
+    stored: Option<time_stored::Stored>,
+    answer: Answer,
+) -> Result<(), Stop> {
+    match answer {
+        Ok(Ok(snapshot)) => {
+            applied(fleet, seq, stored);
+            let every = fleet.inner.config.snapshot_every;
+            if every > 0 && seq % every == 0 {
+                let fleet = fleet.clone();
+                tokio::spawn(async move { fleet.write_snapshot(snapshot).await });
+            }
+            Ok(())
+        }
+        Ok(Err(e @ WriteError::Storage(_))) => Err(Stop::Retry(format!("sequence {seq}: {e}"))),
+        Ok(Err(e)) => Err(Stop::Stopped(format!(
+            "the registry refused sequence {seq}: {e}"
+        ))),
+        Err(_) => Err(Stop::Retry("registry writer stopped".into())),
+    }
+}
+
+/// Waits for every pending message (what the writer applied is recorded as applied, so
+/// that writes waiting for it are answered), then answers why the session ends: the first
+/// pending message that failed, or `stop`.
+async fn drained(
+    fleet: &Fleet,
+    pending: &mut std::collections::VecDeque<Pending>,
+    stop: Stop,
+) -> Stop {
+    while let Some((seq, stored, answer)) = pending.pop_front() {
+        if let Err(failed) = settle(fleet, seq, stored, answer.await) {
+            return failed;
+        }
+    }
+    stop
 }
 
 /// Whether the stream's JetStream (the hub, through the leaf) answers now.
@@ -669,20 +764,18 @@ async fn hub_answers(fleet: &Fleet) -> bool {
     )
 }
 
-/// Queues every message of `batch` to the registry writer (one group commit for all), then
-/// waits for each; answers the revision reached. Stops at the first that cannot be applied,
-/// after what came before it is applied.
-async fn apply_batch(
+/// Queues every message of `batch` to the registry writer, after `queued` (the last sequence
+/// queued), onto `pending`. Stops at the first that cannot be applied, after queuing what came
+/// before it: never a gap, never a message half-decoded.
+async fn queue_batch(
     fleet: &Fleet,
     read: &mut Stream,
     bucket: Option<&ObjectStore>,
     batch: Vec<Message>,
-    revision: u64,
-) -> Result<u64, Stop> {
+    queued: &mut u64,
+    pending: &mut std::collections::VecDeque<Pending>,
+) -> Result<(), Stop> {
     let inner = &fleet.inner;
-    let mut queued = revision;
-    let mut pending = Vec::with_capacity(batch.len());
-    let mut stop = None;
     for m in batch {
         let seq = sequence(&m)?;
         if let Ok(info) = m.info() {
@@ -691,76 +784,41 @@ async fn apply_batch(
                 .stream_sequence
                 .set((seq + info.pending) as i64);
         }
-        if seq <= queued {
+        if seq <= *queued {
             continue;
         }
-        if seq != queued + 1 {
-            stop = Some(match read.info().await {
-                Ok(info) if info.state.first_sequence > queued + 1 => Stop::Retry(format!(
+        if seq != *queued + 1 {
+            return Err(match read.info().await {
+                Ok(info) if info.state.first_sequence > *queued + 1 => Stop::Retry(format!(
                     "the stream no longer holds sequence {} (it starts at {})",
-                    queued + 1,
+                    *queued + 1,
                     info.state.first_sequence
                 )),
                 Ok(_) => Stop::Stopped(format!(
                     "sequence {} is missing from the stream (the next is {seq}); a change is \
                      never skipped",
-                    queued + 1
+                    *queued + 1
                 )),
                 Err(e) => retry(e),
             });
-            break;
         }
         let stored = m
             .info()
             .ok()
             .map(|i| time_stored::Stored::at(i.published.unix_timestamp_nanos()));
-        let change = match decode(&m, seq, bucket).await {
-            Ok(c) => c,
-            Err(s) => {
-                stop = Some(s);
-                break;
-            }
-        };
-        let change = match change {
+        let change = match decode(&m, seq, bucket).await? {
             Change::Ops(ops) => FleetChange::Ops(ops),
             Change::Replace(s) => FleetChange::Replace(s),
         };
-        match inner.writer.apply_fleet(seq, change, false).await {
-            Ok(answer) => pending.push((seq, stored, answer)),
-            Err(e) => {
-                stop = Some(retry(e));
-                break;
-            }
-        }
-        queued = seq;
+        let answer = inner
+            .writer
+            .apply_fleet(seq, change, false)
+            .await
+            .map_err(retry)?;
+        pending.push_back((seq, stored, answer));
+        *queued = seq;
     }
-    let mut reached = revision;
-    for (seq, stored, answer) in pending {
-        match answer.await {
-            Ok(Ok(snapshot)) => {
-                reached = seq;
-                applied(fleet, seq, stored);
-                let every = inner.config.snapshot_every;
-                if every > 0 && seq % every == 0 {
-                    let fleet = fleet.clone();
-                    tokio::spawn(async move { fleet.write_snapshot(snapshot).await });
-                }
-            }
-            Ok(Err(e @ WriteError::Storage(_))) => {
-                return Err(Stop::Retry(format!("sequence {seq}: {e}")));
-            }
-            Ok(Err(e)) => {
-                return Err(Stop::Stopped(format!(
-                    "the registry refused sequence {seq}: {e}"
-                )));
-            }
-            Err(_) => return Err(Stop::Retry("registry writer stopped".into())),
-        }
-    }
-    match stop {
-        Some(s) => Err(s),
-        None => Ok(reached),
-    }
+    Ok(())
 }
 
 /// When a message was stored, from the stream's timestamp, for the lag histogram.
