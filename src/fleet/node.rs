@@ -120,8 +120,11 @@ pub(super) async fn connect(
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .ping_interval(Duration::from_secs(10))
-        .reconnect_delay_callback(|attempt| {
-            backoff(attempt.saturating_sub(1) as u32, RETRY_FIRST, RETRY_MAX)
+        // The client sleeps this long before every attempt, the first one at start-up
+        // included (attempt 1): that one goes at once, the next ones back off.
+        .reconnect_delay_callback(|attempt| match attempt {
+            0 | 1 => Duration::ZERO,
+            n => backoff((n - 2) as u32, RETRY_FIRST, RETRY_MAX),
         })
         .event_callback(move |event| {
             let metrics = metrics.clone();
@@ -234,12 +237,17 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
     let mut attempt = 0u32;
     loop {
         let mut said: Option<(std::time::Instant, Option<String>)> = None;
+        let since = std::time::Instant::now();
         while fleet.inner.client.connection_state() != async_nats::connection::State::Connected {
             fleet.set_attached(false);
             let why = fleet.inner.reported.connect_error();
-            if said
-                .as_ref()
-                .is_none_or(|(t, was)| t.elapsed() >= Duration::from_secs(30) || *was != why)
+            // Said once it is more than a moment, then every 30 s and whenever the reason
+            // changes.
+            let worth = why.is_some() || since.elapsed() >= Duration::from_secs(1);
+            if worth
+                && said
+                    .as_ref()
+                    .is_none_or(|(t, was)| t.elapsed() >= Duration::from_secs(30) || *was != why)
             {
                 warn!(
                     servers = ?fleet.inner.config.servers,
@@ -250,7 +258,7 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
                 );
                 said = Some((std::time::Instant::now(), why));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let stop = session(&fleet, &state_dir, &mut attempt).await;
         match stop {
