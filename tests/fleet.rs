@@ -1171,3 +1171,82 @@ async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
     converged(&[&writer, &reader], Duration::from_secs(5)).await;
     assert_eq!(reader.status("after.cn").await, 200);
 }
+
+/// Mutual TLS: a server that asks for client certificates (`verify: true`) lets in a node with
+/// `tls_cert`/`tls_key` from its CA; the same node restarted without one starts on its local
+/// registry, says why and keeps retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_lets_in_a_node_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::pki::Pki::new();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca = write("ca.pem", pki.ca.pem());
+    let (_, _, cert, key) = pki.leaf(&["127.0.0.1"]);
+    let (server_cert, server_key) = (write("server.pem", cert), write("server.key", key));
+    let (_, _, cert, key) = pki.leaf(&["edge-1"]);
+    let (client_cert, client_key) = (write("client.pem", cert), write("client.key", key));
+    let port = common::nats::free_port();
+    let conf = write(
+        "nats.conf",
+        format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n\
+             tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\n",
+            dir.path().join("jetstream").display(),
+            server_cert.display(),
+            server_key.display(),
+            ca.display()
+        ),
+    );
+    let _nats = NatsServer::with_config(&conf, port);
+    let url = format!("tls://127.0.0.1:{port}");
+    let origin = Origin::start().await;
+    let mut with_cert = Node::new(
+        &url,
+        "with-cert",
+        origin.addr,
+        &format!(
+            "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            ca.display(),
+            client_cert.display(),
+            client_key.display()
+        ),
+    );
+    with_cert.start().await;
+    let (status, body) = api(
+        with_cert.admin,
+        "PUT",
+        "/v1/registry/entries/m.cn",
+        &entry("m.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revision"], 2, "{body}");
+
+    // The same node, its certificate taken out of its config.
+    with_cert.kill9();
+    let config = std::fs::read_to_string(&with_cert.config).unwrap();
+    let config: String = config
+        .lines()
+        .filter(|l| !l.starts_with("tls_cert") && !l.starts_with("tls_key"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&with_cert.config, config).unwrap();
+    let mut without = with_cert;
+    without.start().await;
+    let said = without.proc().wait_for(
+        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
+    );
+    assert!(
+        said["error"]
+            .as_str()
+            .is_some_and(|e| e != "not connected yet"),
+        "{said}"
+    );
+    eprintln!("without a client certificate: {said}");
+    assert_eq!(without.status("m.cn").await, 200);
+    assert_eq!(without.metric("icp_gate_fleet_connected").await, 0.0);
+}
