@@ -8,6 +8,11 @@
 //!    up to about a millisecond high).
 //! 3. A new node joining a fleet of `FLEET_BENCH_ENTRIES` entries (default 1 000 000; the issue's
 //!    figure is 10 000 000): process start until `/readyz` answers 200.
+//! 4. Catch-up: node B stopped (SIGKILL), `FLEET_BENCH_CATCH_UP` changes (default 10 000, one
+//!    `PUT` each) published to the stream meanwhile, B started again: process start until
+//!    `/readyz` (its own registry loaded from `state_dir`) and until its
+//!    `icp_gate_fleet_applied_sequence` reaches the stream's last sequence (`/metrics` polled
+//!    every 2 ms, so up to about 2 ms high).
 //!
 //! `cargo bench --bench fleet`. Needs `nats-server` (Debian package `nats-server`).
 
@@ -115,6 +120,47 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
     (status, body)
 }
 
+/// `icp_gate_fleet_applied_sequence` from `/metrics` (cheap: no digest).
+async fn applied_sequence(admin: SocketAddr) -> u64 {
+    let (_, body) = request(admin, "GET", "/metrics", "").await;
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix("icp_gate_fleet_applied_sequence ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// Publishes `n` one-`PUT` changes straight to the stream, at most 256 unacknowledged; answers
+/// the last sequence.
+async fn publish_changes(js: &async_nats::jetstream::Context, tag: &str, n: usize) -> u64 {
+    let mut pending = std::collections::VecDeque::new();
+    let mut last = 0;
+    for i in 0..n {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Icp-Gate-Format", "1");
+        h.insert("Icp-Gate-Change", "ops");
+        let body = format!(
+            "{{\"op\":\"put\",\"entry\":{}}}\n",
+            entry(&format!("{tag}-{i}.cn"))
+        );
+        pending.push_back(
+            js.publish_with_headers("icp.registry.changes", h, body.into())
+                .await
+                .unwrap(),
+        );
+        if pending.len() >= 256 {
+            last = pending.pop_front().unwrap().await.unwrap().sequence;
+        }
+    }
+    while let Some(ack) = pending.pop_front() {
+        last = ack.await.unwrap().sequence;
+    }
+    last
+}
+
 async fn revision(admin: SocketAddr) -> u64 {
     let (_, body) = request(admin, "GET", "/v1/registry", "").await;
     serde_json::from_str::<serde_json::Value>(&body)
@@ -180,7 +226,7 @@ async fn main() {
         started.elapsed()
     );
     let started = Instant::now();
-    let (_b, b) = node(&dir.path().join("b"), &url, "b", None);
+    let (mut b_process, mut b) = node(&dir.path().join("b"), &url, "b", None);
     ready(b, Duration::from_secs(600)).await;
     println!(
         "node B joined a fleet of {entries} entries (download + load) until /readyz: {:?}",
@@ -286,5 +332,36 @@ async fn main() {
             lags.last().unwrap(),
             seen.len()
         );
+    }
+
+    // 4. Catch-up of a restarted node.
+    let changes: usize = std::env::var("FLEET_BENCH_CATCH_UP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    for round in 0..3 {
+        let was = applied_sequence(b).await;
+        drop(b_process);
+        let published = Instant::now();
+        let last = publish_changes(&js, &format!("c{round}"), changes).await;
+        let published = published.elapsed();
+        let started = Instant::now();
+        let (process, b_again) = node(&dir.path().join("b"), &url, "b", None);
+        ready(b_again, Duration::from_secs(600)).await;
+        let serving = started.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while applied_sequence(b_again).await < last {
+            assert!(Instant::now() < deadline, "B did not catch up to {last}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let caught_up = started.elapsed();
+        println!(
+            "catch-up {round}: B down at sequence {was}, {changes} changes published meanwhile \
+             ({published:?}); B restarted: /readyz after {serving:?}, applied {last} after \
+             {caught_up:?} ({:?} after /readyz)",
+            caught_up - serving
+        );
+        b_process = process;
+        b = b_again;
     }
 }

@@ -127,6 +127,7 @@ pub(super) async fn v1(
         405 => "not_allowed",
         408 => "timeout",
         409 => "conflict",
+        403 => "forbidden",
         413 => "too_large",
         503 => "unavailable",
         _ => "error",
@@ -570,6 +571,10 @@ fn written(
         Err(e @ WriteError::Unavailable(_)) => {
             count(shared, kind, "unavailable");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        Err(e @ WriteError::Forbidden(_)) => {
+            count(shared, kind, "forbidden");
+            error(StatusCode::FORBIDDEN, e.to_string())
         }
     }
 }

@@ -219,6 +219,8 @@ pub(super) struct RawFleet {
     pub(super) domain: Option<String>,
     pub(super) read_stream: Option<String>,
     pub(super) credentials: Option<String>,
+    pub(super) user: Option<String>,
+    pub(super) password_file: Option<String>,
     pub(super) tls_ca: Option<String>,
     pub(super) tls_cert: Option<String>,
     pub(super) tls_key: Option<String>,

@@ -298,6 +298,8 @@ pub struct FleetConfig {
     pub read_stream: Option<String>,
     /// NATS credentials file (user JWT and nkey seed).
     pub credentials: Option<PathBuf>,
+    /// NATS user name and the file holding its password (the server's `authorization.users`).
+    pub user: Option<(String, PathBuf)>,
     /// CA to verify the NATS server with (PEM).
     pub tls_ca: Option<PathBuf>,
     /// Client certificate and key for mutual TLS (PEM).

@@ -291,6 +291,25 @@ impl Validator<'_> {
                 return Err(self.err("fleet.tls_cert", "required with fleet.tls_key"));
             }
         };
+        let user = match (f.user, &f.password_file) {
+            (Some(u), Some(p)) if !u.is_empty() => {
+                Some((u, self.readable_file("fleet.password_file", p)?))
+            }
+            (Some(_), Some(_)) => return Err(self.err("fleet.user", "empty")),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.err("fleet.password_file", "required with fleet.user"));
+            }
+            (None, Some(_)) => {
+                return Err(self.err("fleet.user", "required with fleet.password_file"));
+            }
+        };
+        if user.is_some() && f.credentials.is_some() {
+            return Err(self.err(
+                "fleet.user",
+                "either fleet.credentials or fleet.user, not both",
+            ));
+        }
         Ok(FleetConfig {
             servers: f.servers,
             stream: f.stream,
@@ -300,6 +319,7 @@ impl Validator<'_> {
             domain: f.domain,
             read_stream: f.read_stream,
             credentials: file("fleet.credentials", &f.credentials)?,
+            user,
             tls_ca: file("fleet.tls_ca", &f.tls_ca)?,
             tls_client,
             snapshot_every: f.snapshot_every,
@@ -753,6 +773,18 @@ http_origin = "127.0.0.1:9080"
             (
                 "servers = [\"nats://a:1\"]\ntls_cert = \"c.pem\"",
                 "fleet.tls_key",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\nuser = \"reader\"",
+                "fleet.password_file",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\npassword_file = \"/etc/hostname\"",
+                "fleet.user",
+            ),
+            (
+                "servers = [\"nats://a:1\"]\nuser = \"r\"\npassword_file = \"nope\"",
+                "fleet.password_file",
             ),
             ("servers = [\"nats://a:1\"]\nstrem = \"X\"", "strem"),
         ] {

@@ -63,6 +63,8 @@ struct Inner {
     /// Whether the stream and bucket were reached by the applying task since the last
     /// disconnection.
     attached: AtomicBool,
+    /// What the NATS client reported (connection failures, publish permission violations).
+    reported: Arc<node::Reported>,
     /// Why this node cannot apply the stream now, if it cannot (writes answer 503 meanwhile).
     stopped: Mutex<Option<String>>,
 }
@@ -80,7 +82,8 @@ impl Fleet {
         state_dir: std::path::PathBuf,
         joined: bool,
     ) -> Result<Fleet, String> {
-        let client = node::connect(&config, metrics.clone()).await?;
+        let reported = Arc::new(node::Reported::default());
+        let client = node::connect(&config, metrics.clone(), reported.clone()).await?;
         let js = match &config.domain {
             Some(domain) => jetstream::with_domain(client.clone(), domain),
             None => jetstream::new(client.clone()),
@@ -103,6 +106,7 @@ impl Fleet {
                 applied: watch::Sender::new(revision),
                 synced: watch::Sender::new(joined),
                 attached: AtomicBool::new(false),
+                reported,
                 stopped: Mutex::new(None),
             }),
         };
@@ -228,8 +232,36 @@ impl Fleet {
     }
 
     /// Publishes one change (as an object when it is too large for a message) and answers its
-    /// stream sequence.
+    /// stream sequence. The server refusing this node's user the publish (a read-only node)
+    /// answers [`WriteError::Forbidden`] at once, rather than waiting for an ack that never
+    /// comes.
     async fn publish(
+        &self,
+        kind: Kind,
+        encoding: Encoding,
+        body: Vec<u8>,
+        expect_revision: Option<u64>,
+    ) -> Result<u64, WriteError> {
+        // The server names the subject in quotes: the change's, or an object's chunks.
+        let (subject, chunks) = (
+            format!("\"{}\"", self.inner.config.subject),
+            format!("\"$O.{}.", self.inner.config.snapshots),
+        );
+        let denied = self
+            .inner
+            .reported
+            .denied(move |text| text.contains(&subject) || text.contains(&chunks));
+        tokio::select! {
+            published = self.publish_change(kind, encoding, body, expect_revision) => published,
+            why = denied => Err(WriteError::Forbidden(format!(
+                "fleet: the NATS server does not let this node's user publish the change ({why}); \
+                 this node reads the stream and enforces it, but writes go to a node whose user \
+                 may publish to {:?}", self.inner.config.subject
+            ))),
+        }
+    }
+
+    async fn publish_change(
         &self,
         kind: Kind,
         encoding: Encoding,

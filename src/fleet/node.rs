@@ -60,8 +60,59 @@ fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     plain.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
 }
 
+/// What the NATS client reported that the node's answers and log should name: why it cannot
+/// connect, and the server refusing this node's user a publish.
+#[derive(Default)]
+pub(super) struct Reported {
+    /// The last failed connection attempt ("authorization violation", "timed out", a TLS
+    /// error...); cleared once connected.
+    connect_error: std::sync::Mutex<Option<String>>,
+    /// Publish permission violations: a count (watched by writes waiting for their ack) and
+    /// the server's words for the last one.
+    denied: tokio::sync::watch::Sender<(u64, String)>,
+}
+
+impl Reported {
+    pub(super) fn connect_error(&self) -> Option<String> {
+        self.connect_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_connect_error(&self, e: Option<String>) {
+        *self.connect_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// Resolves with the server's words once it refuses this node a publish to a subject
+    /// `concerns` accepts (after this call).
+    pub(super) fn denied(
+        &self,
+        concerns: impl Fn(&str) -> bool + Send + 'static,
+    ) -> impl std::future::Future<Output = String> + 'static {
+        let mut rx = self.denied.subscribe();
+        rx.mark_unchanged();
+        async move {
+            loop {
+                if rx.changed().await.is_err() {
+                    // Never: the sender lives as long as the node.
+                    return std::future::pending().await;
+                }
+                let text = rx.borrow_and_update().1.clone();
+                if concerns(&text) {
+                    return text;
+                }
+            }
+        }
+    }
+}
+
 /// A client that connects in the background and reconnects by itself, forever.
-pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Result<Client, String> {
+pub(super) async fn connect(
+    config: &FleetConfig,
+    metrics: FleetMetrics,
+    reported: std::sync::Arc<Reported>,
+) -> Result<Client, String> {
     let node = config.node.clone();
     let mut options = ConnectOptions::new()
         .name(format!("icp-gate {node}"))
@@ -69,21 +120,41 @@ pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Resu
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
         .ping_interval(Duration::from_secs(10))
-        .reconnect_delay_callback(|attempt| {
-            backoff(attempt.saturating_sub(1) as u32, RETRY_FIRST, RETRY_MAX)
+        // The client sleeps this long before every attempt, the first one at start-up
+        // included (attempt 1): that one goes at once, the next ones back off.
+        .reconnect_delay_callback(|attempt| match attempt {
+            0 | 1 => Duration::ZERO,
+            n => backoff((n - 2) as u32, RETRY_FIRST, RETRY_MAX),
         })
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let reported = reported.clone();
             async move {
                 match event {
-                    Event::Connected => info!("fleet: connected to NATS"),
+                    Event::Connected => {
+                        reported.set_connect_error(None);
+                        info!("fleet: connected to NATS");
+                    }
                     Event::Disconnected => {
                         metrics.connected.set(0);
                         warn!("fleet: disconnected from NATS; reconnecting, the registry in force stays");
                     }
+                    Event::ServerError(async_nats::ServerError::Other(e))
+                        if e.to_ascii_lowercase().contains("permissions violation for publish") =>
+                    {
+                        warn!(error = %e, "fleet: the NATS server refused this node's user a publish");
+                        reported.denied.send_modify(|(n, text)| {
+                            *n += 1;
+                            *text = e;
+                        });
+                    }
                     Event::ServerError(e) => warn!(error = %e, "fleet: NATS server error"),
-                    // Each failed reconnection attempt; the wait is said every 30 s instead.
-                    Event::ClientError(e) => debug!(error = %e, "fleet: NATS client error"),
+                    // Each failed connection attempt; the run loop says it (every 30 s, and
+                    // whenever the reason changes).
+                    Event::ClientError(e) => {
+                        debug!(error = %e, "fleet: NATS client error");
+                        reported.set_connect_error(Some(e.to_string()));
+                    }
                     other => info!(event = %other, "fleet: NATS"),
                 }
             }
@@ -93,6 +164,11 @@ pub(super) async fn connect(config: &FleetConfig, metrics: FleetMetrics) -> Resu
             .credentials_file(creds)
             .await
             .map_err(|e| format!("fleet.credentials {}: {e}", creds.display()))?;
+    }
+    if let Some((user, file)) = &config.user {
+        let password = std::fs::read_to_string(file)
+            .map_err(|e| format!("fleet.password_file {}: {e}", file.display()))?;
+        options = options.user_and_password(user.clone(), password.trim_end().to_string());
     }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -160,19 +236,29 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
     }
     let mut attempt = 0u32;
     loop {
-        let mut said: Option<std::time::Instant> = None;
+        let mut said: Option<(std::time::Instant, Option<String>)> = None;
+        let since = std::time::Instant::now();
         while fleet.inner.client.connection_state() != async_nats::connection::State::Connected {
             fleet.set_attached(false);
-            if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            let why = fleet.inner.reported.connect_error();
+            // Said once it is more than a moment, then every 30 s and whenever the reason
+            // changes.
+            let worth = why.is_some() || since.elapsed() >= Duration::from_secs(1);
+            if worth
+                && said
+                    .as_ref()
+                    .is_none_or(|(t, was)| t.elapsed() >= Duration::from_secs(30) || *was != why)
+            {
                 warn!(
                     servers = ?fleet.inner.config.servers,
+                    error = why.as_deref().unwrap_or("not connected yet"),
                     revision = fleet.inner.registry.load().revision(),
                     "fleet: NATS unreachable; serving the registry this node has, writes refused, \
                      retrying"
                 );
-                said = Some(std::time::Instant::now());
+                said = Some((std::time::Instant::now(), why));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let stop = session(&fleet, &state_dir, &mut attempt).await;
         match stop {
@@ -201,49 +287,71 @@ pub(super) async fn run(fleet: Fleet, state_dir: PathBuf, joined: bool) {
 async fn session(fleet: &Fleet, state_dir: &Path, attempt: &mut u32) -> Stop {
     let inner = &fleet.inner;
     let config = &inner.config;
-    let mut stream = match ensure_stream(&inner.js, config).await {
-        Ok(s) => s,
-        Err(e) => return Stop::Retry(e),
-    };
-    let bucket = match bucket(&inner.js, config).await {
-        Ok(b) => b,
-        Err(e) => return Stop::Retry(e),
-    };
-    let mut read = match &config.read_stream {
-        Some(name) => match inner.js_read.get_stream(name).await {
+    // The stream written to and the bucket: in the hub's domain when this node reads a mirror.
+    let hub = async {
+        let mut stream = ensure_stream(&inner.js, config).await?;
+        let bucket = bucket(&inner.js, config).await?;
+        let identity = match stream.info().await {
+            Ok(info) => identity(info),
+            Err(e) => return Err(format!("stream {}: {e}", config.stream)),
+        };
+        Ok((stream, bucket, identity))
+    }
+    .await;
+    let mut read = match (&config.read_stream, &hub) {
+        (Some(name), _) => match inner.js_read.get_stream(name).await {
             Ok(s) => s,
             Err(e) => return Stop::Retry(format!("read_stream {name}: {e}")),
         },
-        None => stream.clone(),
+        (None, Ok((stream, _, _))) => stream.clone(),
+        (None, Err(e)) => return Stop::Retry(e.clone()),
     };
-    let identity = match stream.info().await {
-        Ok(info) => identity(info),
-        Err(e) => return Stop::Retry(format!("stream {}: {e}", config.stream)),
-    };
-    fleet.set_attached(true);
-    *attempt = 0;
     let marker = match read_fleet_marker(state_dir) {
         Ok(m) => m,
         Err(e) => return Stop::Stopped(format!("reading the fleet marker: {e}")),
     };
-    if marker.as_deref() != Some(identity.as_str()) {
-        if marker.is_some() {
+    let bucket = match hub {
+        Ok((mut stream, bucket, identity)) => {
+            fleet.set_attached(true);
+            *attempt = 0;
+            if marker.as_deref() != Some(identity.as_str()) {
+                if marker.is_some() {
+                    warn!(
+                        marker = marker.as_deref().unwrap_or_default(),
+                        stream = %identity,
+                        "fleet: state_dir holds the registry of another stream (deleted and \
+                         created again?); joining this one"
+                    );
+                }
+                if let Err(stop) = join(fleet, &mut stream, &mut read, &bucket).await {
+                    return stop;
+                }
+                if let Err(e) = write_fleet_marker(state_dir, &identity) {
+                    return Stop::Stopped(format!("writing the fleet marker: {e}"));
+                }
+            }
+            Some(bucket)
+        }
+        // Reading a site's mirror, with the hub out of reach: a node that joined this fleet
+        // before goes on applying what the mirror holds; writes wait for the hub.
+        Err(why) if marker.is_some() => {
+            *attempt = 0;
             warn!(
-                marker = marker.as_deref().unwrap_or_default(),
-                stream = %identity,
-                "fleet: state_dir holds the registry of another stream (deleted and created \
-                 again?); joining this one"
+                error = %why,
+                read_stream = config.read_stream.as_deref().unwrap_or_default(),
+                "fleet: the stream's JetStream (the hub) is unreachable; applying the site's \
+                 mirror meanwhile, writes refused"
             );
+            None
         }
-        if let Err(stop) = join(fleet, &mut stream, &mut read, &bucket).await {
-            return stop;
+        Err(why) => {
+            return Stop::Retry(format!(
+                "{why} (this node has not joined the fleet yet, so it waits for the hub)"
+            ));
         }
-        if let Err(e) = write_fleet_marker(state_dir, &identity) {
-            return Stop::Stopped(format!("writing the fleet marker: {e}"));
-        }
-    }
+    };
     fleet.set_stopped(None);
-    match tail(fleet, &mut read, &bucket).await {
+    match tail(fleet, &mut read, bucket.as_ref()).await {
         Ok(never) => match never {},
         Err(stop) => stop,
     }
@@ -341,7 +449,7 @@ async fn join(
                     current.revision() + 1
                 )));
             }
-            current = match decode(&m, seq, bucket).await? {
+            current = match decode(&m, seq, Some(bucket)).await? {
                 Change::Ops(ops) => current.apply(&ops, seq),
                 Change::Replace(s) => s.at_revision(seq),
             };
@@ -399,14 +507,20 @@ fn sequence(m: &Message) -> Result<u64, Stop> {
 
 /// Decodes a message (fetching its object when it names one). A malformed message stops the
 /// node: it is never half-applied nor skipped.
-async fn decode(m: &Message, seq: u64, bucket: &ObjectStore) -> Result<Change, Stop> {
+async fn decode(m: &Message, seq: u64, bucket: Option<&ObjectStore>) -> Result<Change, Stop> {
     let stopped = |why: String| Stop::Stopped(format!("the message at sequence {seq}: {why}"));
     let header = message::header(m.headers.as_ref()).map_err(stopped)?;
-    let body = match &header.object {
-        Some((name, sha)) => snapshots::read_object(bucket, name, Some(sha))
+    let body = match (&header.object, bucket) {
+        (Some((name, _)), None) => {
+            return Err(Stop::Retry(format!(
+                "the message at sequence {seq} names object {name}, and the bucket (in the \
+                 hub's domain) is unreachable"
+            )));
+        }
+        (Some((name, sha)), Some(bucket)) => snapshots::read_object(bucket, name, Some(sha))
             .await
             .map_err(stopped)?,
-        None => m.payload.to_vec(),
+        (None, _) => m.payload.to_vec(),
     };
     let decoded = if body.len() > 64 * 1024 {
         tokio::task::spawn_blocking(move || message::decode(&header, &body))
@@ -432,7 +546,7 @@ fn applied(fleet: &Fleet, seq: u64, stored: Option<time_stored::Stored>) {
 async fn tail(
     fleet: &Fleet,
     read: &mut Stream,
-    bucket: &ObjectStore,
+    bucket: Option<&ObjectStore>,
 ) -> Result<std::convert::Infallible, Stop> {
     let inner = &fleet.inner;
     let state = read.info().await.map_err(retry)?.state.clone();
@@ -440,6 +554,12 @@ async fn tail(
     inner.metrics.stream_sequence.set(last as i64);
     let mut revision = inner.registry.load().revision();
     if revision + 1 < first {
+        let Some(bucket) = bucket else {
+            return Err(Stop::Retry(format!(
+                "the stream starts at sequence {first}, past this node's {revision}, and the \
+                 bucket of snapshots (in the hub's domain) is unreachable"
+            )));
+        };
         let snapshot = snapshots::load_newest(bucket, first - 1)
             .await
             .map_err(Stop::Retry)?
@@ -494,8 +614,8 @@ async fn tail_consumer(
     fleet: &Fleet,
     consumer: &jetstream::consumer::Consumer<pull::Config>,
     read: &mut Stream,
-    bucket: &ObjectStore,
-    mut revision: u64,
+    bucket: Option<&ObjectStore>,
+    revision: u64,
     sync_target: u64,
 ) -> Result<std::convert::Infallible, Stop> {
     let inner = &fleet.inner;
@@ -508,16 +628,51 @@ async fn tail_consumer(
         .await
         .map_err(retry)?;
     let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut ticks = 0u32;
+    // Messages queued to the registry writer and not yet durable, in stream order. The next
+    // messages are read and queued while the writer commits earlier ones, so that a node
+    // catching up fills each group commit rather than waiting for one per batch it reads.
+    let mut pending = std::collections::VecDeque::new();
+    let mut queued = revision;
     loop {
-        let first = tokio::select! {
-            m = messages.next() => match m {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(Stop::Retry(format!("consumer: {e}"))),
-                None => return Err(Stop::Retry("consumer ended".into())),
-            },
-            _ = check.tick() => {
+        let room = pending.len() < MAX_PENDING;
+        let event = tokio::select! {
+            biased;
+            settled = next_settled(&mut pending) => Ok(settled),
+            m = messages.next(), if room => Err(Some(m)),
+            _ = check.tick() => Err(None),
+        };
+        let first = match event {
+            Ok((seq, stored, answer)) => {
+                if let Err(stop) = settle(fleet, seq, stored, answer) {
+                    return Err(drained(fleet, &mut pending, stop).await);
+                }
+                if seq >= sync_target && !*inner.synced.borrow() {
+                    inner.synced.send_replace(true);
+                }
+                continue;
+            }
+            Err(Some(Some(Ok(m)))) => m,
+            Err(Some(Some(Err(e)))) => {
+                let stop = Stop::Retry(format!("consumer: {e}"));
+                return Err(drained(fleet, &mut pending, stop).await);
+            }
+            Err(Some(None)) => {
+                let stop = Stop::Retry("consumer ended".into());
+                return Err(drained(fleet, &mut pending, stop).await);
+            }
+            Err(None) => {
                 if inner.client.connection_state() != async_nats::connection::State::Connected {
-                    return Err(Stop::Retry("disconnected from NATS".into()));
+                    let stop = Stop::Retry("disconnected from NATS".into());
+                    return Err(drained(fleet, &mut pending, stop).await);
+                }
+                // Applying a site's mirror without the hub: attach again once it answers.
+                if bucket.is_none() {
+                    ticks += 1;
+                    if ticks % 8 == 0 && hub_answers(fleet).await {
+                        let stop = Stop::Retry("the hub answers again; attaching".into());
+                        return Err(drained(fleet, &mut pending, stop).await);
+                    }
                 }
                 continue;
             }
@@ -529,27 +684,106 @@ async fn tail_consumer(
                 _ => break,
             }
         }
-        revision = apply_batch(fleet, read, bucket, batch, revision).await?;
-        if revision >= sync_target && !*inner.synced.borrow() {
-            inner.synced.send_replace(true);
+        if let Err(stop) = queue_batch(fleet, read, bucket, batch, &mut queued, &mut pending).await
+        {
+            return Err(drained(fleet, &mut pending, stop).await);
         }
     }
 }
 
-/// Queues every message of `batch` to the registry writer (one group commit for all), then
-/// waits for each; answers the revision reached. Stops at the first that cannot be applied,
-/// after what came before it is applied.
-async fn apply_batch(
+/// Messages queued to the registry writer at most, not yet durable.
+const MAX_PENDING: usize = 4 * BATCH;
+
+/// A message queued to the registry writer: its sequence, when it was stored, the answer.
+type Pending = (
+    u64,
+    Option<time_stored::Stored>,
+    tokio::sync::oneshot::Receiver<Result<std::sync::Arc<Snapshot>, WriteError>>,
+);
+type Answer =
+    Result<Result<std::sync::Arc<Snapshot>, WriteError>, tokio::sync::oneshot::error::RecvError>;
+
+/// The writer's answer for the oldest pending message (never resolves when none is). Safe to
+/// cancel: the message leaves `pending` only with its answer.
+async fn next_settled(
+    pending: &mut std::collections::VecDeque<Pending>,
+) -> (u64, Option<time_stored::Stored>, Answer) {
+    let answer = match pending.front_mut() {
+        Some((_, _, answer)) => answer.await,
+        None => std::future::pending().await,
+    };
+    match pending.pop_front() {
+        Some((seq, stored, _)) => (seq, stored, answer),
+        None => std::future::pending().await,
+    }
+}
+
+/// Records a message the writer answered for: applied (and durable), or why not.
+fn settle(
+    fleet: &Fleet,
+    seq: u64,
+    stored: Option<time_stored::Stored>,
+    answer: Answer,
+) -> Result<(), Stop> {
+    match answer {
+        Ok(Ok(snapshot)) => {
+            applied(fleet, seq, stored);
+            let every = fleet.inner.config.snapshot_every;
+            if every > 0 && seq % every == 0 {
+                let fleet = fleet.clone();
+                tokio::spawn(async move { fleet.write_snapshot(snapshot).await });
+            }
+            Ok(())
+        }
+        Ok(Err(e @ WriteError::Storage(_))) => Err(Stop::Retry(format!("sequence {seq}: {e}"))),
+        Ok(Err(e)) => Err(Stop::Stopped(format!(
+            "the registry refused sequence {seq}: {e}"
+        ))),
+        Err(_) => Err(Stop::Retry("registry writer stopped".into())),
+    }
+}
+
+/// Waits for every pending message (what the writer applied is recorded as applied, so
+/// that writes waiting for it are answered), then answers why the session ends: the first
+/// pending message that failed, or `stop`.
+async fn drained(
+    fleet: &Fleet,
+    pending: &mut std::collections::VecDeque<Pending>,
+    stop: Stop,
+) -> Stop {
+    while let Some((seq, stored, answer)) = pending.pop_front() {
+        if let Err(failed) = settle(fleet, seq, stored, answer.await) {
+            return failed;
+        }
+    }
+    stop
+}
+
+/// Whether the stream's JetStream (the hub, through the leaf) answers now.
+async fn hub_answers(fleet: &Fleet) -> bool {
+    let inner = &fleet.inner;
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            inner.js.get_stream(&inner.config.stream)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+/// Queues every message of `batch` to the registry writer, after `queued` (the last sequence
+/// queued), onto `pending`. Stops at the first that cannot be applied, after queuing what came
+/// before it: never a gap, never a message half-decoded.
+async fn queue_batch(
     fleet: &Fleet,
     read: &mut Stream,
-    bucket: &ObjectStore,
+    bucket: Option<&ObjectStore>,
     batch: Vec<Message>,
-    revision: u64,
-) -> Result<u64, Stop> {
+    queued: &mut u64,
+    pending: &mut std::collections::VecDeque<Pending>,
+) -> Result<(), Stop> {
     let inner = &fleet.inner;
-    let mut queued = revision;
-    let mut pending = Vec::with_capacity(batch.len());
-    let mut stop = None;
     for m in batch {
         let seq = sequence(&m)?;
         if let Ok(info) = m.info() {
@@ -558,76 +792,41 @@ async fn apply_batch(
                 .stream_sequence
                 .set((seq + info.pending) as i64);
         }
-        if seq <= queued {
+        if seq <= *queued {
             continue;
         }
-        if seq != queued + 1 {
-            stop = Some(match read.info().await {
-                Ok(info) if info.state.first_sequence > queued + 1 => Stop::Retry(format!(
+        if seq != *queued + 1 {
+            return Err(match read.info().await {
+                Ok(info) if info.state.first_sequence > *queued + 1 => Stop::Retry(format!(
                     "the stream no longer holds sequence {} (it starts at {})",
-                    queued + 1,
+                    *queued + 1,
                     info.state.first_sequence
                 )),
                 Ok(_) => Stop::Stopped(format!(
                     "sequence {} is missing from the stream (the next is {seq}); a change is \
                      never skipped",
-                    queued + 1
+                    *queued + 1
                 )),
                 Err(e) => retry(e),
             });
-            break;
         }
         let stored = m
             .info()
             .ok()
             .map(|i| time_stored::Stored::at(i.published.unix_timestamp_nanos()));
-        let change = match decode(&m, seq, bucket).await {
-            Ok(c) => c,
-            Err(s) => {
-                stop = Some(s);
-                break;
-            }
-        };
-        let change = match change {
+        let change = match decode(&m, seq, bucket).await? {
             Change::Ops(ops) => FleetChange::Ops(ops),
             Change::Replace(s) => FleetChange::Replace(s),
         };
-        match inner.writer.apply_fleet(seq, change, false).await {
-            Ok(answer) => pending.push((seq, stored, answer)),
-            Err(e) => {
-                stop = Some(retry(e));
-                break;
-            }
-        }
-        queued = seq;
+        let answer = inner
+            .writer
+            .apply_fleet(seq, change, false)
+            .await
+            .map_err(retry)?;
+        pending.push_back((seq, stored, answer));
+        *queued = seq;
     }
-    let mut reached = revision;
-    for (seq, stored, answer) in pending {
-        match answer.await {
-            Ok(Ok(snapshot)) => {
-                reached = seq;
-                applied(fleet, seq, stored);
-                let every = inner.config.snapshot_every;
-                if every > 0 && seq % every == 0 {
-                    let fleet = fleet.clone();
-                    tokio::spawn(async move { fleet.write_snapshot(snapshot).await });
-                }
-            }
-            Ok(Err(e @ WriteError::Storage(_))) => {
-                return Err(Stop::Retry(format!("sequence {seq}: {e}")));
-            }
-            Ok(Err(e)) => {
-                return Err(Stop::Stopped(format!(
-                    "the registry refused sequence {seq}: {e}"
-                )));
-            }
-            Err(_) => return Err(Stop::Retry("registry writer stopped".into())),
-        }
-    }
-    match stop {
-        Some(s) => Err(s),
-        None => Ok(reached),
-    }
+    Ok(())
 }
 
 /// When a message was stored, from the stream's timestamp, for the lag histogram.

@@ -148,6 +148,9 @@ pub(crate) enum WriteError {
     /// the stream); the registry in force is unchanged.
     #[error("{0}")]
     Unavailable(String),
+    /// A fleet node whose NATS user may not publish the change (a read-only node).
+    #[error("{0}")]
+    Forbidden(String),
     /// A fleet change that does not follow the registry's revision: never applied out of order.
     #[error("change at sequence {got} does not follow revision {current}")]
     OutOfOrder { current: u64, got: u64 },

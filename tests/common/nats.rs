@@ -125,6 +125,14 @@ impl NatsServer {
         }
     }
 
+    /// Makes it read its config file again (SIGHUP), as `nats-server --signal reload` does.
+    pub fn reload(&self) {
+        let child = self.child.as_ref().expect("nats-server running");
+        let pid = i32::try_from(child.id()).unwrap();
+        // SAFETY: a signal to the child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
+
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) {
         self.stop();
