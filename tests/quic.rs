@@ -979,3 +979,136 @@ async fn new_flows_past_the_rate_are_dropped_and_relayed_flows_go_on() {
         "{dropped} dropped\n{metrics}"
     );
 }
+
+/// `require_access_here` on QUIC, as on TLS: a name filed with another provider
+/// (`access_here = false`) is refused as `not_accessed` on a route that requires the access here
+/// (the client sees the reason in the CONNECTION_CLOSE, the origin never sees the connection),
+/// and relayed as `filed_elsewhere` on a route that waives it, where the flow is registered like
+/// any allowed by an entry: revoking the filing cuts it. Both are counted and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_filed_elsewhere_is_not_accessed_here_unless_the_route_waives_the_access() {
+    use common::process::Proc;
+    const NAME: &str = "mail.elsewhere.cn";
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[NAME], &h3);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[registry]
+state_dir = "{{dir}}/state"
+seed = "seed.ndjson"
+
+[[listener]]
+name = "quic-waived"
+bind = "127.0.0.1:0"
+kind = "quic"
+
+[[listener]]
+name = "quic-default"
+bind = "127.0.0.5:0"
+kind = "quic"
+
+[[route]]
+dst = "127.0.0.1/32"
+mainland = true
+require_access_here = false
+quic_origin = "{origin}"
+
+[[route]]
+dst = "127.0.0.5/32"
+mainland = true
+quic_origin = "{origin}"
+
+[admin]
+bind = "127.0.0.1:0"
+token_file = "admin.token"
+"#,
+        origin = origin.addr
+    );
+    let path = write(dir.path(), &text);
+    let mut proc = Proc::start(&path);
+    let (mut waived, mut default) = (None, None);
+    while waived.is_none() || default.is_none() {
+        let line = proc.wait_for("listening");
+        let addr: SocketAddr = line["addr"].as_str().unwrap().parse().unwrap();
+        match line["listener"].as_str() {
+            Some("quic-waived") => waived = Some(addr),
+            Some("quic-default") => default = Some(addr),
+            _ => {}
+        }
+    }
+    let (waived, default) = (waived.unwrap(), default.unwrap());
+    proc.wait_for("ready");
+    let admin = proc.admin_addr();
+
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, waived, NAME)
+        .unwrap()
+        .await
+        .expect("the waived route relays a name filed elsewhere");
+    assert_eq!(
+        exchange(&conn, "mail").await.unwrap(),
+        format!("origin {NAME} got mail")
+    );
+    let line = proc.access_line(NAME);
+    assert_eq!(line["listener"], "quic-waived", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["reason"], "filed_elsewhere", "{line}");
+
+    let (refused_endpoint, config) = client(&pki, &h3, Duration::from_secs(10));
+    let started = Instant::now();
+    let err = refused_endpoint
+        .connect_with(config, default, NAME)
+        .unwrap()
+        .await
+        .expect_err("the access is not here");
+    match &err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close:?}"
+            );
+            assert_eq!(&close.reason[..], b"icp-gate: not_accessed");
+        }
+        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let line = proc.access_line(NAME);
+    assert_eq!(line["listener"], "quic-default", "{line}");
+    assert_eq!(line["decision"], "block", "{line}");
+    assert_eq!(line["reason"], "not_accessed", "{line}");
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        1,
+        "the refused connection never reached the origin"
+    );
+    let (_, _, metrics) = http1(admin, "GET", "/metrics", &[("host", "admin")], b"").await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic-waived",reason="filed_elsewhere"} 1"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic-default",reason="not_accessed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+
+    // The waiver needs the filing: revoked, the live flow is cut.
+    let entry = r#"{"domain":"elsewhere.cn","icp":"沪ICP备00000002号-1","status":"revoked","access_here":false}"#;
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let (code, _, body) = http1(
+        admin,
+        "PUT",
+        "/v1/registry/entries/elsewhere.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "the revoked flow still relays: {after:?}");
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+}
