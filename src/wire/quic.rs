@@ -259,10 +259,18 @@ struct Seen {
 /// connection's first flight, whatever packets precede it.
 #[must_use]
 pub fn initial_dcid(datagram: &[u8]) -> Option<&[u8]> {
+    first_initial(datagram).map(|(_, dcid)| dcid)
+}
+
+/// Like [`initial_dcid`], with the Initial packet's version: a client that starts over in another
+/// version (after the server's Version Negotiation) may keep its Destination Connection ID, and
+/// its keys then differ.
+#[must_use]
+pub fn first_initial(datagram: &[u8]) -> Option<(Version, &[u8])> {
     let mut rest = datagram;
     while let Some(header) = LongHeader::parse(rest) {
         if header.kind == LongType::Initial {
-            return Some(header.dcid);
+            return Some((header.version, header.dcid));
         }
         rest = &rest[header.packet_len..];
     }
