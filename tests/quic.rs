@@ -1153,9 +1153,10 @@ async fn recv_within(socket: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
 /// Unknown versions (RFC 9000 §6, §15): the proxy cannot read the SNI of a version it does not
 /// know, so a first flight in one is dropped and counted as `unknown_version`, and nothing
 /// reaches the origin or comes back (the proxy does not answer Version Negotiation on the
-/// origin's behalf: it cannot know which versions the origin speaks). On an allowed flow, the
-/// origin's own Version Negotiation packet is relayed to the client unchanged, and the client's
-/// new first flight in the version it then picks is decided afresh before any of it is relayed.
+/// origin's behalf: it cannot know which versions the origin speaks), on a new flow as on one
+/// already allowed. On an allowed flow, the origin's own Version Negotiation packet is relayed to
+/// the client unchanged, and the client's new first flight in the version it then picks is
+/// decided afresh before any of it is relayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_relayed() {
     use icp_gate::wire::quic::{VERSION_2, Version, client_initial, crypto_frame};
@@ -1200,6 +1201,10 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
         Some(&vn[..]),
         "the origin's Version Negotiation reaches the client unchanged"
     );
+    // A first flight in a version the proxy cannot read is not relayed on the allowed flow
+    // either: the origin might speak it, and its SNI was never decided.
+    client.send_to(&unknown, addr).await.unwrap();
+    assert!(nothing_arrives(&origin, Duration::from_millis(300)).await);
 
     // The client starts over in v2, under the same connection ID: an unfiled name is not
     // relayed (the v1 decision does not cover it) and is refused with a v2 close.
@@ -1238,6 +1243,7 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
     for line in [
         r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#,
         r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+        r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="unknown_version"} 2"#,
     ] {
         assert!(metrics.contains(line), "missing {line}\n{metrics}");
     }

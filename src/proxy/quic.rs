@@ -316,6 +316,13 @@ impl Listener {
                     self.new_flow(from, datagram, &head, closing, &spec);
                     return;
                 }
+                if let Peek::UnknownVersion(_) = head {
+                    // A connection in a version whose Initials cannot be read (a client's packets
+                    // of a connection already relayed are v1 or v2): relayed, it would reach the
+                    // origin undecided.
+                    metrics.quic_dropped(QuicDrop::UnknownVersion, 1);
+                    return;
+                }
                 allowed.touch();
                 if let Some((version, dcid)) = initial {
                     if allowed.recheck.is_some()
