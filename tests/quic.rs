@@ -979,3 +979,272 @@ async fn new_flows_past_the_rate_are_dropped_and_relayed_flows_go_on() {
         "{dropped} dropped\n{metrics}"
     );
 }
+
+/// `require_access_here` on QUIC, as on TLS: a name filed with another provider
+/// (`access_here = false`) is refused as `not_accessed` on a route that requires the access here
+/// (the client sees the reason in the CONNECTION_CLOSE, the origin never sees the connection),
+/// and relayed as `filed_elsewhere` on a route that waives it, where the flow is registered like
+/// any allowed by an entry: revoking the filing cuts it. Both are counted and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_filed_elsewhere_is_not_accessed_here_unless_the_route_waives_the_access() {
+    use common::process::Proc;
+    const NAME: &str = "mail.elsewhere.cn";
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[NAME], &h3);
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+[registry]
+state_dir = "{{dir}}/state"
+seed = "seed.ndjson"
+
+[[listener]]
+name = "quic-waived"
+bind = "127.0.0.1:0"
+kind = "quic"
+
+[[listener]]
+name = "quic-default"
+bind = "127.0.0.5:0"
+kind = "quic"
+
+[[route]]
+dst = "127.0.0.1/32"
+mainland = true
+require_access_here = false
+quic_origin = "{origin}"
+
+[[route]]
+dst = "127.0.0.5/32"
+mainland = true
+quic_origin = "{origin}"
+
+[admin]
+bind = "127.0.0.1:0"
+token_file = "admin.token"
+"#,
+        origin = origin.addr
+    );
+    let path = write(dir.path(), &text);
+    let mut proc = Proc::start(&path);
+    let (mut waived, mut default) = (None, None);
+    while waived.is_none() || default.is_none() {
+        let line = proc.wait_for("listening");
+        let addr: SocketAddr = line["addr"].as_str().unwrap().parse().unwrap();
+        match line["listener"].as_str() {
+            Some("quic-waived") => waived = Some(addr),
+            Some("quic-default") => default = Some(addr),
+            _ => {}
+        }
+    }
+    let (waived, default) = (waived.unwrap(), default.unwrap());
+    proc.wait_for("ready");
+    let admin = proc.admin_addr();
+
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(3));
+    let conn = endpoint
+        .connect_with(config, waived, NAME)
+        .unwrap()
+        .await
+        .expect("the waived route relays a name filed elsewhere");
+    assert_eq!(
+        exchange(&conn, "mail").await.unwrap(),
+        format!("origin {NAME} got mail")
+    );
+    let line = proc.access_line(NAME);
+    assert_eq!(line["listener"], "quic-waived", "{line}");
+    assert_eq!(line["decision"], "allow", "{line}");
+    assert_eq!(line["reason"], "filed_elsewhere", "{line}");
+
+    let (refused_endpoint, config) = client(&pki, &h3, Duration::from_secs(10));
+    let started = Instant::now();
+    let err = refused_endpoint
+        .connect_with(config, default, NAME)
+        .unwrap()
+        .await
+        .expect_err("the access is not here");
+    match &err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close:?}"
+            );
+            assert_eq!(&close.reason[..], b"icp-gate: not_accessed");
+        }
+        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let line = proc.access_line(NAME);
+    assert_eq!(line["listener"], "quic-default", "{line}");
+    assert_eq!(line["decision"], "block", "{line}");
+    assert_eq!(line["reason"], "not_accessed", "{line}");
+    assert_eq!(
+        origin.connections.load(Ordering::SeqCst),
+        1,
+        "the refused connection never reached the origin"
+    );
+    let (_, _, metrics) = http1(admin, "GET", "/metrics", &[("host", "admin")], b"").await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic-waived",reason="filed_elsewhere"} 1"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic-default",reason="not_accessed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+
+    // The waiver needs the filing: revoked, the live flow is cut.
+    let entry = r#"{"domain":"elsewhere.cn","icp":"沪ICP备00000002号-1","status":"revoked","access_here":false}"#;
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let (code, _, body) = http1(
+        admin,
+        "PUT",
+        "/v1/registry/entries/elsewhere.cn",
+        &auth,
+        entry.as_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = tokio::time::timeout(Duration::from_secs(5), exchange(&conn, "after"))
+        .await
+        .expect("the client gives up within its idle timeout");
+    assert!(after.is_err(), "the revoked flow still relays: {after:?}");
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+}
+
+/// A client Initial datagram of `version` (any 32-bit value) whose payload is `fill`: for
+/// versions the proxy cannot read, the bytes after the header are opaque.
+fn long_header_datagram(version: u32, dcid: &[u8], scid: &[u8], fill: u8) -> Vec<u8> {
+    let mut d = vec![0xc3];
+    d.extend(version.to_be_bytes());
+    d.push(dcid.len() as u8);
+    d.extend(dcid);
+    d.push(scid.len() as u8);
+    d.extend(scid);
+    d.resize(1200, fill);
+    d
+}
+
+/// A Version Negotiation packet (RFC 9000 §17.2.1) answering a client that used `dcid` and
+/// `scid`: addressed back to the client's source connection ID, listing `versions`.
+fn version_negotiation(dcid: &[u8], scid: &[u8], versions: &[u32]) -> Vec<u8> {
+    let mut p = vec![0x80 | 0x2a, 0, 0, 0, 0];
+    p.push(scid.len() as u8);
+    p.extend(scid);
+    p.push(dcid.len() as u8);
+    p.extend(dcid);
+    for v in versions {
+        p.extend(v.to_be_bytes());
+    }
+    p
+}
+
+async fn recv_within(socket: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = tokio::time::timeout(wait, socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Unknown versions (RFC 9000 §6, §15): the proxy cannot read the SNI of a version it does not
+/// know, so a first flight in one is dropped and counted as `unknown_version`, and nothing
+/// reaches the origin or comes back (the proxy does not answer Version Negotiation on the
+/// origin's behalf: it cannot know which versions the origin speaks), on a new flow as on one
+/// already allowed. On an allowed flow, the origin's own Version Negotiation packet is relayed to
+/// the client unchanged, and the client's new first flight in the version it then picks is
+/// decided afresh before any of it is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_relayed() {
+    use icp_gate::wire::quic::{VERSION_2, Version, client_initial, crypto_frame};
+    const GREASE: u32 = 0x1a2a_3a4a;
+    let origin = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (gate, addr) = gate(origin.local_addr().unwrap(), "").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (dcid, scid) = ([0x5au8; 8], [7u8, 7, 7, 7]);
+
+    // A first flight in an unknown version: dropped, counted, unanswered.
+    let unknown = long_header_datagram(GREASE, &dcid, &scid, 0x33);
+    client.send_to(&unknown, addr).await.unwrap();
+    assert!(nothing_arrives(&origin, Duration::from_millis(300)).await);
+    assert_eq!(recv_within(&client, Duration::from_millis(100)).await, None);
+    let metrics = gate.metrics().await;
+    let line =
+        r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="unknown_version"} 1"#;
+    assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    assert!(!metrics.contains("icp_gate_quic_flows_total{"), "{metrics}");
+
+    // A filed v1 first flight is relayed as sent; the origin answers it with Version Negotiation.
+    let v1 = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        0,
+        &padded(crypto_frame(0, &hello(FILED, 0))),
+    );
+    client.send_to(&v1, addr).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, flow) = tokio::time::timeout(Duration::from_secs(2), origin.recv_from(&mut buf))
+        .await
+        .expect("the filed first flight reaches the origin")
+        .unwrap();
+    assert_eq!(&buf[..n], &v1[..], "relayed unchanged");
+    let vn = version_negotiation(&dcid, &scid, &[VERSION_2, GREASE]);
+    origin.send_to(&vn, flow).await.unwrap();
+    assert_eq!(
+        recv_within(&client, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some(&vn[..]),
+        "the origin's Version Negotiation reaches the client unchanged"
+    );
+    // A first flight in a version the proxy cannot read is not relayed on the allowed flow
+    // either: the origin might speak it, and its SNI was never decided.
+    client.send_to(&unknown, addr).await.unwrap();
+    assert!(nothing_arrives(&origin, Duration::from_millis(300)).await);
+
+    // The client starts over in v2, under the same connection ID: an unfiled name is not
+    // relayed (the v1 decision does not cover it) and is refused with a v2 close.
+    let unfiled = client_initial(
+        Version::V2,
+        &dcid,
+        &scid,
+        0,
+        &padded(crypto_frame(0, &hello("www.unfiled.cn", 0))),
+    );
+    client.send_to(&unfiled, addr).await.unwrap();
+    assert!(nothing_arrives(&origin, Duration::from_millis(300)).await);
+    let close = recv_within(&client, Duration::from_secs(1))
+        .await
+        .expect("a close for the refused connection");
+    assert_eq!(
+        &close[1..5],
+        &VERSION_2.to_be_bytes(),
+        "in the client's new version"
+    );
+    // The filed name in v2 is decided and relayed.
+    let v2 = client_initial(
+        Version::V2,
+        &dcid,
+        &scid,
+        1,
+        &padded(crypto_frame(0, &hello(FILED, 0))),
+    );
+    client.send_to(&v2, addr).await.unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), origin.recv_from(&mut buf))
+        .await
+        .expect("the filed v2 first flight reaches the origin")
+        .unwrap();
+    assert_eq!(&buf[..n], &v2[..]);
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 2"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+        r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="unknown_version"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    }
+}

@@ -12,8 +12,9 @@
 //!
 //! An allowed flow stays checked: a client Initial that contradicts the ClientHello already
 //! decided cuts it, and one that starts a connection under a new Destination Connection ID (a new
-//! connection from the same address, or the client's answer to a Retry) is decided afresh before
-//! any of it is relayed.
+//! connection from the same address, or the client's answer to a Retry) or in another version (the
+//! client's answer to the origin's Version Negotiation) is decided afresh before any of it is
+//! relayed.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -203,6 +204,10 @@ struct Allowed {
     /// The client's first Destination Connection ID, which its Initials keep until the server
     /// answers.
     original_dcid: Vec<u8>,
+    /// The version of the decided first flight: an Initial in another one (a client starting
+    /// over after the origin's Version Negotiation) is another connection, decided afresh even
+    /// under the same connection ID.
+    version: Option<quic::Version>,
     /// The reader that decided the flow, still fed the client's Initials under that ID; dropped
     /// once the client sends Handshake or 1-RTT packets (it has then discarded its Initial keys,
     /// and the server does so on receiving them).
@@ -277,7 +282,7 @@ impl Listener {
         let head = quic::peek(datagram);
         // Wherever it sits among the coalesced packets (clients put it first; a crafted datagram
         // need not).
-        let initial = quic::initial_dcid(datagram);
+        let initial = quic::first_initial(datagram);
         if initial.is_some() && datagram.len() < MIN_INITIAL_DATAGRAM {
             // RFC 9000 §14.1: before any cryptography, so a flood of small Initials costs nothing.
             metrics.quic_dropped(QuicDrop::ShortInitial, 1);
@@ -311,9 +316,19 @@ impl Listener {
                     self.new_flow(from, datagram, &head, closing, &spec);
                     return;
                 }
+                if let Peek::UnknownVersion(_) = head {
+                    // A connection in a version whose Initials cannot be read (a client's packets
+                    // of a connection already relayed are v1 or v2): relayed, it would reach the
+                    // origin undecided.
+                    metrics.quic_dropped(QuicDrop::UnknownVersion, 1);
+                    return;
+                }
                 allowed.touch();
-                if let Some(dcid) = initial {
-                    if allowed.recheck.is_some() || allowed.original_dcid != dcid {
+                if let Some((version, dcid)) = initial {
+                    if allowed.recheck.is_some()
+                        || allowed.original_dcid != dcid
+                        || allowed.version != Some(version)
+                    {
                         self.recheck(from, datagram, &spec);
                         return;
                     }
@@ -350,7 +365,7 @@ impl Listener {
                     self.new_flow(from, datagram, &head, closing, &spec);
                     return;
                 }
-                if let Some(d) = initial {
+                if let Some((_, d)) = initial {
                     if d != dcid.as_slice() && d.len() >= 8 {
                         // Another connection from the same address: decided on its own.
                         self.end_flow(from);
@@ -668,6 +683,7 @@ impl Listener {
                 activity,
                 epoch,
                 original_dcid: pending.reader.original_dcid().unwrap_or_default().to_vec(),
+                version: pending.reader.version(),
                 reader: Some(pending.reader),
                 recheck: None,
                 sni: d.sni,
@@ -676,7 +692,7 @@ impl Listener {
         );
     }
 
-    /// A client Initial on an allowed flow under another Destination Connection ID. If it does
+    /// A client Initial on an allowed flow under another Destination Connection ID or version. If it does
     /// not read as a connection's first flight (the client addressing the server's chosen ID,
     /// under the original keys) it is relayed; if it does, it is a new connection (or the answer
     /// to a Retry), held and decided before anything of it is relayed.
@@ -747,6 +763,7 @@ impl Listener {
                 relay_to_origin(allowed, held, metrics);
             }
             allowed.original_dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
+            allowed.version = pending.reader.version();
             allowed.reader = Some(pending.reader);
             return;
         }

@@ -22,6 +22,7 @@
 
 use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf::{self, HKDF_SHA256, KeyType, Prk, Salt};
+use std::sync::LazyLock;
 
 use crate::wire::clienthello::{self, ClientHelloInfo, Parse};
 
@@ -127,6 +128,18 @@ impl Version {
                 0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26,
                 0x9d, 0xcb, 0xf9, 0xbd, 0x2e, 0xd9,
             ],
+        }
+    }
+
+    /// The Initial salt as an HMAC key, set up once per process: it is the same for every
+    /// connection of a version.
+    fn salt(self) -> &'static Salt {
+        static SALTS: LazyLock<[Salt; 2]> = LazyLock::new(|| {
+            [Version::V1, Version::V2].map(|v| Salt::new(HKDF_SHA256, v.initial_salt()))
+        });
+        match self {
+            Version::V1 => &SALTS[0],
+            Version::V2 => &SALTS[1],
         }
     }
 
@@ -246,10 +259,18 @@ struct Seen {
 /// connection's first flight, whatever packets precede it.
 #[must_use]
 pub fn initial_dcid(datagram: &[u8]) -> Option<&[u8]> {
+    first_initial(datagram).map(|(_, dcid)| dcid)
+}
+
+/// Like [`initial_dcid`], with the Initial packet's version: a client that starts over in another
+/// version (after the server's Version Negotiation) may keep its Destination Connection ID, and
+/// its keys then differ.
+#[must_use]
+pub fn first_initial(datagram: &[u8]) -> Option<(Version, &[u8])> {
     let mut rest = datagram;
     while let Some(header) = LongHeader::parse(rest) {
         if header.kind == LongType::Initial {
-            return Some(header.dcid);
+            return Some((header.version, header.dcid));
         }
         rest = &rest[header.packet_len..];
     }
@@ -448,7 +469,13 @@ impl InitialReader {
         if payload.is_empty() {
             return Err("initial packet without frames");
         }
-        while !payload.is_empty() {
+        while let Some(&first) = payload.first() {
+            if first == 0 {
+                // PADDING fills most of a client's Initial (RFC 9000 §14.1): a run of them is
+                // skipped at once rather than read as a frame per byte.
+                payload = &payload[zero_run(payload)..];
+                continue;
+            }
             let mut r = Reader(payload);
             let kind = r.varint().ok_or("truncated frame")?;
             match kind {
@@ -500,6 +527,19 @@ impl InitialReader {
             Parse::Invalid(why) => Read::Invalid(why),
         }
     }
+}
+
+/// The length of the run of zero bytes that `bytes` starts with, compared 32 at a time.
+fn zero_run(bytes: &[u8]) -> usize {
+    let mut run = 0;
+    for chunk in bytes.chunks_exact(32) {
+        if <[u8; 32]>::try_from(chunk).is_ok_and(|c| c != [0; 32]) {
+            break;
+        }
+        run += 32;
+    }
+    let rest = &bytes[run..];
+    run + rest.iter().position(|&b| b != 0).unwrap_or(rest.len())
 }
 
 /// Skips an ACK frame's fields after its type (RFC 9000 §19.3).
@@ -656,41 +696,49 @@ impl KeyType for Len {
     }
 }
 
-/// HKDF-Expand-Label with an empty context (RFC 8446 §7.1) into `out`.
-fn expand_label(secret: &Prk, label: &[u8], out: &mut [u8]) {
-    let len = u16::try_from(out.len()).unwrap_or(u16::MAX).to_be_bytes();
+/// The packet protection IV (RFC 9001 §5.1), straight out of HKDF.
+struct Iv([u8; 12]);
+
+impl From<hkdf::Okm<'_, Len>> for Iv {
+    fn from(okm: hkdf::Okm<'_, Len>) -> Iv {
+        let mut iv = [0u8; 12];
+        okm.fill(&mut iv).expect("expanded to the IV's length");
+        Iv(iv)
+    }
+}
+
+/// HKDF-Expand-Label with an empty context (RFC 8446 §7.1), into what `len` describes: ring's
+/// output keying material goes straight into the key, with no copy in between.
+fn expand_label<L: KeyType, T>(secret: &Prk, label: &[u8], len: L) -> T
+where
+    T: for<'a> From<hkdf::Okm<'a, L>>,
+{
+    let out_len = u16::try_from(len.len()).unwrap_or(u16::MAX).to_be_bytes();
     let label_len = [u8::try_from(6 + label.len()).unwrap_or(u8::MAX)];
-    let info = [&len[..], &label_len, b"tls13 ", label, &[0]];
+    let info = [&out_len[..], &label_len, b"tls13 ", label, &[0]];
     secret
-        .expand(&info, Len(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .expect("lengths within HKDF-SHA256's limit");
+        .expand(&info, len)
+        .map(T::from)
+        .expect("lengths within HKDF-SHA256's limit")
 }
 
 impl Keys {
     /// The Initial keys protecting `side`'s packets, from the client's first Destination
     /// Connection ID (RFC 9001 §5.2, RFC 9369 §3.3).
     fn derive(version: Version, original_dcid: &[u8], side: Side) -> Keys {
-        let initial = Salt::new(HKDF_SHA256, version.initial_salt()).extract(original_dcid);
-        let mut secret = [0u8; 32];
+        let initial = version.salt().extract(original_dcid);
         let label: &[u8] = match side {
             Side::Client => b"client in",
             Side::Server => b"server in",
         };
-        expand_label(&initial, label, &mut secret);
-        let secret = Prk::new_less_safe(hkdf::HKDF_SHA256, &secret);
+        let secret: Prk = expand_label(&initial, label, HKDF_SHA256);
         let [key_label, iv_label, hp_label] = version.key_labels();
-        let (mut key, mut iv, mut hp) = ([0u8; 16], [0u8; 12], [0u8; 16]);
-        expand_label(&secret, key_label, &mut key);
-        expand_label(&secret, iv_label, &mut iv);
-        expand_label(&secret, hp_label, &mut hp);
+        let key: UnboundKey = expand_label(&secret, key_label, &aead::AES_128_GCM);
+        let iv: Iv = expand_label(&secret, iv_label, Len(12));
         Keys {
-            packet: LessSafeKey::new(
-                UnboundKey::new(&aead::AES_128_GCM, &key).expect("a 16-byte AES-128 key"),
-            ),
-            iv,
-            header: aead::quic::HeaderProtectionKey::new(&aead::quic::AES_128, &hp)
-                .expect("a 16-byte AES-128 key"),
+            packet: LessSafeKey::new(key),
+            iv: iv.0,
+            header: expand_label(&secret, hp_label, &aead::quic::AES_128),
         }
     }
 
@@ -1327,6 +1375,19 @@ mod tests {
                 unread: true,
             }
         );
+    }
+
+    #[test]
+    fn zero_runs_are_measured_across_the_32_byte_steps() {
+        for len in [0usize, 1, 31, 32, 33, 64, 100] {
+            for at in 0..=len {
+                let mut bytes = vec![0u8; len];
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = 0x06;
+                }
+                assert_eq!(zero_run(&bytes), at.min(len), "len {len}, nonzero at {at}");
+            }
+        }
     }
 
     #[test]
