@@ -241,6 +241,21 @@ async fn nothing_arrives(spy: &UdpSocket, wait: Duration) -> bool {
         .is_err()
 }
 
+/// The forged CONNECTION_CLOSE of a block: CONNECTION_REFUSED with `icp-gate: <reason>`.
+fn assert_refused(err: &quinn::ConnectionError, reason: &str) {
+    match err {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::CONNECTION_REFUSED,
+                "{close:?}"
+            );
+            assert_eq!(close.reason[..], *format!("icp-gate: {reason}").as_bytes());
+        }
+        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filed_name_reaches_its_http3_origin_end_to_end() {
     let pki = Pki::new();
@@ -288,17 +303,7 @@ async fn an_unfiled_name_is_refused_at_once_with_close_and_nothing_reaches_the_o
         .await
         .expect_err("an unfiled name must not connect");
     let took = started.elapsed();
-    match &err {
-        quinn::ConnectionError::ConnectionClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                quinn::TransportErrorCode::CONNECTION_REFUSED,
-                "{close:?}"
-            );
-            assert_eq!(&close.reason[..], b"icp-gate: unfiled");
-        }
-        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
-    }
+    assert_refused(&err, "unfiled");
     assert!(took < Duration::from_secs(1), "refused after {took:?}");
     assert!(nothing_arrives(&spy, Duration::from_millis(300)).await);
     assert_eq!(gate.server.live_tunnels(), 0);
@@ -1064,17 +1069,7 @@ token_file = "admin.token"
         .unwrap()
         .await
         .expect_err("the access is not here");
-    match &err {
-        quinn::ConnectionError::ConnectionClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                quinn::TransportErrorCode::CONNECTION_REFUSED,
-                "{close:?}"
-            );
-            assert_eq!(&close.reason[..], b"icp-gate: not_accessed");
-        }
-        other => panic!("expected a CONNECTION_CLOSE, got {other:?}"),
-    }
+    assert_refused(&err, "not_accessed");
     assert!(started.elapsed() < Duration::from_secs(1));
     let line = proc.access_line(NAME);
     assert_eq!(line["listener"], "quic-default", "{line}");
