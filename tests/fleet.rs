@@ -1250,3 +1250,247 @@ async fn mutual_tls_lets_in_a_node_with_a_client_certificate() {
     assert_eq!(without.status("m.cn").await, 200);
     assert_eq!(without.metric("icp_gate_fleet_connected").await, 0.0);
 }
+
+/// Decentralized JWT auth (operator mode), as `nsc` would set it up, made here with the `nkeys`
+/// crate: an operator, a system account, an account with JetStream, and users it signs.
+struct Operator {
+    operator: nkeys::KeyPair,
+    system: nkeys::KeyPair,
+    account: nkeys::KeyPair,
+}
+
+/// A NATS JWT (v2, as nats-io/jwt writes it): the standard claims (`jti` the base32 of the
+/// SHA-512/256 of the others, `iat`, `iss`, `name`, `sub`) and `nats`, signed with ed25519 by
+/// `issuer`'s nkey over `base64url(header).base64url(claims)`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+    use sha2::Digest;
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let iss = issuer.public_key();
+    // Go's field order, which is also the sorted one: aud, exp, jti, iat, iss, name, nbf, sub.
+    let standard = format!(r#"{{"iat":{iat},"iss":"{iss}","name":"{name}","sub":"{subject}"}}"#);
+    let jti = BASE32_NOPAD.encode(&sha2::Sha512_256::digest(standard.as_bytes()));
+    let claims =
+        json!({"jti": jti, "iat": iat, "iss": iss, "name": name, "sub": subject, "nats": nats});
+    let signed = format!(
+        "{}.{}",
+        BASE64URL_NOPAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature))
+}
+
+/// The permissions of the read-only user, as docs/fleet.md gives them (and `users_conf` runs
+/// them), in a user JWT's terms.
+fn reader_permissions() -> Value {
+    json!({
+        "pub": {"allow": ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.MSG.GET.>",
+                          "$JS.API.DIRECT.GET.>", "$JS.API.CONSUMER.>", "$JS.FC.>", "_INBOX.>"]},
+        "sub": {"allow": ["_INBOX.>"]},
+    })
+}
+
+impl Operator {
+    fn new() -> Operator {
+        Operator {
+            operator: nkeys::KeyPair::new_operator(),
+            system: nkeys::KeyPair::new_account(),
+            account: nkeys::KeyPair::new_account(),
+        }
+    }
+
+    /// A nats-server config in operator mode: the operator's JWT in a file, its accounts
+    /// preloaded into the memory resolver; the account may use JetStream without limits.
+    fn server_conf(&self, dir: &std::path::Path, port: u16) -> PathBuf {
+        let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                               "exports": -1, "wildcards": true, "conn": -1, "leaf": -1});
+        let mut with_jetstream = unlimited.clone();
+        for (k, v) in [
+            ("mem_storage", -1),
+            ("disk_storage", -1),
+            ("streams", -1),
+            ("consumer", -1),
+        ] {
+            with_jetstream[k] = json!(v);
+        }
+        let operator = self.operator.public_key();
+        let system = self.system.public_key();
+        let account = self.account.public_key();
+        let operator_jwt = nats_jwt(
+            &self.operator,
+            &operator,
+            "icp-provider",
+            json!({"system_account": system, "type": "operator", "version": 2}),
+        );
+        let account_jwt = |subject: &str, name: &str, limits: &Value| {
+            nats_jwt(
+                &self.operator,
+                subject,
+                name,
+                json!({"limits": limits, "default_permissions": {"pub": {}, "sub": {}},
+                       "type": "account", "version": 2}),
+            )
+        };
+        let operator_file = dir.join("operator.jwt");
+        std::fs::write(&operator_file, &operator_jwt).unwrap();
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 operator: \"{}\"\n\
+                 system_account: {system}\n\
+                 resolver: MEMORY\n\
+                 resolver_preload: {{\n\
+                   {system}: \"{}\"\n\
+                   {account}: \"{}\"\n\
+                 }}\n",
+                dir.join("jetstream").display(),
+                operator_file.display(),
+                account_jwt(&system, "SYS", &unlimited),
+                account_jwt(&account, "FLEET", &with_jetstream),
+            ),
+        )
+        .unwrap();
+        conf
+    }
+}
+
+/// A `.creds` file's text (user JWT and nkey seed, as `nsc` writes it) for a new user of
+/// `account` with `permissions` (`pub`/`sub`; none: may do anything).
+fn user_creds(account: &nkeys::KeyPair, name: &str, permissions: Value) -> String {
+    let user = nkeys::KeyPair::new_user();
+    let mut nats = json!({"subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2});
+    if let Value::Object(p) = permissions {
+        nats.as_object_mut().unwrap().extend(p);
+    }
+    let jwt = nats_jwt(account, &user.public_key(), name, nats);
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n",
+        user.seed().unwrap()
+    )
+}
+
+/// `credentials` files against a nats-server in operator mode (JWTs, memory resolver): a node
+/// whose user may do anything writes, a node whose user may only read joins, tails and enforces
+/// the stream and answers its own writes 403 naming the permission; the same node with the
+/// creds of a user of an account the server does not know starts on its local registry, says
+/// why and answers writes 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = Operator::new();
+    let port = common::nats::free_port();
+    let conf = trusted.server_conf(dir.path(), port);
+    let _nats = NatsServer::with_config(&conf, port);
+    let url = format!("nats://127.0.0.1:{port}");
+    let creds = |name: &str, text: String| {
+        let path = dir.path().join(format!("{name}.creds"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let writer_creds = creds("writer", user_creds(&trusted.account, "writer", json!({})));
+    let reader_creds = creds(
+        "reader",
+        user_creds(&trusted.account, "reader", reader_permissions()),
+    );
+    let origin = Origin::start().await;
+    let mut writer = Node::new(
+        &url,
+        "writer",
+        origin.addr,
+        &format!("credentials = \"{}\"\n", writer_creds.display()),
+    );
+    writer.start().await;
+    let mut reader = Node::new(
+        &url,
+        "reader",
+        origin.addr,
+        &format!(
+            "credentials = \"{}\"\nsnapshot_every = 0\n",
+            reader_creds.display()
+        ),
+    );
+    reader.start().await;
+    converged(&[&writer, &reader], Duration::from_secs(10)).await;
+
+    let (status, body) = api(
+        writer.admin,
+        "PUT",
+        "/v1/registry/entries/w.cn",
+        &entry("w.cn"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
+    assert_eq!(reader.status("w.cn").await, 200);
+
+    let (status, body) = api(
+        reader.admin,
+        "PUT",
+        "/v1/registry/entries/r.cn",
+        &entry("r.cn"),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("Permissions Violation for Publish")
+            && error.contains("icp.registry.changes"),
+        "{body}"
+    );
+    reader
+        .proc()
+        .wait_for("fleet: the NATS server refused this node's user a publish");
+    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 1.0);
+    assert_eq!(
+        converged(&[&writer, &reader], Duration::from_secs(5)).await,
+        state
+    );
+    assert_eq!(reader.status("r.cn").await, 403);
+
+    // The same node, its creds file now a user signed by an account the server was not given.
+    reader.kill9();
+    let stranger = nkeys::KeyPair::new_account();
+    std::fs::write(
+        &reader_creds,
+        user_creds(&stranger, "reader", reader_permissions()),
+    )
+    .unwrap();
+    reader.start().await;
+    let unreachable =
+        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying";
+    let said = reader.proc().wait_for(unreachable);
+    let said = if said["error"] == "not connected yet" {
+        reader.proc().wait_for(unreachable)
+    } else {
+        said
+    };
+    assert!(
+        said["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("authorization violation")),
+        "{said}"
+    );
+    assert_eq!(reader.status("w.cn").await, 200);
+    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
+    let (status, body) = api(
+        reader.admin,
+        "PUT",
+        "/v1/registry/entries/r.cn",
+        &entry("r.cn"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(writer.registry().await, state);
+}
