@@ -12,8 +12,10 @@
 //!   prints the process CPU time per round trip (getrusage, user + system: client, relay and echo
 //!   origin; the client and origin are the same in both) and the ratio.
 //!
-//! - a flood: for `ICP_GATE_QUIC_FLOOD_SECS` seconds (default 5), two threads send Initials as fast
-//!   as they can from 512 client sockets (half random bytes that do not decrypt, half genuine
+//! - a flood: for `ICP_GATE_QUIC_FLOOD_SECS` seconds (default 5), two threads send Initials at
+//!   `ICP_GATE_QUIC_FLOOD_RATE` datagrams a second in all (default 100 000, the flood; 0:
+//!   as fast as they can, which on two cores mostly measures the senders taking the relay's CPU)
+//!   from 512 client sockets (half random bytes that do not decrypt, half genuine
 //!   Initials of ClientHellos that never complete, each socket a new DCID every round, so every
 //!   one costs a key derivation) while the bench thread measures round trips over an allowed flow;
 //!   it prints the flood's rate, the round-trip p50/p99 idle and under the flood, and the process's
@@ -376,6 +378,10 @@ fn flood(runtime: &Runtime) {
     // 512 flooding addresses for 256 flows: each genuine Initial evicts an older undecided flow
     // and costs a key derivation, the flood's worst case.
     let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), "max_flows = 256"));
+    let rate: u64 = std::env::var("ICP_GATE_QUIC_FLOOD_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
     let client = open_flow(gate_addr);
     client
         .set_read_timeout(Some(Duration::from_millis(200)))
@@ -412,7 +418,15 @@ fn flood(runtime: &Runtime) {
                 let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(t);
                 let mut sent = 0u64;
                 let mut round = 0u64;
+                let began = Instant::now();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Paced: this thread's half of `rate`, checked once a round (512 datagrams).
+                    if rate > 0 {
+                        let due = began + Duration::from_secs_f64(sent as f64 / (rate / 2) as f64);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
                     round += 1;
                     for (i, s) in sockets.iter().enumerate() {
                         let mut dcid = [0u8; 8];
