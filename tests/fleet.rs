@@ -28,10 +28,25 @@ async fn api(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, V
     )
 }
 
+/// `PUT /v1/registry/entries/{domain}` of a filed entry for `domain`.
+async fn put(admin: SocketAddr, domain: &str) -> (u16, Value) {
+    api(
+        admin,
+        "PUT",
+        &format!("/v1/registry/entries/{domain}"),
+        &entry(domain),
+    )
+    .await
+}
+
 fn entry(domain: &str) -> String {
     json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
         .to_string()
 }
+
+/// What a fleet node logs while it cannot reach NATS (with the reason in `error`).
+const UNREACHABLE: &str =
+    "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying";
 
 /// One icp-gate process of the fleet, with its folder (kept across restarts).
 struct Node {
@@ -79,6 +94,17 @@ impl Node {
             },
         )
         .await;
+    }
+
+    /// The node's "NATS unreachable" log line with a reason: the one after the first report
+    /// when that says only that no connection was made yet.
+    fn unreachable_report(&mut self) -> Value {
+        let said = self.proc().wait_for(UNREACHABLE);
+        if said["error"] == "not connected yet" {
+            self.proc().wait_for(UNREACHABLE)
+        } else {
+            said
+        }
     }
 
     fn proc(&mut self) -> &mut Proc {
@@ -163,13 +189,7 @@ async fn a_write_on_one_node_is_enforced_by_all_within_a_second() {
         assert_eq!(n.status("new.cn").await, 403);
     }
 
-    let (status, body) = api(
-        a.admin,
-        "PUT",
-        "/v1/registry/entries/new.cn",
-        &entry("new.cn"),
-    )
-    .await;
+    let (status, body) = put(a.admin, "new.cn").await;
     let acked = Instant::now();
     assert_eq!((status, &body), (200, &json!({"revision": 2})));
     // Acknowledged means enforced on the node that answered.
@@ -386,13 +406,7 @@ async fn trimmed_history_is_reached_through_the_newest_snapshot() {
     );
     assert_eq!(c.proc().logged("fleet: applying the stream")["from"], 201);
     // And it tails from there.
-    let (status, _) = api(
-        a.admin,
-        "PUT",
-        "/v1/registry/entries/late.cn",
-        &entry("late.cn"),
-    )
-    .await;
+    let (status, _) = put(a.admin, "late.cn").await;
     assert_eq!(status, 200);
     let state = converged(&[&a, &b, &c], Duration::from_secs(5)).await;
     assert_eq!(state["revision"], 201);
@@ -415,13 +429,7 @@ async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
     let mut nats = NatsServer::start();
     let origin = Origin::start().await;
     let [a, b, mut c] = three_nodes(&nats, origin.addr, "").await;
-    let (status, _) = api(
-        a.admin,
-        "PUT",
-        "/v1/registry/entries/new.cn",
-        &entry("new.cn"),
-    )
-    .await;
+    let (status, _) = put(a.admin, "new.cn").await;
     assert_eq!(status, 200);
     converged(&[&a, &b, &c], Duration::from_secs(2)).await;
 
@@ -454,9 +462,7 @@ async fn without_nats_nodes_keep_enforcing_refuse_writes_and_reconnect() {
     assert_eq!(c.status("new.cn").await, 200);
     assert_eq!(c.registry().await["revision"], 2);
     assert_eq!(c.metric("icp_gate_fleet_connected").await, 0.0);
-    let waiting = c.proc().logged(
-        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
-    );
+    let waiting = c.proc().logged(UNREACHABLE);
     assert_eq!(waiting["revision"], 2, "{waiting}");
 
     nats.restart();
@@ -624,13 +630,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
     assert_eq!(state["revision"], 1, "{state}");
 
     // A write at the site goes to the hub's stream; the mirror brings it back to the site.
-    let (status, body) = api(
-        s1.admin,
-        "PUT",
-        "/v1/registry/entries/site.cn",
-        &entry("site.cn"),
-    )
-    .await;
+    let (status, body) = put(s1.admin, "site.cn").await;
     assert_eq!((status, body), (200, json!({"revision": 2})));
     assert_eq!(s1.status("site.cn").await, 200);
     for n in [&central, &s2] {
@@ -642,13 +642,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
         .await;
     }
     // A write at the hub reaches the site through the mirror.
-    let (status, _) = api(
-        central.admin,
-        "PUT",
-        "/v1/registry/entries/hub.cn",
-        &entry("hub.cn"),
-    )
-    .await;
+    let (status, _) = put(central.admin, "hub.cn").await;
     assert_eq!(status, 200);
     // expect_revision holds across sites: it is the hub stream's sequence.
     let (status, body) = api(
@@ -667,13 +661,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
     // site-2 starts, applies the mirror without the hub, and refuses writes until the hub is
     // back.
     s2.kill9();
-    let (status, _) = api(
-        central.admin,
-        "PUT",
-        "/v1/registry/entries/while.cn",
-        &entry("while.cn"),
-    )
-    .await;
+    let (status, _) = put(central.admin, "while.cn").await;
     assert_eq!(status, 200);
     let state = converged(&[&central, &s1], Duration::from_secs(2)).await;
     hub.stop();
@@ -684,13 +672,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
     );
     assert_eq!(converged(&[&s1, &s2], Duration::from_secs(5)).await, state);
     assert_eq!(s2.status("while.cn").await, 200);
-    let (status, body) = api(
-        s2.admin,
-        "PUT",
-        "/v1/registry/entries/nohub.cn",
-        &entry("nohub.cn"),
-    )
-    .await;
+    let (status, body) = put(s2.admin, "nohub.cn").await;
     assert_eq!(status, 503, "{body}");
     hub.restart();
     for n in [&central, &s1, &s2] {
@@ -701,13 +683,7 @@ async fn site_nodes_read_a_leaf_mirror_and_write_to_the_hub() {
         )
         .await;
     }
-    let (status, body) = api(
-        s2.admin,
-        "PUT",
-        "/v1/registry/entries/hubback.cn",
-        &entry("hubback.cn"),
-    )
-    .await;
+    let (status, body) = put(s2.admin, "hubback.cn").await;
     assert_eq!(status, 200, "{body}");
     converged(&[&central, &s1, &s2], Duration::from_secs(5)).await;
     drop(site);
@@ -1032,25 +1008,13 @@ async fn over_tls_a_read_only_node_tails_and_refuses_writes_with_403() {
     reader.start().await;
     converged(&[&writer, &reader], Duration::from_secs(10)).await;
 
-    let (status, body) = api(
-        writer.admin,
-        "PUT",
-        "/v1/registry/entries/w.cn",
-        &entry("w.cn"),
-    )
-    .await;
+    let (status, body) = put(writer.admin, "w.cn").await;
     assert_eq!(status, 200, "{body}");
     let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
     assert_eq!(reader.status("w.cn").await, 200);
 
     let asked = Instant::now();
-    let (status, body) = api(
-        reader.admin,
-        "PUT",
-        "/v1/registry/entries/r.cn",
-        &entry("r.cn"),
-    )
-    .await;
+    let (status, body) = put(reader.admin, "r.cn").await;
     assert_eq!(status, 403, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
@@ -1108,13 +1072,7 @@ async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
         ),
     );
     reader.start().await;
-    let (status, body) = api(
-        writer.admin,
-        "PUT",
-        "/v1/registry/entries/before.cn",
-        &entry("before.cn"),
-    )
-    .await;
+    let (status, body) = put(writer.admin, "before.cn").await;
     assert_eq!(status, 200, "{body}");
     converged(&[&writer, &reader], Duration::from_secs(5)).await;
     reader.kill9();
@@ -1124,16 +1082,7 @@ async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
     nats.reload();
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.start().await;
-    let said = reader.proc().wait_for(
-        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
-    );
-    let said = if said["error"] == "not connected yet" {
-        reader.proc().wait_for(
-            "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
-        )
-    } else {
-        said
-    };
+    let said = reader.unreachable_report();
     assert!(
         said["error"]
             .as_str()
@@ -1142,21 +1091,9 @@ async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
     );
     assert_eq!(reader.status("before.cn").await, 200);
     assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
-    let (status, body) = api(
-        reader.admin,
-        "PUT",
-        "/v1/registry/entries/r.cn",
-        &entry("r.cn"),
-    )
-    .await;
+    let (status, body) = put(reader.admin, "r.cn").await;
     assert_eq!(status, 503, "{body}");
-    let (status, body) = api(
-        writer.admin,
-        "PUT",
-        "/v1/registry/entries/after.cn",
-        &entry("after.cn"),
-    )
-    .await;
+    let (status, body) = put(writer.admin, "after.cn").await;
     assert_eq!(status, 200, "{body}");
 
     // The operator gives the reader the password it has; it gets in on its own.
@@ -1216,13 +1153,7 @@ async fn mutual_tls_lets_in_a_node_with_a_client_certificate() {
         ),
     );
     with_cert.start().await;
-    let (status, body) = api(
-        with_cert.admin,
-        "PUT",
-        "/v1/registry/entries/m.cn",
-        &entry("m.cn"),
-    )
-    .await;
+    let (status, body) = put(with_cert.admin, "m.cn").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["revision"], 2, "{body}");
 
@@ -1237,9 +1168,7 @@ async fn mutual_tls_lets_in_a_node_with_a_client_certificate() {
     std::fs::write(&with_cert.config, config).unwrap();
     let mut without = with_cert;
     without.start().await;
-    let said = without.proc().wait_for(
-        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying",
-    );
+    let said = without.proc().wait_for(UNREACHABLE);
     assert!(
         said["error"]
             .as_str()
@@ -1424,24 +1353,12 @@ async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_acc
     reader.start().await;
     converged(&[&writer, &reader], Duration::from_secs(10)).await;
 
-    let (status, body) = api(
-        writer.admin,
-        "PUT",
-        "/v1/registry/entries/w.cn",
-        &entry("w.cn"),
-    )
-    .await;
+    let (status, body) = put(writer.admin, "w.cn").await;
     assert_eq!(status, 200, "{body}");
     let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
     assert_eq!(reader.status("w.cn").await, 200);
 
-    let (status, body) = api(
-        reader.admin,
-        "PUT",
-        "/v1/registry/entries/r.cn",
-        &entry("r.cn"),
-    )
-    .await;
+    let (status, body) = put(reader.admin, "r.cn").await;
     assert_eq!(status, 403, "{body}");
     let error = body["error"].as_str().unwrap_or_default();
     assert!(
@@ -1468,14 +1385,7 @@ async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_acc
     )
     .unwrap();
     reader.start().await;
-    let unreachable =
-        "fleet: NATS unreachable; serving the registry this node has, writes refused, retrying";
-    let said = reader.proc().wait_for(unreachable);
-    let said = if said["error"] == "not connected yet" {
-        reader.proc().wait_for(unreachable)
-    } else {
-        said
-    };
+    let said = reader.unreachable_report();
     assert!(
         said["error"]
             .as_str()
@@ -1484,13 +1394,7 @@ async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_acc
     );
     assert_eq!(reader.status("w.cn").await, 200);
     assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
-    let (status, body) = api(
-        reader.admin,
-        "PUT",
-        "/v1/registry/entries/r.cn",
-        &entry("r.cn"),
-    )
-    .await;
+    let (status, body) = put(reader.admin, "r.cn").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(writer.registry().await, state);
 }
