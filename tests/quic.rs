@@ -331,6 +331,20 @@ async fn an_unfiled_name_is_refused_at_once_with_close_and_nothing_reaches_the_o
         &metrics,
         r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
     );
+    // And the provider sees it among the names turned away, as for HTTP and TLS.
+    let auth = [("host", "admin"), ("authorization", "Bearer test-token")];
+    let blocked = loop {
+        let (code, _, body) = http1(gate.admin, "GET", "/v1/blocked", &auth, b"").await;
+        assert_eq!(code, 200, "{body}");
+        if body.contains("www.unfiled.cn") || started.elapsed() > Duration::from_secs(5) {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let blocked: serde_json::Value = serde_json::from_str(&blocked).unwrap();
+    let host = &blocked["hosts"][0];
+    assert_eq!(host["host"], "www.unfiled.cn", "{blocked}");
+    assert_eq!(host["listeners"]["quic"], 1, "{blocked}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

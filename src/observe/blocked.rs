@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::core::decision::Reason;
+use crate::core::decision::{Decision, Reason};
 
 /// Keys a window keeps after compaction (it holds up to twice as many between compactions).
 pub(crate) const KEEP: usize = 1024;
@@ -141,8 +141,20 @@ impl Blocked {
         }
     }
 
-    /// Counts one block. Never waits: when the queue is full the block is dropped and counted.
-    pub(crate) fn record(&self, listener: &str, host: &str, reason: Reason, dst: IpAddr) {
+    /// Counts one decision if it blocks: every listener hands each decision here. Report mode's
+    /// would-be blocks count too: that is when an operator asks who they would be. Never waits:
+    /// when the queue is full the block is dropped and counted.
+    pub(crate) fn record(
+        &self,
+        listener: &str,
+        decision: Decision,
+        host: &str,
+        reason: Reason,
+        dst: IpAddr,
+    ) {
+        if !matches!(decision, Decision::Block | Decision::Report) {
+            return;
+        }
         // A host that did not parse is kept as sent: cut to a DNS name's length, so a key's
         // size is bounded too.
         let mut end = host.len().min(MAX_HOST);
@@ -338,9 +350,21 @@ mod tests {
         let b = Blocked::new();
         let long = "é".repeat(5000);
         for _ in 0..3 {
-            b.record("http", "a.cn", Reason::Unfiled, [10, 0, 0, 1].into());
+            b.record(
+                "http",
+                Decision::Block,
+                "a.cn",
+                Reason::Unfiled,
+                [10, 0, 0, 1].into(),
+            );
         }
-        b.record("tls", &long, Reason::InvalidSni, [10, 0, 1, 1].into());
+        b.record(
+            "tls",
+            Decision::Block,
+            &long,
+            Reason::InvalidSni,
+            [10, 0, 1, 1].into(),
+        );
         std::thread::sleep(DRAIN_EVERY * 10);
         let all = b.top(&Query {
             top: 10,

@@ -610,6 +610,9 @@ impl Listener {
             _ => String::new(),
         };
         spec.metrics.quic_flow(v.decision, v.reason);
+        self.shared
+            .blocked
+            .record(spec.metrics.name(), v.decision, &sni, v.reason, dst.ip());
         Access {
             listener: spec.metrics.name(),
             client,

@@ -95,11 +95,9 @@ pub(crate) async fn serve(
         None => String::new(),
     };
     spec.metrics.tls_connection(decision, reason);
-    if matches!(decision, Decision::Block | Decision::Report) {
-        shared
-            .blocked
-            .record(spec.metrics.name(), &sni, reason, ends.dst.ip());
-    }
+    shared
+        .blocked
+        .record(spec.metrics.name(), decision, &sni, reason, ends.dst.ip());
     let id = RequestId::next();
     Access {
         listener: spec.metrics.name(),

@@ -38,12 +38,13 @@ pub(super) fn log(
     id: &RequestId,
     duration: Duration,
 ) {
-    // Report mode's would-be blocks count too: that is when an operator asks who they would be.
-    if matches!(decision, Decision::Block | Decision::Report) {
-        ctx.shared
-            .blocked
-            .record(ctx.spec.metrics.name(), host, reason, ctx.ends.dst.ip());
-    }
+    ctx.shared.blocked.record(
+        ctx.spec.metrics.name(),
+        decision,
+        host,
+        reason,
+        ctx.ends.dst.ip(),
+    );
     Access {
         listener: ctx.spec.metrics.name(),
         client: ctx.ends.client,
