@@ -34,7 +34,9 @@ use icp_gate::core::decision::{HostInput, Policy, decide};
 use icp_gate::core::routes::RouteTable;
 use icp_gate::registry::{Entry, Snapshot, Status};
 use icp_gate::wire::host;
-use icp_gate::wire::quic::{InitialReader, Read, Version, client_initial, crypto_frame};
+use icp_gate::wire::quic::{
+    InitialReader, Read, Version, client_hello, client_initial, crypto_frame,
+};
 use icp_gate::{Listeners, ServerHandle};
 use tokio::net::UdpSocket;
 use tokio::runtime::Runtime;
@@ -50,28 +52,6 @@ fn hex_file(name: &str) -> Vec<u8> {
         .chunks(2)
         .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
         .collect()
-}
-
-/// A ClientHello for `sni` padded with an unknown extension of `pad` bytes.
-fn client_hello(sni: &str, pad: usize) -> Vec<u8> {
-    let mut body = vec![3, 3];
-    body.extend([0x11; 32]);
-    body.push(0);
-    body.extend([0, 2, 0x13, 0x01, 1, 0]);
-    let name = sni.as_bytes();
-    let mut ext = vec![0, 0];
-    ext.extend(((name.len() + 5) as u16).to_be_bytes());
-    ext.extend(((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend((name.len() as u16).to_be_bytes());
-    ext.extend(name);
-    ext.extend([0xff, 0x99]);
-    ext.extend((pad as u16).to_be_bytes());
-    ext.extend(std::iter::repeat_n(0x5a, pad));
-    body.extend((ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let len = (body.len() as u32).to_be_bytes();
-    [&[1u8][..], &len[1..], &body].concat()
 }
 
 fn policy() -> Policy {

@@ -828,28 +828,6 @@ async fn a_quic_listener_added_by_reload_serves() {
     assert!(matches!(err, quinn::ConnectionError::TimedOut), "{err:?}");
 }
 
-/// A ClientHello handshake message for `sni`, padded with an unknown extension of `pad` bytes.
-fn hello(sni: &str, pad: usize) -> Vec<u8> {
-    let mut body = vec![3, 3];
-    body.extend([0x11; 32]);
-    body.push(0);
-    body.extend([0, 2, 0x13, 0x01, 1, 0]);
-    let name = sni.as_bytes();
-    let mut ext = vec![0, 0];
-    ext.extend(((name.len() + 5) as u16).to_be_bytes());
-    ext.extend(((name.len() + 3) as u16).to_be_bytes());
-    ext.push(0);
-    ext.extend((name.len() as u16).to_be_bytes());
-    ext.extend(name);
-    ext.extend([0xff, 0x99]);
-    ext.extend((pad as u16).to_be_bytes());
-    ext.extend(std::iter::repeat_n(0x5a, pad));
-    body.extend((ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let len = (body.len() as u32).to_be_bytes();
-    [&[1u8][..], &len[1..], &body].concat()
-}
-
 /// Frames padded so that the Initial carrying them fills a 1 200-byte datagram.
 fn padded(frames: Vec<u8>) -> Vec<u8> {
     let mut f = frames;
@@ -863,13 +841,13 @@ fn padded(frames: Vec<u8>) -> Vec<u8> {
 /// first), the flow is refused, and nothing at all reaches the origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_initial_hidden_behind_another_packet_is_read_before_anything_is_relayed() {
-    use icp_gate::wire::quic::{Version, client_initial, crypto_frame};
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
     let (spy, spy_addr) = udp_spy().await;
     let (gate, addr) = gate(spy_addr, "").await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (dcid, scid) = ([0x11u8; 8], [1u8, 2, 3, 4]);
-    let filed = hello(FILED, 2000);
-    let unfiled = hello("www.unfiled.cn", 2000);
+    let filed = client_hello(FILED, 2000);
+    let unfiled = client_hello("www.unfiled.cn", 2000);
 
     let first = client_initial(
         Version::V1,
@@ -1150,7 +1128,7 @@ async fn recv_within(socket: &UdpSocket, wait: Duration) -> Option<Vec<u8>> {
 /// decided afresh before any of it is relayed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_relayed() {
-    use icp_gate::wire::quic::{VERSION_2, Version, client_initial, crypto_frame};
+    use icp_gate::wire::quic::{VERSION_2, Version, client_hello, client_initial, crypto_frame};
     const GREASE: u32 = 0x1a2a_3a4a;
     let origin = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (gate, addr) = gate(origin.local_addr().unwrap(), "").await;
@@ -1175,7 +1153,7 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
         &dcid,
         &scid,
         0,
-        &padded(crypto_frame(0, &hello(FILED, 0))),
+        &padded(crypto_frame(0, &client_hello(FILED, 0))),
     );
     client.send_to(&v1, addr).await.unwrap();
     let mut buf = vec![0u8; 65536];
@@ -1205,7 +1183,7 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
         &dcid,
         &scid,
         0,
-        &padded(crypto_frame(0, &hello("www.unfiled.cn", 0))),
+        &padded(crypto_frame(0, &client_hello("www.unfiled.cn", 0))),
     );
     client.send_to(&unfiled, addr).await.unwrap();
     assert!(nothing_arrives(&origin, Duration::from_millis(300)).await);
@@ -1223,7 +1201,7 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
         &dcid,
         &scid,
         1,
-        &padded(crypto_frame(0, &hello(FILED, 0))),
+        &padded(crypto_frame(0, &client_hello(FILED, 0))),
     );
     client.send_to(&v2, addr).await.unwrap();
     let (n, _) = tokio::time::timeout(Duration::from_secs(2), origin.recv_from(&mut buf))

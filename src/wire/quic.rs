@@ -925,6 +925,34 @@ pub fn crypto_frame(offset: u64, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A ClientHello handshake message for `sni` with `pad` bytes of an unknown extension, so that
+/// it can be made to span several packets. For tests, benches and fuzzing; `sni` and `pad` stay
+/// well under 64 KiB.
+#[must_use]
+pub fn client_hello(sni: &str, pad: usize) -> Vec<u8> {
+    let be16 = |n: usize| u16::try_from(n).unwrap_or(u16::MAX).to_be_bytes();
+    let mut body = vec![3, 3];
+    body.extend([0x11; 32]); // random
+    body.push(0); // session id
+    body.extend([0, 2, 0x13, 0x01]); // one cipher suite
+    body.extend([1, 0]); // null compression
+    let name = sni.as_bytes();
+    let list_len = name.len() + 3;
+    let mut ext = vec![0, 0];
+    ext.extend(be16(list_len + 2));
+    ext.extend(be16(list_len));
+    ext.push(0);
+    ext.extend(be16(name.len()));
+    ext.extend(name);
+    ext.extend([0xff, 0x99]);
+    ext.extend(be16(pad));
+    ext.extend(std::iter::repeat_n(0x5a, pad));
+    body.extend(be16(ext.len()));
+    body.extend(ext);
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes();
+    [&[1u8][..], &len[1..], &body].concat()
+}
+
 /// Cursor over packet bytes: every read is bounds-checked and yields `None` past the end.
 struct Reader<'a>(&'a [u8]);
 
@@ -987,32 +1015,6 @@ mod tests {
             Read::Done(info) => info,
             other => panic!("expected Done, got {other:?}"),
         }
-    }
-
-    /// A ClientHello handshake message for `sni` with `pad` bytes of an unknown extension, so
-    /// that it can be made to span several packets.
-    fn client_hello(sni: &str, pad: usize) -> Vec<u8> {
-        let mut body = vec![3, 3];
-        body.extend([0x11; 32]); // random
-        body.push(0); // session id
-        body.extend([0, 2, 0x13, 0x01]); // one cipher suite
-        body.extend([1, 0]); // null compression
-        let mut ext = Vec::new();
-        let name = sni.as_bytes();
-        let list_len = name.len() + 3;
-        ext.extend([0, 0]);
-        ext.extend(u16::try_from(list_len + 2).unwrap().to_be_bytes());
-        ext.extend(u16::try_from(list_len).unwrap().to_be_bytes());
-        ext.push(0);
-        ext.extend(u16::try_from(name.len()).unwrap().to_be_bytes());
-        ext.extend(name);
-        ext.extend([0xff, 0x99]);
-        ext.extend(u16::try_from(pad).unwrap().to_be_bytes());
-        ext.extend(std::iter::repeat_n(0x5a, pad));
-        body.extend(u16::try_from(ext.len()).unwrap().to_be_bytes());
-        body.extend(ext);
-        let len = u32::try_from(body.len()).unwrap().to_be_bytes();
-        [&[1u8][..], &len[1..], &body].concat()
     }
 
     /// Pads a datagram to the 1 200 bytes a client sends, with a PADDING-only frame list.
