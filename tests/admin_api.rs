@@ -46,18 +46,9 @@ async fn call(
     )
 }
 
-async fn api(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    call(admin, TOKEN, method, path, body).await
-}
-
 /// The values of `keys` in `v`, as one JSON array: several fields of a log line in one assertion.
 fn pick(v: &Value, keys: &[&str]) -> Value {
     Value::Array(keys.iter().map(|k| v[*k].clone()).collect())
-}
-
-fn entry(domain: &str) -> String {
-    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
-        .to_string()
 }
 
 fn entries(prefix: &str, n: usize) -> String {

@@ -9,27 +9,7 @@ use std::time::Duration;
 
 use common::process::{BIN, Proc, write_config};
 use common::*;
-use serde_json::{Value, json};
-
-async fn api(admin: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, _, text) = http1(
-        admin,
-        method,
-        path,
-        &[("host", "admin"), ("authorization", "Bearer test-token")],
-        body.as_bytes(),
-    )
-    .await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn entry(domain: &str) -> String {
-    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
-        .to_string()
-}
+use serde_json::json;
 
 fn state_dir(dir: &Path) -> PathBuf {
     dir.join("state")

@@ -13,21 +13,6 @@ use common::process::{Proc, write_config};
 use common::*;
 use serde_json::{Value, json};
 
-async fn api(admin: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, _, text) = http1(
-        admin,
-        method,
-        path,
-        &[("host", "admin"), ("authorization", "Bearer test-token")],
-        body.as_bytes(),
-    )
-    .await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 /// `PUT /v1/registry/entries/{domain}` of a filed entry for `domain`.
 async fn put(admin: SocketAddr, domain: &str) -> (u16, Value) {
     api(
@@ -37,11 +22,6 @@ async fn put(admin: SocketAddr, domain: &str) -> (u16, Value) {
         &entry(domain),
     )
     .await
-}
-
-fn entry(domain: &str) -> String {
-    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
-        .to_string()
 }
 
 /// What a fleet node logs while it cannot reach NATS (with the reason in `error`).

@@ -13,26 +13,6 @@ use common::process::{Proc, write_config};
 use common::*;
 use serde_json::{Value, json};
 
-async fn api(admin: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, _, text) = http1(
-        admin,
-        method,
-        path,
-        &[("host", "admin"), ("authorization", "Bearer test-token")],
-        body.as_bytes(),
-    )
-    .await;
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn entry(domain: &str) -> String {
-    json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
-        .to_string()
-}
-
 /// Starts the binary and waits until it is ready; returns it with its admin address.
 fn start(config: &Path) -> (Proc, std::net::SocketAddr) {
     let mut p = Proc::start(config);

@@ -394,3 +394,31 @@ pub fn without_digest(mut v: serde_json::Value) -> serde_json::Value {
     );
     v
 }
+
+/// `method path` on the admin API at `admin` with the tests' write token (`test-token`); the
+/// answer as JSON, or as a JSON string when it is not JSON.
+pub async fn api(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (status, _, text) = http1(
+        admin,
+        method,
+        path,
+        &[("host", "admin"), ("authorization", "Bearer test-token")],
+        body.as_bytes(),
+    )
+    .await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// A filed entry for `domain`, its access here, as the admin API takes it.
+pub fn entry(domain: &str) -> String {
+    serde_json::json!({"domain": domain, "icp": "京ICP备99999999号-1", "status": "filed", "access_here": true})
+        .to_string()
+}
