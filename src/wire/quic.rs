@@ -254,17 +254,11 @@ struct Seen {
     unread: bool,
 }
 
-/// The Destination Connection ID of the first Initial packet among the coalesced packets of
-/// `datagram` (of a version this module reads), in the clear: where a listener must look for a
-/// connection's first flight, whatever packets precede it.
-#[must_use]
-pub fn initial_dcid(datagram: &[u8]) -> Option<&[u8]> {
-    first_initial(datagram).map(|(_, dcid)| dcid)
-}
-
-/// Like [`initial_dcid`], with the Initial packet's version: a client that starts over in another
-/// version (after the server's Version Negotiation) may keep its Destination Connection ID, and
-/// its keys then differ.
+/// The version and Destination Connection ID of the first Initial packet among the coalesced
+/// packets of `datagram` (of a version this module reads), in the clear: where a listener must
+/// look for a connection's first flight, whatever packets precede it. The version matters too: a
+/// client that starts over in another version (after the server's Version Negotiation) may keep
+/// its Destination Connection ID, and its keys then differ.
 #[must_use]
 pub fn first_initial(datagram: &[u8]) -> Option<(Version, &[u8])> {
     let mut rest = datagram;
@@ -1225,10 +1219,10 @@ mod tests {
             0,
             &[0xaa; 40],
         );
-        assert_eq!(initial_dcid(&zero_rtt), None);
+        assert_eq!(first_initial(&zero_rtt), None);
         let datagram = [zero_rtt.clone(), initial(0, &crypto_frame(0, &hello))].concat();
         assert!(!peek(&datagram).is_initial());
-        assert_eq!(initial_dcid(&datagram), Some(&DCID[..]));
+        assert_eq!(first_initial(&datagram), Some((Version::V1, &DCID[..])));
         let fed = InitialReader::new(16384).feed(&datagram);
         assert!(fed.accepted && !fed.unread);
         assert_eq!(done(fed).sni.as_deref(), Some("x.example.cn"));
