@@ -19,7 +19,12 @@
 //!   Initials of ClientHellos that never complete, each socket a new DCID every round, so every
 //!   one costs a key derivation) while the bench thread measures round trips over an allowed flow;
 //!   it prints the flood's rate, the round-trip p50/p99 idle and under the flood, and the process's
-//!   resident memory before and after.
+//!   resident memory before and after. The same flood is first aimed at a socket that only drains
+//!   it (the control: what the flood costs the probes through the machine alone). On two or more
+//!   cores the senders run on the last core and the relay, probes and origin on the others, as a
+//!   load generator on another machine would (loopback delivery runs in the sender's context, so
+//!   the kernel's receive work for the flood is charged to the senders' core; the copy into
+//!   icp-gate stays on its own).
 //!
 //! `cargo bench --bench quic`; `-- quic_initial` for the parser alone.
 
@@ -348,47 +353,64 @@ fn percentiles(mut samples: Vec<Duration>) -> (Duration, Duration) {
     (at(0.5), at(0.99))
 }
 
-fn flood(runtime: &Runtime) {
-    let secs: u64 = std::env::var("ICP_GATE_QUIC_FLOOD_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let origin = echo_origin();
-    let dir = tempfile::tempdir().unwrap();
-    // 512 flooding addresses for 256 flows: each genuine Initial evicts an older undecided flow
-    // and costs a key derivation, the flood's worst case.
-    let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), "max_flows = 256"));
-    let rate: u64 = std::env::var("ICP_GATE_QUIC_FLOOD_RATE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
-    let client = open_flow(gate_addr);
-    client
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut datagram = [&[0x40u8][..], &[0x5a; DATAGRAM - 1]].concat();
-    let mut buf = vec![0u8; 65536];
-    let mut seq = 0u64;
-    let mut lost = 0u64;
-    let mut sample = |n: usize, lost: &mut u64| {
-        (0..n)
-            .filter_map(|_| {
-                seq += 1;
-                let r = numbered_round_trip(&client, &mut datagram, seq, &mut buf);
-                *lost += u64::from(r.is_none());
-                r
-            })
-            .collect::<Vec<_>>()
-    };
-    let mut idle_lost = 0;
-    let idle = percentiles(sample(20_000, &mut idle_lost));
-    let rss_before = rss_mib();
+/// Pins the calling thread to `cpus` (Linux); the flood's senders get a core of their own, as a
+/// load generator on another machine would, and the relay, the probes and the echo origin share the
+/// rest.
+fn pin(cpus: std::ops::Range<usize>) {
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in cpus {
+        // SAFETY: `cpu` is below the machine's CPU count, within the set's size.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(
+        r,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
 
+/// User + system CPU time of one thread of this process, from /proc (in clock ticks of 10 ms).
+fn thread_cpu(tid: libc::pid_t) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // Fields after the command name in parentheses; utime and stime are the 14th and 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// One flood run's figures.
+struct Flooded {
+    sent: u64,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    lost: u64,
+    probes: u64,
+}
+
+/// Floods `target` for `secs` at `rate` from two sender threads on `flood_cpus` while the calling
+/// thread measures round trips over `client`'s allowed flow.
+fn flood_at(
+    target: SocketAddr,
+    secs: u64,
+    rate: u64,
+    flood_cpus: Option<std::ops::Range<usize>>,
+    probe: &mut dyn FnMut(usize, &mut u64) -> Vec<Duration>,
+) -> Flooded {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders: Vec<_> = (0..2u8)
         .map(|t| {
             let stop = stop.clone();
+            let flood_cpus = flood_cpus.clone();
             std::thread::spawn(move || {
+                if let Some(cpus) = flood_cpus {
+                    pin(cpus);
+                }
                 let sockets: Vec<StdUdp> = (0..256)
                     .map(|_| StdUdp::bind(("127.0.0.2", 0)).unwrap())
                     .collect();
@@ -424,8 +446,8 @@ fn flood(runtime: &Runtime) {
                         random[1..5].copy_from_slice(&1u32.to_be_bytes());
                         random[5] = 8;
                         random[14] = 0;
-                        let _ = s.send_to(&genuine, gate_addr);
-                        let _ = s.send_to(&random, gate_addr);
+                        let _ = s.send_to(&genuine, target);
+                        let _ = s.send_to(&random, target);
                         sent += 2;
                     }
                 }
@@ -436,23 +458,134 @@ fn flood(runtime: &Runtime) {
     let started = Instant::now();
     let mut loaded = Vec::new();
     let mut probes = 0;
+    let mut lost = 0;
     while started.elapsed() < Duration::from_secs(secs) {
-        loaded.extend(sample(100, &mut lost));
+        loaded.extend(probe(100, &mut lost));
         probes += 100;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let sent: u64 = senders.into_iter().map(|h| h.join().unwrap()).sum();
     let elapsed = started.elapsed();
+    let (p50, p99) = percentiles(loaded);
+    Flooded {
+        sent,
+        elapsed,
+        p50,
+        p99,
+        lost,
+        probes,
+    }
+}
+
+fn flood(runtime: &Runtime) {
+    let secs: u64 = std::env::var("ICP_GATE_QUIC_FLOOD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let rate: u64 = std::env::var("ICP_GATE_QUIC_FLOOD_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100_000);
+    // The senders on the last core, everything else on the others (with one core, no pinning):
+    // the flood's own cost to generate is not the relay's, and on two cores unpinned senders take
+    // the relay's, the probes' and the origin's CPU whatever the relay does.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (service_cpus, flood_cpus) = if cpus >= 2 {
+        (Some(0..cpus - 1), Some(cpus - 1..cpus))
+    } else {
+        (None, None)
+    };
+    if let Some(service) = service_cpus.clone() {
+        pin(service);
+    }
+    // The runtime's one worker runs the relay's tasks: pinned too, and its CPU time read.
+    let worker = runtime.block_on(async move {
+        tokio::spawn(async move {
+            if let Some(service) = service_cpus {
+                pin(service);
+            }
+            // SAFETY: gettid has no preconditions.
+            unsafe { libc::gettid() }
+        })
+        .await
+        .unwrap()
+    });
+    let origin = echo_origin();
+    let dir = tempfile::tempdir().unwrap();
+    // 512 flooding addresses for 256 flows: each genuine Initial evicts an older undecided flow
+    // and costs a key derivation, the flood's worst case.
+    let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), "max_flows = 256"));
+    let client = open_flow(gate_addr);
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut datagram = [&[0x40u8][..], &[0x5a; DATAGRAM - 1]].concat();
+    let mut buf = vec![0u8; 65536];
+    let mut seq = 0u64;
+    let mut sample = |n: usize, lost: &mut u64| {
+        (0..n)
+            .filter_map(|_| {
+                seq += 1;
+                let r = numbered_round_trip(&client, &mut datagram, seq, &mut buf);
+                *lost += u64::from(r.is_none());
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut idle_lost = 0;
+    let idle = percentiles(sample(20_000, &mut idle_lost));
+    // The control: the same flood at a socket that only drains it, so that what the flood costs
+    // the probes through the machine alone (the kernel, the cores' sharing) shows beside what it
+    // costs through icp-gate.
+    let sink = StdUdp::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let sink_cpus = flood_cpus.clone();
+    std::thread::spawn(move || {
+        if let Some(cpus) = sink_cpus {
+            pin(cpus);
+        }
+        let mut buf = [0u8; 65536];
+        while sink.recv_from(&mut buf).is_ok() {}
+    });
+    let worker_cpu = || thread_cpu(worker);
+    let cpu0 = worker_cpu();
+    let control = flood_at(sink_addr, secs, rate, flood_cpus.clone(), &mut sample);
+    let cpu1 = worker_cpu();
+    let rss_before = rss_mib();
+    let at_gate = flood_at(gate_addr, secs, rate, flood_cpus, &mut sample);
     let rss_after = rss_mib();
-    let under = percentiles(loaded);
+    let cpu2 = worker_cpu();
+    let pinned = if cpus >= 2 {
+        format!(
+            "senders pinned to cpu {}, the rest to cpus 0-{}",
+            cpus - 1,
+            cpus - 2
+        )
+    } else {
+        "one cpu, nothing pinned".to_owned()
+    };
     println!(
-        "flood: {sent} Initials in {elapsed:.1?} ({:.0}/s); round trip idle p50 {:?} p99 {:?} ({idle_lost} of 20000 lost), under flood p50 {:?} p99 {:?} ({lost} of {probes} lost); RSS {rss_before} MiB before, {rss_after} MiB after",
-        sent as f64 / elapsed.as_secs_f64(),
-        idle.0,
-        idle.1,
-        under.0,
-        under.1
+        "flood ({pinned}); round trip over an allowed flow idle p50 {:?} p99 {:?} ({idle_lost} of 20000 lost)",
+        idle.0, idle.1
     );
+    for (what, f, cpu) in [
+        ("at a sink (control)", &control, cpu1 - cpu0),
+        ("at icp-gate", &at_gate, cpu2 - cpu1),
+    ] {
+        println!(
+            "flood {what}: {} Initials in {:.1?} ({:.0}/s); round trip p50 {:?} p99 {:?} ({} of {} lost); p99 / idle p99 {:.2}; the relay's worker busy {:.0} % of a core",
+            f.sent,
+            f.elapsed,
+            f.sent as f64 / f.elapsed.as_secs_f64(),
+            f.p50,
+            f.p99,
+            f.lost,
+            f.probes,
+            f.p99.as_secs_f64() / idle.1.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / f.elapsed.as_secs_f64(),
+        );
+    }
+    println!("flood: RSS {rss_before} MiB before the flood at icp-gate, {rss_after} MiB after");
 }
 
 fn main() {
