@@ -1218,3 +1218,92 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
         assert_counted(&metrics, line);
     }
 }
+
+/// A quic listener on the wildcard: each datagram's destination address (IP_PKTINFO) picks its
+/// route, as for a TCP listener on `0.0.0.0`, and answers leave from the address the client sent
+/// to (a connected client socket hears nothing from any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_to() {
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
+    const UNFILED: &str = "www.unfiled.cn";
+    let pki = Pki::new();
+    let h3 = vec![b"h3".to_vec()];
+    let origin = QuicOrigin::start(&pki, &[FILED, UNFILED], &h3);
+    let text = quic_config(origin.addr, "")
+        .replacen(
+            "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
+            "bind = \"0.0.0.0:0\"\nkind = \"quic\"",
+            1,
+        )
+        .replacen("dst = \"127.0.0.1/32\"", "dst = \"127.0.0.0/30\"", 1)
+        + &format!(
+            "\n[[route]]\ndst = \"127.0.0.3/32\"\nmainland = false\nhttp_origin = \"127.0.0.1:9\"\nquic_origin = \"{}\"\n",
+            origin.addr
+        );
+    assert!(text.contains("\"0.0.0.0:0\"") && text.contains("127.0.0.0/30"));
+    let gate = Gate::start(&text).await;
+    let bound = gate.server.listener_addr("quic").await.unwrap();
+    assert!(bound.ip().is_unspecified(), "{bound}");
+    let enforced = SocketAddr::from(([127, 0, 0, 1], bound.port()));
+    let not_mainland = SocketAddr::from(([127, 0, 0, 3], bound.port()));
+
+    // Sent to 127.0.0.1 (the mainland route 127.0.0.0/30): the filed name goes through, the
+    // unfiled one is refused; sent to 127.0.0.3 (its own route, not mainland): the unfiled name
+    // goes through.
+    let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
+    let conn = dial(&endpoint, config.clone(), enforced, FILED)
+        .await
+        .unwrap();
+    assert_eq!(
+        exchange(&conn, "one").await.unwrap(),
+        format!("origin {FILED} got one")
+    );
+    let err = dial(&endpoint, config.clone(), enforced, UNFILED)
+        .await
+        .expect_err("unfiled on a mainland address");
+    assert_refused(&err, "unfiled");
+    let conn2 = dial(&endpoint, config, not_mainland, UNFILED)
+        .await
+        .expect("not enforced on a non-mainland address");
+    assert_eq!(
+        exchange(&conn2, "two").await.unwrap(),
+        format!("origin {UNFILED} got two")
+    );
+    let metrics = gate.metrics().await;
+    for line in [
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="non_mainland"} 1"#,
+    ] {
+        assert_counted(&metrics, line);
+    }
+
+    // The close of a refusal comes from the address the client sent to: a socket connected to
+    // 127.0.0.1 hears it, and so does one connected to 127.0.0.2 (same route, another address).
+    for to in [enforced, SocketAddr::from(([127, 0, 0, 2], bound.port()))] {
+        let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        raw.connect(to).await.unwrap();
+        let first = client_initial(
+            Version::V1,
+            &[0x77; 8],
+            &[1, 2, 3, 4],
+            0,
+            &padded(crypto_frame(0, &client_hello(UNFILED, 0))),
+        );
+        raw.send(&first).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_secs(2), raw.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no close from {to}"))
+            .unwrap();
+        assert_eq!(
+            buf[0] & 0xf0,
+            0xc0,
+            "a long-header Initial: {:02x?}",
+            &buf[..n.min(8)]
+        );
+    }
+    conn.close(0u32.into(), b"done");
+    conn2.close(0u32.into(), b"done");
+    endpoint.wait_idle().await;
+}

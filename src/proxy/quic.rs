@@ -39,6 +39,9 @@ use crate::wire::quic::{self, InitialReader, MIN_INITIAL_DATAGRAM, Peek, Read};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
+/// The listener's receive buffer: the largest datagram, or a GRO run of a client's datagrams (the
+/// kernel caps a run at 64 KiB).
+const SLOT: usize = 1 << 16;
 /// How often undecided flows are timed out and finished flows removed.
 const SWEEP: Duration = Duration::from_millis(100);
 /// What one undecided flow may hold: a 16 KiB ClientHello fills about 15 datagrams.
@@ -69,9 +72,25 @@ pub(crate) async fn serve(
             return;
         }
     };
+    // A wildcard bind learns each datagram's destination (which picks the route) from
+    // IP_PKTINFO, through quinn-udp's receive and send with control messages (and GRO where the
+    // kernel has it). A socket bound to one address needs none of that, and plain recvfrom(2)
+    // measured cheaper there (docs/performance.md, "Batched receive").
+    let state = if local.ip().is_unspecified() {
+        match quinn_udp::UdpSocketState::new((&*socket).into()) {
+            Ok(state) => Some(Arc::new(state)),
+            Err(e) => {
+                warn!(listener = %spec.load().config.name, addr = %local, error = %e, "cannot set up udp socket");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut listener = Listener {
         socket,
+        state,
         local,
         spec,
         shared,
@@ -83,7 +102,7 @@ pub(crate) async fn serve(
         events: events_tx,
         next_id: 0,
     };
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut buf = vec![0u8; SLOT];
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -94,8 +113,8 @@ pub(crate) async fn serve(
         tokio::select! {
             biased;
             Some(event) = events.recv() => listener.on_event(event),
-            r = listener.socket.recv_from(&mut buf) => match r {
-                Ok((n, from)) => listener.on_datagram(from, &buf[..n], closing),
+            r = listener.recv(&mut buf) => match r {
+                Ok(meta) => listener.on_received(&buf[..meta.len], meta, closing),
                 Err(e) => debug!(error = %e, "udp receive failed"),
             },
             _ = sweep.tick() => listener.sweep(closing),
@@ -107,21 +126,35 @@ pub(crate) async fn serve(
 
 struct Listener {
     socket: Arc<UdpSocket>,
+    /// Set on a wildcard bind (see [`serve`]).
+    state: Option<Arc<quinn_udp::UdpSocketState>>,
+    /// The bound address; its IP is unspecified on a wildcard bind.
     local: SocketAddr,
     spec: Arc<ArcSwap<ListenerSpec>>,
     shared: Arc<Shared>,
-    flows: HashMap<SocketAddr, Flow>,
+    flows: HashMap<Peer, Flow>,
     /// Undecided flows by [`source`], for [`MAX_PENDING_PER_SOURCE`].
     pending_per_source: HashMap<IpAddr, usize>,
     /// Memory held by undecided flows, for [`PENDING_BUDGET`].
     pending_cost: usize,
     /// Undecided and refused flows, oldest first (by serial), the ones evicted to make room.
     /// Entries whose flow has moved on are skipped and swept.
-    order: VecDeque<(SocketAddr, u64)>,
+    order: VecDeque<(Peer, u64)>,
     /// Admission of new flows, for `quic.new_flows_per_second`.
     new_flows: Bucket,
     events: mpsc::UnboundedSender<Event>,
     next_id: u64,
+}
+
+/// What a flow is keyed by: the client's address and the local address its datagrams were sent
+/// to (always the bound one, but on a wildcard bind, where IP_PKTINFO tells it per datagram).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Peer {
+    addr: SocketAddr,
+    /// Canonical (an IPv4 address received on a dual-stack socket is IPv4), as routes match it.
+    local: SocketAddr,
+    /// The address to answer from on a wildcard bind, as the socket reported it.
+    reply_from: Option<IpAddr>,
 }
 
 /// Boxed, so that the many refused or undecided flows of a flood take little room each.
@@ -232,7 +265,7 @@ impl Allowed {
 enum Event {
     /// The origin socket is connected and the held datagrams were sent.
     Ready {
-        client: SocketAddr,
+        client: Peer,
         id: u64,
         origin: Arc<UdpSocket>,
     },
@@ -276,7 +309,69 @@ impl Listener {
         flow.origin = Some(origin);
     }
 
-    fn on_datagram(&mut self, from: SocketAddr, datagram: &[u8], closing: bool) {
+    /// Receives one datagram, or on a wildcard socket with GRO one run of a client's datagrams,
+    /// with the address it was sent to. One at a time: reading batches of up to 32 per
+    /// recvmmsg(2), or per wake-up, measured no cheaper here and delayed the flows' own tasks
+    /// behind a flood (docs/performance.md, "Batched receive").
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<quinn_udp::RecvMeta> {
+        let Some(state) = &self.state else {
+            let (len, addr) = self.socket.recv_from(buf).await?;
+            return Ok(quinn_udp::RecvMeta {
+                addr,
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: None,
+            });
+        };
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        self.socket
+            .async_io(tokio::io::Interest::READABLE, || {
+                let mut slots = [std::io::IoSliceMut::new(&mut *buf)];
+                state.recv((&*self.socket).into(), &mut slots, &mut meta)
+            })
+            .await?;
+        Ok(meta[0])
+    }
+
+    /// Handles what [`Listener::recv`] read.
+    fn on_received(&mut self, received: &[u8], meta: quinn_udp::RecvMeta, closing: bool) {
+        let Some(peer) = self.peer(meta.addr, meta.dst_ip) else {
+            // Linux reports it for every datagram once IP_PKTINFO is on; without it the route is
+            // unknown, and a flow is never decided on a guessed destination.
+            debug!(client = %meta.addr, "no destination address on a wildcard socket: dropped");
+            self.spec.load().metrics.quic_dropped(QuicDrop::NotQuic, 1);
+            return;
+        };
+        // A GRO run holds several datagrams of one client, each `stride` long but the last.
+        for datagram in received.chunks(meta.stride.max(1)) {
+            self.on_datagram(peer, datagram, closing);
+        }
+    }
+
+    /// The flow key of a datagram from `addr` sent to `dst_ip`.
+    fn peer(&self, addr: SocketAddr, dst_ip: Option<IpAddr>) -> Option<Peer> {
+        if !self.local.ip().is_unspecified() {
+            return Some(Peer {
+                addr,
+                local: self.local,
+                reply_from: None,
+            });
+        }
+        let ip = dst_ip?;
+        Some(Peer {
+            addr,
+            local: SocketAddr::new(ip.to_canonical(), self.local.port()),
+            reply_from: Some(ip),
+        })
+    }
+
+    /// Sends a listener-made packet (a CONNECTION_CLOSE) to a client at once, or not at all.
+    fn send_to_client(&self, peer: Peer, datagram: &[u8]) {
+        let _ = send_to_client(self.state.as_deref(), &self.socket, peer, datagram);
+    }
+
+    fn on_datagram(&mut self, from: Peer, datagram: &[u8], closing: bool) {
         let spec = self.spec.load_full();
         let metrics = &spec.metrics;
         let head = quic::peek(datagram);
@@ -338,7 +433,7 @@ impl Listener {
                         .map(|r| r.feed(datagram).read)
                         .filter(|read| matches!(read, Read::Invalid(_)));
                     if let Some(Read::Invalid(why)) = changed {
-                        debug!(client = %from, why, "allowed flow's client hello changed: cut");
+                        debug!(client = %from.addr, why, "allowed flow's client hello changed: cut");
                         metrics.quic_dropped(QuicDrop::Blocked, 1);
                         self.refuse(from, None, Instant::now() + Duration::from_secs(10), &[]);
                         return;
@@ -374,7 +469,7 @@ impl Listener {
                     }
                     if let Some(close) = close {
                         // No larger than the client's datagram: no amplification.
-                        let _ = send_now(&self.socket, close, Some(from));
+                        let _ = send_to_client(self.state.as_deref(), &self.socket, from, close);
                     }
                 }
                 metrics.quic_dropped(QuicDrop::Blocked, 1);
@@ -385,7 +480,7 @@ impl Listener {
     /// A datagram from an address without a flow: only a readable Initial starts one.
     fn new_flow(
         &mut self,
-        from: SocketAddr,
+        from: Peer,
         datagram: &[u8],
         head: &Peek<'_>,
         closing: bool,
@@ -416,7 +511,7 @@ impl Listener {
         let config = &generation.config;
         let per_source = self
             .pending_per_source
-            .get(&source(from))
+            .get(&source(from.addr))
             .copied()
             .unwrap_or(0);
         if per_source >= MAX_PENDING_PER_SOURCE {
@@ -444,7 +539,10 @@ impl Listener {
             return;
         }
         pending.hold(datagram);
-        *self.pending_per_source.entry(source(from)).or_default() += 1;
+        *self
+            .pending_per_source
+            .entry(source(from.addr))
+            .or_default() += 1;
         self.order.push_back((from, pending.serial));
         self.flows.insert(from, Flow::Pending(Box::new(pending)));
         if !matches!(fed.read, Read::Incomplete) {
@@ -456,7 +554,7 @@ impl Listener {
     }
 
     /// Updates `pending_cost` for the undecided flow of `client`.
-    fn recost(&mut self, client: SocketAddr) {
+    fn recost(&mut self, client: Peer) {
         if let Some(Flow::Pending(p)) = self.flows.get_mut(&client) {
             let now = p.current_cost();
             self.pending_cost = self.pending_cost - p.cost + now;
@@ -484,11 +582,11 @@ impl Listener {
     }
 
     /// Removes `client`'s flow, keeping the per-source count of undecided flows right.
-    fn end_flow(&mut self, client: SocketAddr) -> Option<Flow> {
+    fn end_flow(&mut self, client: Peer) -> Option<Flow> {
         let flow = self.flows.remove(&client)?;
         if let Flow::Pending(p) = &flow {
             self.pending_cost -= p.cost;
-            self.pending_done(source(client));
+            self.pending_done(source(client.addr));
         }
         if let Flow::Allowed(a) = &flow {
             a.stop.cancel();
@@ -506,7 +604,7 @@ impl Listener {
     }
 
     /// Decides an undecided flow and acts on it.
-    fn settle_pending(&mut self, client: SocketAddr, why: Settle, spec: &ListenerSpec) {
+    fn settle_pending(&mut self, client: Peer, why: Settle, spec: &ListenerSpec) {
         let Some(Flow::Pending(pending)) = self.end_flow(client) else {
             return;
         };
@@ -525,7 +623,7 @@ impl Listener {
                 .quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
             let close = self.close_for(&d, &pending.reader, &generation.config.quic);
             if let Some(close) = &close {
-                let _ = send_now(&self.socket, close, Some(client));
+                self.send_to_client(client, close);
             }
             let dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
             self.refuse(
@@ -562,7 +660,7 @@ impl Listener {
         ))
     }
 
-    fn refuse(&mut self, client: SocketAddr, close: Option<Vec<u8>>, until: Instant, dcid: &[u8]) {
+    fn refuse(&mut self, client: Peer, close: Option<Vec<u8>>, until: Instant, dcid: &[u8]) {
         self.end_flow(client);
         self.next_id += 1;
         self.order.push_back((client, self.next_id));
@@ -580,7 +678,7 @@ impl Listener {
     /// Decides on what the reader read, counts it and writes its access-log line.
     fn decide(
         &self,
-        client: SocketAddr,
+        client: Peer,
         pending: &Pending,
         why: Settle,
         generation: &Generation,
@@ -596,12 +694,12 @@ impl Listener {
             (_, Some(Err(_))) => HostInput::InvalidSni,
             (Settle::Read(Read::Done(_)), None) => HostInput::NoSni,
             (Settle::Read(Read::Invalid(why)), None) => {
-                debug!(%client, why, "invalid quic first flight");
+                debug!(client = %client.addr, why, "invalid quic first flight");
                 HostInput::InvalidSni
             }
             (Settle::Read(Read::Incomplete) | Settle::TimedOut, None) => HostInput::InvalidSni,
         };
-        let dst = self.local;
+        let dst = client.local;
         let snapshot = self.shared.registry.load();
         let v = decide(dst.ip(), input, &snapshot, &generation.policy);
         let sni = match (&parsed, &raw) {
@@ -615,7 +713,7 @@ impl Listener {
             .record(spec.metrics.name(), v.decision, &sni, v.reason, dst.ip());
         Access {
             listener: spec.metrics.name(),
-            client,
+            client: client.addr,
             dst,
             host: &sni,
             decision: v.decision,
@@ -642,7 +740,7 @@ impl Listener {
     /// datagrams first.
     fn allow(
         &mut self,
-        client: SocketAddr,
+        client: Peer,
         pending: Pending,
         d: Decided,
         origin: Origin,
@@ -657,7 +755,7 @@ impl Listener {
         let guard = d.registrable.as_deref().map(|r| {
             self.shared
                 .tunnels
-                .register(&d.sni, r, self.local.ip(), stop.clone())
+                .register(&d.sni, r, client.local.ip(), stop.clone())
         });
         let task = FlowTask {
             client,
@@ -665,6 +763,7 @@ impl Listener {
             origin,
             held: pending.held,
             socket: self.socket.clone(),
+            state: self.state.clone(),
             stop: stop.clone(),
             activity: activity.clone(),
             epoch,
@@ -699,7 +798,7 @@ impl Listener {
     /// not read as a connection's first flight (the client addressing the server's chosen ID,
     /// under the original keys) it is relayed; if it does, it is a new connection (or the answer
     /// to a Retry), held and decided before anything of it is relayed.
-    fn recheck(&mut self, client: SocketAddr, datagram: &[u8], spec: &ListenerSpec) {
+    fn recheck(&mut self, client: Peer, datagram: &[u8], spec: &ListenerSpec) {
         let metrics = &spec.metrics;
         let max_crypto = self.shared.generation.load().config.tls.max_client_hello;
         let Some(Flow::Allowed(allowed)) = self.flows.get_mut(&client) else {
@@ -756,10 +855,12 @@ impl Listener {
             // the same origin socket (a Retry token is bound to its address). Another name is
             // registered too, so that its revocation stops the flow.
             if let Some(r) = d.registrable.as_deref().filter(|_| d.sni != sni_before) {
-                let guard =
-                    self.shared
-                        .tunnels
-                        .register(&d.sni, r, self.local.ip(), allowed.stop.clone());
+                let guard = self.shared.tunnels.register(
+                    &d.sni,
+                    r,
+                    client.local.ip(),
+                    allowed.stop.clone(),
+                );
                 allowed.more_names.push(guard);
             }
             for held in &pending.held {
@@ -774,7 +875,7 @@ impl Listener {
         // stays, so that an Initial spoofed from a client's address cannot end its connection.
         metrics.quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
         if let Some(close) = self.close_for(&d, &pending.reader, &generation.config.quic) {
-            let _ = send_now(&self.socket, &close, Some(client));
+            self.send_to_client(client, &close);
         }
     }
 
@@ -868,34 +969,57 @@ fn relay_to_origin(allowed: &mut Allowed, datagram: &[u8], metrics: &ListenerMet
 }
 
 fn send_to_origin(origin: &UdpSocket, datagram: &[u8], metrics: &ListenerMetrics) {
-    match send_now(origin, datagram, None) {
+    match send_now(origin, datagram) {
         Ok(n) => metrics.relayed[0].inc_by(n as u64),
         Err(_) => metrics.quic_dropped(QuicDrop::SendFailed, 1),
     }
 }
 
-/// Sends a datagram at once, or fails (a full socket buffer drops it, as a router would).
+/// Sends a datagram to an origin at once, or fails (a full socket buffer drops it, as a router
+/// would).
 ///
 /// A direct non-blocking send(2), not tokio's `try_send`: that one answers "would block"
 /// without trying until the reactor has seen the socket writable, which a socket opened a moment
 /// ago has not, and the held first flight sent right after opening the origin socket was lost
 /// (the client's retransmission a second later got through).
-fn send_now(socket: &UdpSocket, datagram: &[u8], to: Option<SocketAddr>) -> std::io::Result<usize> {
-    let socket = socket2::SockRef::from(socket);
-    match to {
-        Some(addr) => socket.send_to(datagram, &addr.into()),
-        None => socket.send(datagram),
+fn send_now(socket: &UdpSocket, datagram: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send(datagram)
+}
+
+/// Sends a datagram to a client through the listening socket, from the address the client sent
+/// to (on a wildcard bind, through IP_PKTINFO), at once or not at all.
+fn send_to_client(
+    state: Option<&quinn_udp::UdpSocketState>,
+    socket: &UdpSocket,
+    peer: Peer,
+    datagram: &[u8],
+) -> std::io::Result<()> {
+    match state {
+        Some(state) => {
+            let transmit = quinn_udp::Transmit {
+                destination: peer.addr,
+                ecn: None,
+                contents: datagram,
+                segment_size: None,
+                src_ip: peer.reply_from,
+            };
+            state.try_send(socket.into(), &transmit)
+        }
+        None => socket2::SockRef::from(socket)
+            .send_to(datagram, &peer.addr.into())
+            .map(drop),
     }
 }
 
 /// The task of one allowed flow: opens the origin socket, sends the held datagrams, then relays
 /// the origin's datagrams to the client until the flow is idle or stopped.
 struct FlowTask {
-    client: SocketAddr,
+    client: Peer,
     id: u64,
     origin: Origin,
     held: Vec<Vec<u8>>,
     socket: Arc<UdpSocket>,
+    state: Option<Arc<quinn_udp::UdpSocketState>>,
     stop: CancellationToken,
     activity: Arc<AtomicU64>,
     epoch: Instant,
@@ -946,8 +1070,14 @@ impl FlowTask {
                     Ok(n) => {
                         let ms = self.epoch.elapsed().as_millis() as u64;
                         self.activity.store(ms, Ordering::Relaxed);
-                        match self.socket.send_to(&buf[..n], self.client).await {
-                            Ok(_) => self.metrics.relayed[1].inc_by(n as u64),
+                        let (socket, state) = (&self.socket, &self.state);
+                        let sent = socket
+                            .async_io(tokio::io::Interest::WRITABLE, || {
+                                send_to_client(state.as_deref(), socket, self.client, &buf[..n])
+                            })
+                            .await;
+                        match sent {
+                            Ok(()) => self.metrics.relayed[1].inc_by(n as u64),
                             Err(_) => self.metrics.quic_dropped(QuicDrop::SendFailed, 1),
                         }
                     }
