@@ -37,11 +37,9 @@ use crate::proxy::tunnels::TunnelGuard;
 use crate::wire::host;
 use crate::wire::quic::{self, InitialReader, MIN_INITIAL_DATAGRAM, Peek, Read};
 
-/// Largest UDP payload.
+/// Largest UDP payload, and the most a GRO run of a client's datagrams holds (the kernel caps a
+/// run below 64 KiB).
 const MAX_DATAGRAM: usize = 65_535;
-/// The listener's receive buffer: the largest datagram, or a GRO run of a client's datagrams (the
-/// kernel caps a run at 64 KiB).
-const SLOT: usize = 1 << 16;
 /// How often undecided flows are timed out and finished flows removed.
 const SWEEP: Duration = Duration::from_millis(100);
 /// What one undecided flow may hold: a 16 KiB ClientHello fills about 15 datagrams.
@@ -75,7 +73,7 @@ pub(crate) async fn serve(
     // A wildcard bind learns each datagram's destination (which picks the route) from
     // IP_PKTINFO, through quinn-udp's receive and send with control messages (and GRO where the
     // kernel has it). A socket bound to one address needs none of that, and plain recvfrom(2)
-    // measured cheaper there (docs/performance.md, "Batched receive").
+    // measured cheaper there (docs/performance.md, "Batched receive, measured and not adopted").
     let state = if local.ip().is_unspecified() {
         match quinn_udp::UdpSocketState::new((&*socket).into()) {
             Ok(state) => Some(Arc::new(state)),
@@ -102,7 +100,7 @@ pub(crate) async fn serve(
         events: events_tx,
         next_id: 0,
     };
-    let mut buf = vec![0u8; SLOT];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -312,7 +310,7 @@ impl Listener {
     /// Receives one datagram, or on a wildcard socket with GRO one run of a client's datagrams,
     /// with the address it was sent to. One at a time: reading batches of up to 32 per
     /// recvmmsg(2), or per wake-up, measured no cheaper here and delayed the flows' own tasks
-    /// behind a flood (docs/performance.md, "Batched receive").
+    /// behind a flood (docs/performance.md, "Batched receive, measured and not adopted").
     async fn recv(&self, buf: &mut [u8]) -> std::io::Result<quinn_udp::RecvMeta> {
         let Some(state) = &self.state else {
             let (len, addr) = self.socket.recv_from(buf).await?;
