@@ -1307,3 +1307,41 @@ async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_
     conn2.close(0u32.into(), b"done");
     endpoint.wait_idle().await;
 }
+
+/// A dual-stack `[::]` quic listener: an IPv4 client's datagrams arrive with IPv4-mapped
+/// addresses, and are routed by the IPv4 address they were sent to (routes are written in IPv4),
+/// with the close sent back from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dual_stack_wildcard_routes_ipv4_clients_by_their_ipv4_destination() {
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
+    let (spy, spy_addr) = udp_spy().await;
+    let text = quic_config(spy_addr, "").replacen(
+        "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
+        "bind = \"[::]:0\"\nkind = \"quic\"",
+        1,
+    );
+    assert!(text.contains("\"[::]:0\""));
+    let gate = Gate::start(&text).await;
+    let port = gate.server.listener_addr("quic").await.unwrap().port();
+    let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    raw.connect(("127.0.0.1", port)).await.unwrap();
+    let first = client_initial(
+        Version::V1,
+        &[0x66; 8],
+        &[1, 2, 3, 4],
+        0,
+        &padded(crypto_frame(0, &client_hello("www.unfiled.cn", 0))),
+    );
+    raw.send(&first).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let n = tokio::time::timeout(Duration::from_secs(2), raw.recv(&mut buf))
+        .await
+        .expect("the close comes back from 127.0.0.1")
+        .unwrap();
+    assert_eq!(buf[0] & 0xf0, 0xc0, "{:02x?}", &buf[..n.min(8)]);
+    assert!(nothing_arrives(&spy, Duration::from_millis(300)).await);
+    assert_counted(
+        &gate.metrics().await,
+        r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
+    );
+}

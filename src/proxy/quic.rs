@@ -149,7 +149,8 @@ struct Listener {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Peer {
     addr: SocketAddr,
-    /// Canonical (an IPv4 address received on a dual-stack socket is IPv4), as routes match it.
+    /// Canonical (an IPv4 address received on a dual-stack socket is IPv4), as the access log
+    /// and the tunnel index show it.
     local: SocketAddr,
     /// The address to answer from on a wildcard bind, as the socket reported it.
     reply_from: Option<IpAddr>,
