@@ -1345,3 +1345,71 @@ async fn a_dual_stack_wildcard_routes_ipv4_clients_by_their_ipv4_destination() {
         r#"icp_gate_quic_flows_total{decision="block",listener="quic",reason="unfiled"} 1"#,
     );
 }
+
+/// On a wildcard socket (where quinn-udp turns GRO on) a client's same-size datagrams can arrive
+/// as one GRO run; here the client sends its two-Initial first flight in one GSO send. The
+/// listener splits the run by its stride: the origin gets the two datagrams as sent, not one
+/// datagram of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gro_run_on_a_wildcard_socket_is_relayed_as_the_datagrams_it_holds() {
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
+    let (spy, spy_addr) = udp_spy().await;
+    let text = quic_config(spy_addr, "").replacen(
+        "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
+        "bind = \"0.0.0.0:0\"\nkind = \"quic\"",
+        1,
+    );
+    assert!(text.contains("\"0.0.0.0:0\""));
+    let gate = Gate::start(&text).await;
+    let port = gate.server.listener_addr("quic").await.unwrap().port();
+
+    let hello = client_hello(FILED, 1500);
+    let (dcid, scid) = ([0x44u8; 8], [5u8, 6, 7, 8]);
+    let first = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        0,
+        &padded(crypto_frame(0, &hello[..1000])),
+    );
+    let second = client_initial(
+        Version::V1,
+        &dcid,
+        &scid,
+        1,
+        &padded(crypto_frame(1000, &hello[1000..])),
+    );
+    assert_eq!(first.len(), second.len(), "GSO segments of one size");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let state = quinn_udp::UdpSocketState::new((&client).into()).unwrap();
+    assert!(
+        state.max_gso_segments() > 1,
+        "this kernel has no UDP GSO, so the test cannot make a GRO run"
+    );
+    let run = [first.clone(), second.clone()].concat();
+    state
+        .send(
+            (&client).into(),
+            &quinn_udp::Transmit {
+                destination: SocketAddr::from(([127, 0, 0, 1], port)),
+                ecn: None,
+                contents: &run,
+                segment_size: Some(first.len()),
+                src_ip: None,
+            },
+        )
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    for (i, sent) in [&first, &second].into_iter().enumerate() {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), spy.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} never reached the origin"))
+            .unwrap();
+        assert_eq!(n, sent.len(), "datagram {i}: relayed as sent, not merged");
+        assert_eq!(&buf[..n], &sent[..]);
+    }
+    assert_counted(
+        &gate.metrics().await,
+        r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
+    );
+}
