@@ -12,6 +12,10 @@
 //!   prints the process CPU time per round trip (getrusage, user + system: client, relay and echo
 //!   origin; the client and origin are the same in both) and the ratio.
 //!
+//! - a burst: the origin answers each client datagram with 16 full-size datagrams in one GSO
+//!   send (a QUIC server's download), through icp-gate and through the bare relay in alternating
+//!   blocks; it prints the process CPU per datagram relayed back and the ratio.
+//!
 //! - a flood: for `ICP_GATE_QUIC_FLOOD_SECS` seconds (default 5), two threads send Initials at
 //!   `ICP_GATE_QUIC_FLOOD_RATE` datagrams a second in all (default 100 000, the flood; 0:
 //!   as fast as they can, which on two cores mostly measures the senders taking the relay's CPU)
@@ -147,6 +151,38 @@ fn echo_origin() -> SocketAddr {
         let mut buf = [0u8; 65536];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
             let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    addr
+}
+
+/// Datagrams in one burst of the burst origin.
+const BURST: usize = 16;
+
+/// An origin that answers each datagram with a burst of [`BURST`] full-size datagrams in one GSO
+/// send, as a QUIC server sending a download does.
+fn burst_origin() -> SocketAddr {
+    let socket = StdUdp::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let state = quinn_udp::UdpSocketState::new((&socket).into()).unwrap();
+    assert!(state.max_gso_segments() >= BURST, "no UDP GSO here");
+    socket.set_nonblocking(false).unwrap();
+    let burst = [&[0x40u8][..], &[0x5b; DATAGRAM - 1]]
+        .concat()
+        .repeat(BURST);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = state.send(
+                (&socket).into(),
+                &quinn_udp::Transmit {
+                    destination: from,
+                    ecn: None,
+                    contents: &burst,
+                    segment_size: Some(DATAGRAM),
+                    src_ip: None,
+                },
+            );
         }
     });
     addr
@@ -328,6 +364,64 @@ fn bench_relay(c: &mut Criterion, runtime: &Runtime) {
     let (bare_med, icp_med) = (bare[bare.len() / 2], icp[icp.len() / 2]);
     println!(
         "process CPU per round trip over {rounds} alternating blocks of {PER_BLOCK}: bare relay min {bare_min:?} median {bare_med:?}; icp-gate min {icp_min:?} median {icp_med:?}; icp-gate / bare: {:.3} by the minimums, {:.3} by the medians",
+        icp_min.as_secs_f64() / bare_min.as_secs_f64(),
+        icp_med.as_secs_f64() / bare_med.as_secs_f64(),
+    );
+}
+
+/// A download's direction: one datagram up, a burst of [`BURST`] back (sent by GSO), per
+/// operation, through icp-gate and through the bare relay in alternating blocks; prints the
+/// process CPU per datagram relayed back.
+fn bench_burst(runtime: &Runtime) {
+    let origin = burst_origin();
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), ""));
+    let bare_addr = runtime.block_on(bare_relay(origin));
+    let open = |relay: SocketAddr| {
+        let client = StdUdp::bind("127.0.0.1:0").unwrap();
+        client.connect(relay).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .send(&hex_file("rfc9001-a2-client-initial.hex"))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..BURST {
+            client.recv(&mut buf).expect("the first burst comes back");
+        }
+        client
+    };
+    let (through_gate, through_bare) = (open(gate_addr), open(bare_addr));
+    let request = [&[0x40u8][..], &[0x5a; 99]].concat();
+    let mut buf = vec![0u8; 65536];
+    let rounds: usize = std::env::var("ICP_GATE_QUIC_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    const PER_BLOCK: u32 = 2_000;
+    let mut measure = |client: &StdUdp| {
+        let cpu0 = cpu();
+        for _ in 0..PER_BLOCK {
+            client.send(&request).unwrap();
+            for _ in 0..BURST {
+                let n = client.recv(&mut buf).expect("burst");
+                assert_eq!(n, DATAGRAM, "relayed as the datagrams the origin sent");
+            }
+        }
+        (cpu() - cpu0) / (PER_BLOCK * BURST as u32)
+    };
+    let (mut bare, mut icp) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        bare.push(measure(&through_bare));
+        icp.push(measure(&through_gate));
+    }
+    bare.sort();
+    icp.sort();
+    let (bare_min, icp_min) = (bare[0], icp[0]);
+    let (bare_med, icp_med) = (bare[bare.len() / 2], icp[icp.len() / 2]);
+    println!(
+        "burst: process CPU per datagram of {BURST}-datagram GSO bursts from the origin, {rounds} alternating blocks of {PER_BLOCK}: bare relay min {bare_min:?} median {bare_med:?}; icp-gate min {icp_min:?} median {icp_med:?}; icp-gate / bare: {:.3} by the minimums, {:.3} by the medians",
         icp_min.as_secs_f64() / bare_min.as_secs_f64(),
         icp_med.as_secs_f64() / bare_med.as_secs_f64(),
     );
@@ -604,6 +698,7 @@ fn main() {
         .build()
         .unwrap();
     bench_relay(&mut c, &runtime);
+    bench_burst(&runtime);
     flood(&runtime);
     c.final_summary();
 }

@@ -1413,3 +1413,81 @@ async fn a_gro_run_on_a_wildcard_socket_is_relayed_as_the_datagrams_it_holds() {
         r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
     );
 }
+
+/// The origin's burst (a GSO send, as a QUIC server sends a download) reaches the proxy's origin
+/// socket as one GRO run and goes on to the client in one GSO send: the client gets each datagram
+/// as the origin sent it, in order, the shorter last one included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origins_gso_burst_reaches_the_client_as_the_datagrams_it_sent() {
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
+    let origin = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    origin
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let origin_state = quinn_udp::UdpSocketState::new((&origin).into()).unwrap();
+    assert!(
+        origin_state.max_gso_segments() >= 8,
+        "this kernel has no UDP GSO, so the test cannot send a burst as one run"
+    );
+    origin.set_nonblocking(false).unwrap();
+    let (gate, addr) = gate(origin.local_addr().unwrap(), "").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(addr).await.unwrap();
+    let first = client_initial(
+        Version::V1,
+        &[0x31; 8],
+        &[1, 2, 3, 4],
+        0,
+        &padded(crypto_frame(0, &client_hello(FILED, 0))),
+    );
+    client.send(&first).await.unwrap();
+    let origin = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 65536];
+        let (n, flow) = origin
+            .recv_from(&mut buf)
+            .expect("the filed flight arrives");
+        assert_eq!(n, first.len());
+        // Seven full datagrams and a shorter eighth, each its own bytes.
+        let burst: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| {
+                let len = if i == 7 { 500 } else { 1200 };
+                [&[0x40u8, i][..], &vec![i; len - 2]].concat()
+            })
+            .collect();
+        let run = burst.concat();
+        origin_state
+            .try_send(
+                (&origin).into(),
+                &quinn_udp::Transmit {
+                    destination: flow,
+                    ecn: None,
+                    contents: &run,
+                    segment_size: Some(1200),
+                    src_ip: None,
+                },
+            )
+            .unwrap();
+        burst
+    })
+    .await
+    .unwrap();
+    let mut buf = [0u8; 65536];
+    for (i, sent) in origin.iter().enumerate() {
+        let n = tokio::time::timeout(Duration::from_secs(2), client.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("datagram {i} of the burst never arrived"))
+            .unwrap();
+        assert!(
+            buf[..n] == sent[..],
+            "datagram {i}: {n} bytes arrived, {} sent",
+            sent.len()
+        );
+    }
+    let relayed = 7 * 1200 + 500;
+    assert_counted(
+        &gate.metrics().await,
+        &format!(
+            r#"icp_gate_relayed_bytes_total{{direction="origin_to_client",listener="quic"}} {relayed}"#
+        ),
+    );
+}

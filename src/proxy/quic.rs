@@ -73,22 +73,29 @@ pub(crate) async fn serve(
     // A wildcard bind learns each datagram's destination (which picks the route) from
     // IP_PKTINFO, through quinn-udp's receive and send with control messages (and GRO where the
     // kernel has it). A socket bound to one address needs none of that, and plain recvfrom(2)
-    // measured cheaper there (docs/performance.md, "Batched receive, measured and not adopted").
-    let state = if local.ip().is_unspecified() {
-        match quinn_udp::UdpSocketState::new((&*socket).into()) {
-            Ok(state) => Some(Arc::new(state)),
-            Err(e) => {
-                warn!(listener = %spec.load().config.name, addr = %local, error = %e, "cannot set up udp socket");
-                return;
-            }
-        }
+    // measured cheaper there (docs/performance.md, "Batched receive, measured and not adopted");
+    // its quinn-udp state comes from a socket of its own, so that the options it sets (GRO above
+    // all) stay off the listening socket. Flows use it for the origin's GRO runs, sent on to the
+    // client with GSO.
+    let pktinfo = local.ip().is_unspecified();
+    let io = if pktinfo {
+        quinn_udp::UdpSocketState::new((&*socket).into())
     } else {
-        None
+        let any = SocketAddr::new(unspecified(local), 0);
+        std::net::UdpSocket::bind(any).and_then(|own| quinn_udp::UdpSocketState::new((&own).into()))
+    };
+    let io = match io {
+        Ok(io) => Arc::new(io),
+        Err(e) => {
+            warn!(listener = %spec.load().config.name, addr = %local, error = %e, "cannot set up udp socket");
+            return;
+        }
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut listener = Listener {
         socket,
-        state,
+        io,
+        pktinfo,
         local,
         spec,
         shared,
@@ -124,8 +131,10 @@ pub(crate) async fn serve(
 
 struct Listener {
     socket: Arc<UdpSocket>,
-    /// Set on a wildcard bind (see [`serve`]).
-    state: Option<Arc<quinn_udp::UdpSocketState>>,
+    /// quinn-udp's batched and control-message I/O (see [`serve`]).
+    io: Arc<quinn_udp::UdpSocketState>,
+    /// A wildcard bind: datagrams are received with their destination address.
+    pktinfo: bool,
     /// The bound address; its IP is unspecified on a wildcard bind.
     local: SocketAddr,
     spec: Arc<ArcSwap<ListenerSpec>>,
@@ -313,7 +322,7 @@ impl Listener {
     /// recvmmsg(2), or per wake-up, measured no cheaper here and delayed the flows' own tasks
     /// behind a flood (docs/performance.md, "Batched receive, measured and not adopted").
     async fn recv(&self, buf: &mut [u8]) -> std::io::Result<quinn_udp::RecvMeta> {
-        let Some(state) = &self.state else {
+        if !self.pktinfo {
             let (len, addr) = self.socket.recv_from(buf).await?;
             return Ok(quinn_udp::RecvMeta {
                 addr,
@@ -322,15 +331,8 @@ impl Listener {
                 ecn: None,
                 dst_ip: None,
             });
-        };
-        let mut meta = [quinn_udp::RecvMeta::default()];
-        self.socket
-            .async_io(tokio::io::Interest::READABLE, || {
-                let mut slots = [std::io::IoSliceMut::new(&mut *buf)];
-                state.recv((&*self.socket).into(), &mut slots, &mut meta)
-            })
-            .await?;
-        Ok(meta[0])
+        }
+        recv_run(&self.io, &self.socket, buf).await
     }
 
     /// Handles what [`Listener::recv`] read.
@@ -367,7 +369,7 @@ impl Listener {
 
     /// Sends a listener-made packet (a CONNECTION_CLOSE) to a client at once, or not at all.
     fn send_to_client(&self, peer: Peer, datagram: &[u8]) {
-        let _ = send_to_client(self.state.as_deref(), &self.socket, peer, datagram);
+        let _ = send_to_client(&self.io, &self.socket, peer, datagram, None);
     }
 
     fn on_datagram(&mut self, from: Peer, datagram: &[u8], closing: bool) {
@@ -468,7 +470,7 @@ impl Listener {
                     }
                     if let Some(close) = close {
                         // No larger than the client's datagram: no amplification.
-                        let _ = send_to_client(self.state.as_deref(), &self.socket, from, close);
+                        let _ = send_to_client(&self.io, &self.socket, from, close, None);
                     }
                 }
                 metrics.quic_dropped(QuicDrop::Blocked, 1);
@@ -762,7 +764,7 @@ impl Listener {
             origin,
             held: pending.held,
             socket: self.socket.clone(),
-            state: self.state.clone(),
+            io: self.io.clone(),
             stop: stop.clone(),
             activity: activity.clone(),
             epoch,
@@ -986,28 +988,78 @@ fn send_now(socket: &UdpSocket, datagram: &[u8]) -> std::io::Result<usize> {
 }
 
 /// Sends a datagram to a client through the listening socket, from the address the client sent
-/// to (on a wildcard bind, through IP_PKTINFO), at once or not at all.
+/// to (on a wildcard bind, through IP_PKTINFO), at once or not at all; with `segment`, a run of
+/// datagrams of that size in one GSO send.
 fn send_to_client(
-    state: Option<&quinn_udp::UdpSocketState>,
+    io: &quinn_udp::UdpSocketState,
     socket: &UdpSocket,
     peer: Peer,
     datagram: &[u8],
+    segment: Option<usize>,
 ) -> std::io::Result<()> {
-    match state {
-        Some(state) => {
-            let transmit = quinn_udp::Transmit {
-                destination: peer.addr,
-                ecn: None,
-                contents: datagram,
-                segment_size: None,
-                src_ip: peer.reply_from,
-            };
-            state.try_send(socket.into(), &transmit)
-        }
-        None => socket2::SockRef::from(socket)
+    if peer.reply_from.is_none() && segment.is_none() {
+        // Plain sendto(2): no control messages to build or for the kernel to read.
+        return socket2::SockRef::from(socket)
             .send_to(datagram, &peer.addr.into())
-            .map(drop),
+            .map(drop);
     }
+    let transmit = quinn_udp::Transmit {
+        destination: peer.addr,
+        ecn: None,
+        contents: datagram,
+        segment_size: segment,
+        src_ip: peer.reply_from,
+    };
+    io.try_send(socket.into(), &transmit)
+}
+
+/// Sends what the origin sent in one receive to the client: a GRO run (several datagrams of
+/// `stride` bytes, the last maybe shorter) in one GSO send where the socket allows it, else one
+/// datagram at a time.
+async fn relay_run(
+    io: &quinn_udp::UdpSocketState,
+    socket: &UdpSocket,
+    peer: Peer,
+    run: &[u8],
+    stride: usize,
+) -> std::io::Result<()> {
+    let stride = stride.clamp(1, run.len().max(1));
+    let segments = run.len().div_ceil(stride);
+    let send = async |data: &[u8], segment| {
+        socket
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                send_to_client(io, socket, peer, data, segment)
+            })
+            .await
+    };
+    if segments > 1 && segments <= io.max_gso_segments() {
+        // A refused GSO send (a device without segmentation offload answers EIO) is sent again
+        // datagram by datagram below.
+        if send(run, Some(stride)).await.is_ok() {
+            return Ok(());
+        }
+    }
+    for datagram in run.chunks(stride) {
+        send(datagram, None).await?;
+    }
+    Ok(())
+}
+
+/// Receives one datagram, or one GRO run of them, with its stride and (where IP_PKTINFO is on)
+/// its destination address.
+async fn recv_run(
+    io: &quinn_udp::UdpSocketState,
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<quinn_udp::RecvMeta> {
+    let mut meta = [quinn_udp::RecvMeta::default()];
+    socket
+        .async_io(tokio::io::Interest::READABLE, || {
+            let mut slots = [std::io::IoSliceMut::new(&mut *buf)];
+            io.recv(socket.into(), &mut slots, &mut meta)
+        })
+        .await?;
+    Ok(meta[0])
 }
 
 /// The task of one allowed flow: opens the origin socket, sends the held datagrams, then relays
@@ -1018,7 +1070,7 @@ struct FlowTask {
     origin: Origin,
     held: Vec<Vec<u8>>,
     socket: Arc<UdpSocket>,
-    state: Option<Arc<quinn_udp::UdpSocketState>>,
+    io: Arc<quinn_udp::UdpSocketState>,
     stop: CancellationToken,
     activity: Arc<AtomicU64>,
     epoch: Instant,
@@ -1065,18 +1117,13 @@ impl FlowTask {
         tokio::pin!(idle);
         loop {
             tokio::select! {
-                r = origin.recv(&mut buf) => match r {
-                    Ok(n) => {
+                r = recv_run(&self.io, &origin, &mut buf) => match r {
+                    Ok(meta) => {
                         let ms = self.epoch.elapsed().as_millis() as u64;
                         self.activity.store(ms, Ordering::Relaxed);
-                        let (socket, state) = (&self.socket, &self.state);
-                        let sent = socket
-                            .async_io(tokio::io::Interest::WRITABLE, || {
-                                send_to_client(state.as_deref(), socket, self.client, &buf[..n])
-                            })
-                            .await;
-                        match sent {
-                            Ok(()) => self.metrics.relayed[1].inc_by(n as u64),
+                        let run = &buf[..meta.len];
+                        match relay_run(&self.io, &self.socket, self.client, run, meta.stride).await {
+                            Ok(()) => self.metrics.relayed[1].inc_by(run.len() as u64),
                             Err(_) => self.metrics.quic_dropped(QuicDrop::SendFailed, 1),
                         }
                     }
@@ -1114,18 +1161,51 @@ impl Drop for Active {
     }
 }
 
+/// The wildcard address of `addr`'s family.
+fn unspecified(addr: SocketAddr) -> IpAddr {
+    match addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
+/// Turns on UDP_GRO (Linux 5.0+): the kernel hands over runs of datagrams of one sender
+/// with their size, which the flow sends on to the client with GSO.
+#[allow(unsafe_code)]
+fn enable_gro(socket: &UdpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// From linux/udp.h; libc does not export it for glibc targets.
+    const UDP_GRO: libc::c_int = 104;
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is open for the call (borrowed from `socket`), and the option value
+    // is a c_int that outlives it, its size passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A UDP socket connected to `origin` (its name resolved now, as the TLS listener does).
 async fn open_origin(origin: &Origin) -> std::io::Result<UdpSocket> {
     let addr = tokio::net::lookup_host(origin.as_str())
         .await?
         .next()
         .ok_or_else(|| std::io::Error::other("origin name resolves to nothing"))?;
-    let any: SocketAddr = match addr {
-        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    let socket = UdpSocket::bind(any).await?;
+    let socket = UdpSocket::bind(SocketAddr::new(unspecified(addr), 0)).await?;
     socket.connect(addr).await?;
+    // A burst from the origin (servers send full-size datagrams back to back, often by GSO) is
+    // then read in one receive and sent on in one; without GRO, one datagram at a time.
+    let _ = enable_gro(&socket);
     Ok(socket)
 }
 
