@@ -1,12 +1,14 @@
 //! The QUIC listener (`kind = "quic"`): decides each flow on the SNI of the client's Initial
 //! packets without terminating QUIC (docs/behaviour.md#quic-http3-sni-from-the-initial-packets).
 //!
-//! One task per listening socket owns a bounded flow table keyed by the client's address. A new
+//! One task per listening socket owns a bounded flow table keyed by the client's address (and, on
+//! a wildcard bind, the address it sent to, which picks the route as for TCP). A new
 //! flow must start with an Initial packet in a datagram of at least 1 200 bytes; its datagrams are
 //! held, unrelayed, while [`crate::wire::quic::InitialReader`] reassembles the ClientHello, and the
 //! SNI is decided with the same [`decide`] as TCP. On allow a per-flow task connects a UDP socket
 //! to the route's `quic_origin`, sends the held datagrams in order, and relays the origin's
-//! datagrams back; the listener task relays the client's to it, until the flow is idle for
+//! datagrams back (a burst read as one GRO run goes on in one GSO send); the listener task relays
+//! the client's to it, until the flow is idle for
 //! `quic.flow_idle_timeout`. On block the client gets a server Initial with CONNECTION_CLOSE
 //! (`quic.block = "close"`) or nothing, and nothing of the flow reaches the origin.
 //!
