@@ -8,7 +8,7 @@
 //!   and back, over an allowed flow: icp-gate's quic listener (in-process, one worker) side by
 //!   side with a bare UDP relay that does nothing but forward (the floor: a socket task
 //!   forwarding to a connected origin socket, a flow task forwarding back). After criterion's
-//!   runs, a paired comparison alternates both (`ICP_GATE_QUIC_ROUNDS` rounds, default 5) and
+//!   runs, a paired comparison alternates both (`ICP_GATE_QUIC_ROUNDS` rounds, default 20) and
 //!   prints the process CPU time per round trip (getrusage, user + system: client, relay and echo
 //!   origin; the client and origin are the same in both) and the ratio.
 //!
@@ -269,8 +269,9 @@ flow_idle_timeout = "10m"
 }
 
 /// A client whose flow through `relay` is open: the RFC 9001 Initial (SNI example.com) first,
-/// echoed back once the flow is allowed.
-fn open_flow(relay: SocketAddr) -> StdUdp {
+/// answered with `answers` datagrams once the flow is allowed (1 by the echo origin, a burst by
+/// the burst origin).
+fn open_flow(relay: SocketAddr, answers: usize) -> StdUdp {
     let client = StdUdp::bind("127.0.0.1:0").unwrap();
     client.connect(relay).unwrap();
     client
@@ -279,9 +280,38 @@ fn open_flow(relay: SocketAddr) -> StdUdp {
     client
         .send(&hex_file("rfc9001-a2-client-initial.hex"))
         .unwrap();
-    let mut buf = [0u8; 2048];
-    client.recv(&mut buf).expect("the first flight comes back");
+    let mut buf = [0u8; 65536];
+    for _ in 0..answers {
+        client.recv(&mut buf).expect("the first flight is answered");
+    }
     client
+}
+
+/// `ICP_GATE_QUIC_ROUNDS`: blocks of each relay in the paired comparisons (default 20).
+fn rounds() -> usize {
+    std::env::var("ICP_GATE_QUIC_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Alternates `measure` (CPU per operation over one block) between the bare relay's client and
+/// icp-gate's for [`rounds`] blocks each, and describes both minimums and medians and their ratios.
+fn paired(bare: &StdUdp, icp: &StdUdp, mut measure: impl FnMut(&StdUdp) -> Duration) -> String {
+    let rounds = rounds();
+    let (mut b, mut i) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        b.push(measure(bare));
+        i.push(measure(icp));
+    }
+    b.sort();
+    i.sort();
+    let (b_min, i_min, b_med, i_med) = (b[0], i[0], b[rounds / 2], i[rounds / 2]);
+    format!(
+        "{rounds} alternating blocks: bare relay min {b_min:?} median {b_med:?}; icp-gate min {i_min:?} median {i_med:?}; icp-gate / bare: {:.3} by the minimums, {:.3} by the medians",
+        i_min.as_secs_f64() / b_min.as_secs_f64(),
+        i_med.as_secs_f64() / b_med.as_secs_f64(),
+    )
 }
 
 fn round_trip(client: &StdUdp, datagram: &[u8], buf: &mut [u8]) {
@@ -325,8 +355,8 @@ fn bench_relay(c: &mut Criterion, runtime: &Runtime) {
     let dir = tempfile::tempdir().unwrap();
     let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), ""));
     let bare_addr = runtime.block_on(bare_relay(origin));
-    let through_gate = open_flow(gate_addr);
-    let through_bare = open_flow(bare_addr);
+    let through_gate = open_flow(gate_addr, 1);
+    let through_bare = open_flow(bare_addr, 1);
     // A short-header-looking datagram, as 1-RTT packets are.
     let datagram = [&[0x40u8][..], &[0x5a; DATAGRAM - 1]].concat();
     let mut buf = vec![0u8; 65536];
@@ -341,32 +371,15 @@ fn bench_relay(c: &mut Criterion, runtime: &Runtime) {
     });
     group.finish();
 
-    let rounds: usize = std::env::var("ICP_GATE_QUIC_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20);
     const PER_BLOCK: u32 = 5_000;
-    let mut measure = |client: &StdUdp| {
-        let (wall, cpu0) = (Instant::now(), cpu());
+    let compared = paired(&through_bare, &through_gate, |client| {
+        let cpu0 = cpu();
         for _ in 0..PER_BLOCK {
             round_trip(client, &datagram, &mut buf);
         }
-        ((cpu() - cpu0) / PER_BLOCK, wall.elapsed() / PER_BLOCK)
-    };
-    let (mut bare, mut icp) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        bare.push(measure(&through_bare).0);
-        icp.push(measure(&through_gate).0);
-    }
-    bare.sort();
-    icp.sort();
-    let (bare_min, icp_min) = (bare[0], icp[0]);
-    let (bare_med, icp_med) = (bare[bare.len() / 2], icp[icp.len() / 2]);
-    println!(
-        "process CPU per round trip over {rounds} alternating blocks of {PER_BLOCK}: bare relay min {bare_min:?} median {bare_med:?}; icp-gate min {icp_min:?} median {icp_med:?}; icp-gate / bare: {:.3} by the minimums, {:.3} by the medians",
-        icp_min.as_secs_f64() / bare_min.as_secs_f64(),
-        icp_med.as_secs_f64() / bare_med.as_secs_f64(),
-    );
+        (cpu() - cpu0) / PER_BLOCK
+    });
+    println!("process CPU per round trip over blocks of {PER_BLOCK}, {compared}");
 }
 
 /// A download's direction: one datagram up, a burst of [`BURST`] back (sent by GSO), per
@@ -377,30 +390,11 @@ fn bench_burst(runtime: &Runtime) {
     let dir = tempfile::tempdir().unwrap();
     let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), ""));
     let bare_addr = runtime.block_on(bare_relay(origin));
-    let open = |relay: SocketAddr| {
-        let client = StdUdp::bind("127.0.0.1:0").unwrap();
-        client.connect(relay).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        client
-            .send(&hex_file("rfc9001-a2-client-initial.hex"))
-            .unwrap();
-        let mut buf = [0u8; 2048];
-        for _ in 0..BURST {
-            client.recv(&mut buf).expect("the first burst comes back");
-        }
-        client
-    };
-    let (through_gate, through_bare) = (open(gate_addr), open(bare_addr));
+    let (through_gate, through_bare) = (open_flow(gate_addr, BURST), open_flow(bare_addr, BURST));
     let request = [&[0x40u8][..], &[0x5a; 99]].concat();
     let mut buf = vec![0u8; 65536];
-    let rounds: usize = std::env::var("ICP_GATE_QUIC_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20);
     const PER_BLOCK: u32 = 2_000;
-    let mut measure = |client: &StdUdp| {
+    let compared = paired(&through_bare, &through_gate, |client| {
         let cpu0 = cpu();
         for _ in 0..PER_BLOCK {
             client.send(&request).unwrap();
@@ -410,20 +404,9 @@ fn bench_burst(runtime: &Runtime) {
             }
         }
         (cpu() - cpu0) / (PER_BLOCK * BURST as u32)
-    };
-    let (mut bare, mut icp) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        bare.push(measure(&through_bare));
-        icp.push(measure(&through_gate));
-    }
-    bare.sort();
-    icp.sort();
-    let (bare_min, icp_min) = (bare[0], icp[0]);
-    let (bare_med, icp_med) = (bare[bare.len() / 2], icp[icp.len() / 2]);
+    });
     println!(
-        "burst: process CPU per datagram of {BURST}-datagram GSO bursts from the origin, {rounds} alternating blocks of {PER_BLOCK}: bare relay min {bare_min:?} median {bare_med:?}; icp-gate min {icp_min:?} median {icp_med:?}; icp-gate / bare: {:.3} by the minimums, {:.3} by the medians",
-        icp_min.as_secs_f64() / bare_min.as_secs_f64(),
-        icp_med.as_secs_f64() / bare_med.as_secs_f64(),
+        "burst: process CPU per datagram of {BURST}-datagram GSO bursts from the origin, blocks of {PER_BLOCK}, {compared}"
     );
 }
 
@@ -609,7 +592,7 @@ fn flood(runtime: &Runtime) {
     // 512 flooding addresses for 256 flows: each genuine Initial evicts an older undecided flow
     // and costs a key derivation, the flood's worst case.
     let (_server, gate_addr) = runtime.block_on(gate(origin, dir.path(), "max_flows = 256"));
-    let client = open_flow(gate_addr);
+    let client = open_flow(gate_addr, 1);
     client
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
