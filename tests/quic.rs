@@ -1219,28 +1219,47 @@ async fn unknown_versions_are_dropped_and_the_origins_version_negotiation_is_rel
     }
 }
 
+/// [`quic_config`] with the quic listener bound to `bind` (a wildcard) instead of 127.0.0.1:0.
+fn quic_config_on(bind: &str, origin: SocketAddr) -> String {
+    let text = quic_config(origin, "").replacen(
+        "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
+        &format!("bind = \"{bind}\"\nkind = \"quic\""),
+        1,
+    );
+    assert!(text.contains(&format!("\"{bind}\"")), "{text}");
+    text
+}
+
+/// A v1 client first flight for `name` in one padded Initial under `dcid`.
+fn first_flight(name: &str, dcid: &[u8]) -> Vec<u8> {
+    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
+    client_initial(
+        Version::V1,
+        dcid,
+        &[1, 2, 3, 4],
+        0,
+        &padded(crypto_frame(0, &client_hello(name, 0))),
+    )
+}
+
 /// A quic listener on the wildcard: each datagram's destination address (IP_PKTINFO) picks its
 /// route, as for a TCP listener on `0.0.0.0`, and answers leave from the address the client sent
 /// to (a connected client socket hears nothing from any other).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_to() {
-    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
     const UNFILED: &str = "www.unfiled.cn";
     let pki = Pki::new();
     let h3 = vec![b"h3".to_vec()];
     let origin = QuicOrigin::start(&pki, &[FILED, UNFILED], &h3);
-    let text = quic_config(origin.addr, "")
-        .replacen(
-            "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
-            "bind = \"0.0.0.0:0\"\nkind = \"quic\"",
-            1,
-        )
-        .replacen("dst = \"127.0.0.1/32\"", "dst = \"127.0.0.0/30\"", 1)
-        + &format!(
-            "\n[[route]]\ndst = \"127.0.0.3/32\"\nmainland = false\nhttp_origin = \"127.0.0.1:9\"\nquic_origin = \"{}\"\n",
-            origin.addr
-        );
-    assert!(text.contains("\"0.0.0.0:0\"") && text.contains("127.0.0.0/30"));
+    let text = quic_config_on("0.0.0.0:0", origin.addr).replacen(
+        "dst = \"127.0.0.1/32\"",
+        "dst = \"127.0.0.0/30\"",
+        1,
+    ) + &format!(
+        "\n[[route]]\ndst = \"127.0.0.3/32\"\nmainland = false\nhttp_origin = \"127.0.0.1:9\"\nquic_origin = \"{}\"\n",
+        origin.addr
+    );
+    assert!(text.contains("127.0.0.0/30"));
     let gate = Gate::start(&text).await;
     let bound = gate.server.listener_addr("quic").await.unwrap();
     assert!(bound.ip().is_unspecified(), "{bound}");
@@ -1283,14 +1302,7 @@ async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_
     for to in [enforced, SocketAddr::from(([127, 0, 0, 2], bound.port()))] {
         let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         raw.connect(to).await.unwrap();
-        let first = client_initial(
-            Version::V1,
-            &[0x77; 8],
-            &[1, 2, 3, 4],
-            0,
-            &padded(crypto_frame(0, &client_hello(UNFILED, 0))),
-        );
-        raw.send(&first).await.unwrap();
+        raw.send(&first_flight(UNFILED, &[0x77; 8])).await.unwrap();
         let mut buf = [0u8; 2048];
         let n = tokio::time::timeout(Duration::from_secs(2), raw.recv(&mut buf))
             .await
@@ -1313,26 +1325,14 @@ async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_
 /// with the close sent back from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dual_stack_wildcard_routes_ipv4_clients_by_their_ipv4_destination() {
-    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
     let (spy, spy_addr) = udp_spy().await;
-    let text = quic_config(spy_addr, "").replacen(
-        "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
-        "bind = \"[::]:0\"\nkind = \"quic\"",
-        1,
-    );
-    assert!(text.contains("\"[::]:0\""));
-    let gate = Gate::start(&text).await;
+    let gate = Gate::start(&quic_config_on("[::]:0", spy_addr)).await;
     let port = gate.server.listener_addr("quic").await.unwrap().port();
     let raw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     raw.connect(("127.0.0.1", port)).await.unwrap();
-    let first = client_initial(
-        Version::V1,
-        &[0x66; 8],
-        &[1, 2, 3, 4],
-        0,
-        &padded(crypto_frame(0, &client_hello("www.unfiled.cn", 0))),
-    );
-    raw.send(&first).await.unwrap();
+    raw.send(&first_flight("www.unfiled.cn", &[0x66; 8]))
+        .await
+        .unwrap();
     let mut buf = [0u8; 2048];
     let n = tokio::time::timeout(Duration::from_secs(2), raw.recv(&mut buf))
         .await
@@ -1354,13 +1354,7 @@ async fn a_dual_stack_wildcard_routes_ipv4_clients_by_their_ipv4_destination() {
 async fn a_gro_run_on_a_wildcard_socket_is_relayed_as_the_datagrams_it_holds() {
     use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
     let (spy, spy_addr) = udp_spy().await;
-    let text = quic_config(spy_addr, "").replacen(
-        "bind = \"127.0.0.1:0\"\nkind = \"quic\"",
-        "bind = \"0.0.0.0:0\"\nkind = \"quic\"",
-        1,
-    );
-    assert!(text.contains("\"0.0.0.0:0\""));
-    let gate = Gate::start(&text).await;
+    let gate = Gate::start(&quic_config_on("0.0.0.0:0", spy_addr)).await;
     let port = gate.server.listener_addr("quic").await.unwrap().port();
 
     let hello = client_hello(FILED, 1500);
@@ -1419,7 +1413,6 @@ async fn a_gro_run_on_a_wildcard_socket_is_relayed_as_the_datagrams_it_holds() {
 /// as the origin sent it, in order, the shorter last one included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origins_gso_burst_reaches_the_client_as_the_datagrams_it_sent() {
-    use icp_gate::wire::quic::{Version, client_hello, client_initial, crypto_frame};
     let origin = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     origin
         .set_read_timeout(Some(Duration::from_secs(2)))
@@ -1433,13 +1426,7 @@ async fn an_origins_gso_burst_reaches_the_client_as_the_datagrams_it_sent() {
     let (gate, addr) = gate(origin.local_addr().unwrap(), "").await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(addr).await.unwrap();
-    let first = client_initial(
-        Version::V1,
-        &[0x31; 8],
-        &[1, 2, 3, 4],
-        0,
-        &padded(crypto_frame(0, &client_hello(FILED, 0))),
-    );
+    let first = first_flight(FILED, &[0x31; 8]);
     client.send(&first).await.unwrap();
     let origin = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; 65536];
