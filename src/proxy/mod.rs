@@ -8,6 +8,7 @@ pub(crate) mod io;
 pub(crate) mod preamble;
 pub(crate) mod quic;
 pub(crate) mod relay;
+pub(crate) mod sockopt;
 pub(crate) mod state;
 pub(crate) mod tls;
 pub(crate) mod tunnels;

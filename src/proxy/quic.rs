@@ -1171,32 +1171,6 @@ fn unspecified(addr: SocketAddr) -> IpAddr {
     }
 }
 
-/// Turns on UDP_GRO (Linux 5.0+): the kernel hands over runs of datagrams of one sender
-/// with their size, which the flow sends on to the client with GSO.
-#[allow(unsafe_code)]
-fn enable_gro(socket: &UdpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    /// From linux/udp.h; libc does not export it for glibc targets.
-    const UDP_GRO: libc::c_int = 104;
-    let on: libc::c_int = 1;
-    // SAFETY: the descriptor is open for the call (borrowed from `socket`), and the option value
-    // is a c_int that outlives it, its size passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_UDP,
-            UDP_GRO,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// A UDP socket connected to `origin` (its name resolved now, as the TLS listener does).
 async fn open_origin(origin: &Origin) -> std::io::Result<UdpSocket> {
     let addr = tokio::net::lookup_host(origin.as_str())
@@ -1207,7 +1181,7 @@ async fn open_origin(origin: &Origin) -> std::io::Result<UdpSocket> {
     socket.connect(addr).await?;
     // A burst from the origin (servers send full-size datagrams back to back, often by GSO) is
     // then read in one receive and sent on in one; without GRO, one datagram at a time.
-    let _ = enable_gro(&socket);
+    let _ = crate::proxy::sockopt::enable_udp_gro(&socket);
     Ok(socket)
 }
 

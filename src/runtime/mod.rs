@@ -5,5 +5,4 @@ pub(crate) mod offline;
 pub(crate) mod process;
 mod rlimit;
 pub(crate) mod server;
-mod sockopt;
 pub(crate) mod workers;

@@ -17,12 +17,12 @@ use crate::admin;
 use crate::config::{Config, ListenerConfig, RegistryConfig};
 use crate::fleet::Fleet;
 use crate::observe::metrics::Metrics;
+use crate::proxy::sockopt::set_defer_accept;
 use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
 use crate::proxy::{preamble, quic};
 use crate::registry::{self, OnPublish, Registry, RegistryWriter, Snapshot, Store, write_snapshot};
 use crate::runtime::demo_origin;
 use crate::runtime::rlimit::fit_descriptor_limit;
-use crate::runtime::sockopt::set_defer_accept;
 use crate::runtime::workers::Workers;
 
 #[derive(Debug, thiserror::Error)]
