@@ -1478,3 +1478,29 @@ async fn an_origins_gso_burst_reaches_the_client_as_the_datagrams_it_sent() {
         ),
     );
 }
+
+/// An empty datagram, on a bound and on a wildcard listener, is dropped and counted as not QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_datagram_is_counted_as_not_quic_on_bound_and_wildcard_listeners() {
+    let (spy, spy_addr) = udp_spy().await;
+    for bind in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let gate = Gate::start(&quic_config_on(bind, spy_addr)).await;
+        let port = gate.server.listener_addr("quic").await.unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&[], ("127.0.0.1", port)).await.unwrap();
+        let line = r#"icp_gate_quic_datagrams_dropped_total{listener="quic",reason="not_quic"} 1"#;
+        let started = Instant::now();
+        loop {
+            let metrics = gate.metrics().await;
+            if metrics.contains(line) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{bind}: missing {line}\n{metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(nothing_arrives(&spy, Duration::from_millis(100)).await);
+    }
+}

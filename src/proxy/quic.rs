@@ -346,8 +346,13 @@ impl Listener {
             self.spec.load().metrics.quic_dropped(QuicDrop::NotQuic, 1);
             return;
         };
+        if meta.stride == 0 || meta.stride >= received.len() {
+            // One datagram (an empty one too: counted as not QUIC).
+            self.on_datagram(peer, received, closing);
+            return;
+        }
         // A GRO run holds several datagrams of one client, each `stride` long but the last.
-        for datagram in received.chunks(meta.stride.max(1)) {
+        for datagram in received.chunks(meta.stride) {
             self.on_datagram(peer, datagram, closing);
         }
     }
@@ -1034,12 +1039,14 @@ async fn relay_run(
             })
             .await
     };
-    if segments > 1 && segments <= io.max_gso_segments() {
-        // A refused GSO send (a device without segmentation offload answers EIO) is sent again
-        // datagram by datagram below.
-        if send(run, Some(stride)).await.is_ok() {
-            return Ok(());
-        }
+    if segments <= 1 {
+        // One datagram (an empty one included, relayed as it came).
+        return send(run, None).await;
+    }
+    // A refused GSO send (a device without segmentation offload answers EIO) is sent again
+    // datagram by datagram below.
+    if segments <= io.max_gso_segments() && send(run, Some(stride)).await.is_ok() {
+        return Ok(());
     }
     for datagram in run.chunks(stride) {
         send(datagram, None).await?;
