@@ -482,7 +482,15 @@ async fn per_thread_workers_each_serve_a_udp_socket_and_log_each_flow() {
         }
     };
     proc.wait_for("ready");
-    assert_eq!(udp_sockets(proc.pid(), addr.port()), 3);
+    // /proc/net/udp is read in pieces, and a socket opened or closed meanwhile (here, by other
+    // tests, or by a worker setting up) can shift a line out of the read: read until it shows 3.
+    let started = Instant::now();
+    let mut sockets = udp_sockets(proc.pid(), addr.port());
+    while sockets != 3 && started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sockets = udp_sockets(proc.pid(), addr.port());
+    }
+    assert_eq!(sockets, 3, "one SO_REUSEPORT socket per worker");
 
     let clients = (0..12).map(|i| {
         let (endpoint, config) = client(&pki, &h3, Duration::from_secs(5));
