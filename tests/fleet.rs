@@ -87,6 +87,22 @@ impl Node {
         }
     }
 
+    /// A node the server turned away (`authorization violation`) says so, still enforces what it
+    /// had (`known` answers 200), reports itself disconnected and answers writes 503.
+    async fn assert_shut_out(&mut self, known: &str) {
+        let said = self.unreachable_report();
+        assert!(
+            said["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("authorization violation")),
+            "{said}"
+        );
+        assert_eq!(self.status(known).await, 200);
+        assert_eq!(self.metric("icp_gate_fleet_connected").await, 0.0);
+        let (status, body) = put(self.admin, "r.cn").await;
+        assert_eq!(status, 503, "{body}");
+    }
+
     fn proc(&mut self) -> &mut Proc {
         self.proc.as_mut().expect("node running")
     }
@@ -1062,17 +1078,7 @@ async fn wrong_credentials_start_on_local_state_say_why_and_keep_retrying() {
     nats.reload();
     tokio::time::sleep(Duration::from_millis(300)).await;
     reader.start().await;
-    let said = reader.unreachable_report();
-    assert!(
-        said["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("authorization violation")),
-        "{said}"
-    );
-    assert_eq!(reader.status("before.cn").await, 200);
-    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
-    let (status, body) = put(reader.admin, "r.cn").await;
-    assert_eq!(status, 503, "{body}");
+    reader.assert_shut_out("before.cn").await;
     let (status, body) = put(writer.admin, "after.cn").await;
     assert_eq!(status, 200, "{body}");
 
@@ -1365,16 +1371,6 @@ async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_acc
     )
     .unwrap();
     reader.start().await;
-    let said = reader.unreachable_report();
-    assert!(
-        said["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("authorization violation")),
-        "{said}"
-    );
-    assert_eq!(reader.status("w.cn").await, 200);
-    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 0.0);
-    let (status, body) = put(reader.admin, "r.cn").await;
-    assert_eq!(status, 503, "{body}");
+    reader.assert_shut_out("w.cn").await;
     assert_eq!(writer.registry().await, state);
 }
