@@ -221,6 +221,14 @@ async fn exchange(conn: &quinn::Connection, request: &str) -> Result<String, Str
     Ok(String::from_utf8(answer).unwrap())
 }
 
+/// One exchange on `conn`, answered by the test origin serving `name`.
+async fn assert_echoed(conn: &quinn::Connection, name: &str, request: &str) {
+    assert_eq!(
+        exchange(conn, request).await.unwrap(),
+        format!("origin {name} got {request}")
+    );
+}
+
 async fn gate(origin: SocketAddr, extra: &str) -> (Gate, SocketAddr) {
     let gate = Gate::start(&quic_config(origin, extra)).await;
     let addr = gate.server.listener_addr("quic").await.unwrap();
@@ -387,10 +395,7 @@ async fn a_client_hello_spanning_several_initials_is_reassembled() {
     let conn = dial(&endpoint, config, addr, FILED)
         .await
         .expect("connects through the proxy");
-    assert_eq!(
-        exchange(&conn, "big hello").await.unwrap(),
-        format!("origin {FILED} got big hello")
-    );
+    assert_echoed(&conn, FILED, "big hello").await;
     let metrics = gate.metrics().await;
     assert_counted(
         &metrics,
@@ -584,10 +589,7 @@ async fn a_flood_of_initials_keeps_state_bounded_and_filed_flows_working() {
     let conn = dial(&endpoint, config, addr, FILED)
         .await
         .expect("a filed client gets through the flood");
-    assert_eq!(
-        exchange(&conn, "during the flood").await.unwrap(),
-        format!("origin {FILED} got during the flood")
-    );
+    assert_echoed(&conn, FILED, "during the flood").await;
     let sent = flood.await.unwrap();
     assert_eq!(sent, 16_000);
     assert_eq!(
@@ -631,10 +633,7 @@ async fn connections_sharing_a_client_socket_are_each_decided() {
         matches!(&err, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED),
         "{err:?}"
     );
-    assert_eq!(
-        exchange(&first, "two").await.unwrap(),
-        format!("origin {FILED} got two")
-    );
+    assert_echoed(&first, FILED, "two").await;
 
     let second = dial(&endpoint, config, addr, "x.gov.cn")
         .await
@@ -643,10 +642,7 @@ async fn connections_sharing_a_client_socket_are_each_decided() {
         exchange(&second, "three").await.unwrap(),
         "origin x.gov.cn got three"
     );
-    assert_eq!(
-        exchange(&first, "four").await.unwrap(),
-        format!("origin {FILED} got four")
-    );
+    assert_echoed(&first, FILED, "four").await;
     assert_eq!(
         origin.connections.load(Ordering::SeqCst),
         2,
@@ -675,10 +671,7 @@ async fn an_origin_retry_is_relayed_and_the_connection_completes() {
     let conn = dial(&endpoint, config, addr, FILED)
         .await
         .expect("connects after the Retry");
-    assert_eq!(
-        exchange(&conn, "after retry").await.unwrap(),
-        format!("origin {FILED} got after retry")
-    );
+    assert_echoed(&conn, FILED, "after retry").await;
     assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
     let metrics = gate.metrics().await;
     // The first flight, then the one answering the Retry: both decided, both allowed.
@@ -753,10 +746,7 @@ async fn a_first_flight_arriving_in_reverse_order_is_reassembled() {
         reversed.load(Ordering::SeqCst),
         "the first three datagrams went out reversed"
     );
-    assert_eq!(
-        exchange(&conn, "reordered").await.unwrap(),
-        format!("origin {FILED} got reordered")
-    );
+    assert_echoed(&conn, FILED, "reordered").await;
     let metrics = gate.metrics().await;
     assert_counted(
         &metrics,
@@ -953,10 +943,7 @@ async fn new_flows_past_the_rate_are_dropped_and_relayed_flows_go_on() {
         let initial = client_initial(Version::V1, &i.to_be_bytes(), &[1, 2, 3, 4], 0, &frames);
         s.send_to(&initial, addr).await.unwrap();
     }
-    assert_eq!(
-        exchange(&conn, "still here").await.unwrap(),
-        format!("origin {FILED} got still here")
-    );
+    assert_echoed(&conn, FILED, "still here").await;
     let metrics = gate.metrics().await;
     let dropped: u64 = metrics
         .lines()
@@ -1039,10 +1026,7 @@ token_file = "admin.token"
     let conn = dial(&endpoint, config, waived, NAME)
         .await
         .expect("the waived route relays a name filed elsewhere");
-    assert_eq!(
-        exchange(&conn, "mail").await.unwrap(),
-        format!("origin {NAME} got mail")
-    );
+    assert_echoed(&conn, NAME, "mail").await;
     let line = proc.access_line(NAME);
     assert_eq!(line["listener"], "quic-waived", "{line}");
     assert_eq!(line["decision"], "allow", "{line}");
@@ -1281,10 +1265,7 @@ async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_
     let conn = dial(&endpoint, config.clone(), enforced, FILED)
         .await
         .unwrap();
-    assert_eq!(
-        exchange(&conn, "one").await.unwrap(),
-        format!("origin {FILED} got one")
-    );
+    assert_echoed(&conn, FILED, "one").await;
     let err = dial(&endpoint, config.clone(), enforced, UNFILED)
         .await
         .expect_err("unfiled on a mainland address");
@@ -1292,10 +1273,7 @@ async fn a_wildcard_quic_listener_decides_by_the_address_each_datagram_was_sent_
     let conn2 = dial(&endpoint, config, not_mainland, UNFILED)
         .await
         .expect("not enforced on a non-mainland address");
-    assert_eq!(
-        exchange(&conn2, "two").await.unwrap(),
-        format!("origin {UNFILED} got two")
-    );
+    assert_echoed(&conn2, UNFILED, "two").await;
     let metrics = gate.metrics().await;
     for line in [
         r#"icp_gate_quic_flows_total{decision="allow",listener="quic",reason="filed"} 1"#,
