@@ -79,8 +79,7 @@ pub(crate) async fn serve(
     // its quinn-udp state comes from a socket of its own, so that the options it sets (GRO above
     // all) stay off the listening socket. Flows use it for the origin's GRO runs, sent on to the
     // client with GSO.
-    let pktinfo = local.ip().is_unspecified();
-    let io = if pktinfo {
+    let io = if local.ip().is_unspecified() {
         quinn_udp::UdpSocketState::new((&*socket).into())
     } else {
         let any = SocketAddr::new(unspecified(local), 0);
@@ -97,7 +96,6 @@ pub(crate) async fn serve(
     let mut listener = Listener {
         socket,
         io,
-        pktinfo,
         local,
         spec,
         shared,
@@ -135,8 +133,6 @@ struct Listener {
     socket: Arc<UdpSocket>,
     /// quinn-udp's batched and control-message I/O (see [`serve`]).
     io: Arc<quinn_udp::UdpSocketState>,
-    /// A wildcard bind: datagrams are received with their destination address.
-    pktinfo: bool,
     /// The bound address; its IP is unspecified on a wildcard bind.
     local: SocketAddr,
     spec: Arc<ArcSwap<ListenerSpec>>,
@@ -324,7 +320,7 @@ impl Listener {
     /// recvmmsg(2), or per wake-up, measured no cheaper here and delayed the flows' own tasks
     /// behind a flood (docs/performance.md, "Batched receive, measured and not adopted").
     async fn recv(&self, buf: &mut [u8]) -> std::io::Result<quinn_udp::RecvMeta> {
-        if !self.pktinfo {
+        if !self.wildcard() {
             let (len, addr) = self.socket.recv_from(buf).await?;
             return Ok(quinn_udp::RecvMeta {
                 addr,
@@ -346,20 +342,14 @@ impl Listener {
             self.spec.load().metrics.quic_dropped(QuicDrop::NotQuic, 1);
             return;
         };
-        if meta.stride == 0 || meta.stride >= received.len() {
-            // One datagram (an empty one too: counted as not QUIC).
-            self.on_datagram(peer, received, closing);
-            return;
-        }
-        // A GRO run holds several datagrams of one client, each `stride` long but the last.
-        for datagram in received.chunks(meta.stride) {
+        for datagram in datagrams(received, meta.stride) {
             self.on_datagram(peer, datagram, closing);
         }
     }
 
     /// The flow key of a datagram from `addr` sent to `dst_ip`.
     fn peer(&self, addr: SocketAddr, dst_ip: Option<IpAddr>) -> Option<Peer> {
-        if !self.local.ip().is_unspecified() {
+        if !self.wildcard() {
             return Some(Peer {
                 addr,
                 local: self.local,
@@ -374,9 +364,9 @@ impl Listener {
         })
     }
 
-    /// Sends a listener-made packet (a CONNECTION_CLOSE) to a client at once, or not at all.
-    fn send_to_client(&self, peer: Peer, datagram: &[u8]) {
-        let _ = send_to_client(&self.io, &self.socket, peer, datagram, None);
+    /// Bound to the wildcard: each datagram's destination comes with it (IP_PKTINFO).
+    fn wildcard(&self) -> bool {
+        self.local.ip().is_unspecified()
     }
 
     fn on_datagram(&mut self, from: Peer, datagram: &[u8], closing: bool) {
@@ -631,7 +621,7 @@ impl Listener {
                 .quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
             let close = self.close_for(&d, &pending.reader, &generation.config.quic);
             if let Some(close) = &close {
-                self.send_to_client(client, close);
+                let _ = send_to_client(&self.io, &self.socket, client, close, None);
             }
             let dcid = pending.reader.original_dcid().unwrap_or_default().to_vec();
             self.refuse(
@@ -883,7 +873,7 @@ impl Listener {
         // stays, so that an Initial spoofed from a client's address cannot end its connection.
         metrics.quic_dropped(QuicDrop::Blocked, pending.held.len() as u64);
         if let Some(close) = self.close_for(&d, &pending.reader, &generation.config.quic) {
-            self.send_to_client(client, &close);
+            let _ = send_to_client(&self.io, &self.socket, client, &close, None);
         }
     }
 
@@ -1030,8 +1020,6 @@ async fn relay_run(
     run: &[u8],
     stride: usize,
 ) -> std::io::Result<()> {
-    let stride = stride.clamp(1, run.len().max(1));
-    let segments = run.len().div_ceil(stride);
     let send = async |data: &[u8], segment| {
         socket
             .async_io(tokio::io::Interest::WRITABLE, || {
@@ -1039,19 +1027,36 @@ async fn relay_run(
             })
             .await
     };
-    if segments <= 1 {
-        // One datagram (an empty one included, relayed as it came).
-        return send(run, None).await;
-    }
     // A refused GSO send (a device without segmentation offload answers EIO) is sent again
     // datagram by datagram below.
-    if segments <= io.max_gso_segments() && send(run, Some(stride)).await.is_ok() {
+    if is_run(run, stride)
+        && run.len().div_ceil(stride) <= io.max_gso_segments()
+        && send(run, Some(stride)).await.is_ok()
+    {
         return Ok(());
     }
-    for datagram in run.chunks(stride) {
+    for datagram in datagrams(run, stride) {
         send(datagram, None).await?;
     }
     Ok(())
+}
+
+/// Whether `received` is a GRO run: several datagrams of `stride` bytes (the last may be shorter).
+fn is_run(received: &[u8], stride: usize) -> bool {
+    stride > 0 && stride < received.len()
+}
+
+/// The datagrams of what one receive returned: a GRO run's, or the one datagram (an empty one
+/// included: from a client it is counted as not QUIC, from an origin relayed as it came).
+fn datagrams(received: &[u8], stride: usize) -> impl Iterator<Item = &[u8]> {
+    let size = if is_run(received, stride) {
+        stride
+    } else {
+        received.len().max(1)
+    };
+    received
+        .chunks(size)
+        .chain(received.is_empty().then_some(received))
 }
 
 /// Receives one datagram, or one GRO run of them, with its stride and (where IP_PKTINFO is on)
@@ -1204,6 +1209,19 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let later = (0..150).filter(|_| bucket.take(100)).count();
         assert!((3..100).contains(&later), "about 5 in 50 ms, got {later}");
+    }
+
+    #[test]
+    fn a_receive_is_split_into_the_datagrams_it_holds() {
+        let lens = |received: &[u8], stride| -> Vec<usize> {
+            datagrams(received, stride).map(<[u8]>::len).collect()
+        };
+        assert_eq!(lens(&[0; 2900], 1200), [1200, 1200, 500]);
+        assert_eq!(lens(&[0; 2400], 1200), [1200, 1200]);
+        assert_eq!(lens(&[0; 1200], 1200), [1200]);
+        assert_eq!(lens(&[0; 700], 0), [700]);
+        assert_eq!(lens(&[], 0), [0]);
+        assert!(is_run(&[0; 2400], 1200) && !is_run(&[0; 1200], 1200) && !is_run(&[], 0));
     }
 
     #[test]
