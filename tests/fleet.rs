@@ -144,6 +144,32 @@ where
 }
 
 /// Waits until every node shows the same revision and digest as the first; answers it.
+/// A node whose NATS user may not publish: its write is refused at once with 403 quoting the
+/// server's permission violation (the time it took is returned), it logs why, stays connected and
+/// converged with `writer` on `state`, and the refused name was never applied.
+async fn assert_write_forbidden(reader: &mut Node, writer: &Node, state: &Value) -> Duration {
+    let asked = Instant::now();
+    let (status, body) = put(reader.admin, "r.cn").await;
+    let took = asked.elapsed();
+    assert_eq!(status, 403, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("Permissions Violation for Publish")
+            && error.contains("icp.registry.changes"),
+        "{body}"
+    );
+    reader
+        .proc()
+        .wait_for("fleet: the NATS server refused this node's user a publish");
+    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 1.0);
+    assert_eq!(
+        &converged(&[writer, reader], Duration::from_secs(5)).await,
+        state
+    );
+    assert_eq!(reader.status("r.cn").await, 403);
+    took
+}
+
 async fn converged(nodes: &[&Node], within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
@@ -1009,29 +1035,8 @@ async fn over_tls_a_read_only_node_tails_and_refuses_writes_with_403() {
     let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
     assert_eq!(reader.status("w.cn").await, 200);
 
-    let asked = Instant::now();
-    let (status, body) = put(reader.admin, "r.cn").await;
-    assert_eq!(status, 403, "{body}");
-    let error = body["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("Permissions Violation for Publish")
-            && error.contains("icp.registry.changes"),
-        "{body}"
-    );
-    assert!(
-        asked.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        asked.elapsed()
-    );
-    reader
-        .proc()
-        .wait_for("fleet: the NATS server refused this node's user a publish");
-    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 1.0);
-    assert_eq!(
-        converged(&[&writer, &reader], Duration::from_secs(5)).await,
-        state
-    );
-    assert_eq!(reader.status("r.cn").await, 403);
+    let took = assert_write_forbidden(&mut reader, &writer, &state).await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
 
     // It goes on tailing after the refusal.
     let (status, body) = api(writer.admin, "DELETE", "/v1/registry/entries/w.cn", "").await;
@@ -1344,23 +1349,7 @@ async fn credentials_files_in_operator_mode_a_writer_a_reader_and_an_unknown_acc
     let state = converged(&[&writer, &reader], Duration::from_secs(5)).await;
     assert_eq!(reader.status("w.cn").await, 200);
 
-    let (status, body) = put(reader.admin, "r.cn").await;
-    assert_eq!(status, 403, "{body}");
-    let error = body["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("Permissions Violation for Publish")
-            && error.contains("icp.registry.changes"),
-        "{body}"
-    );
-    reader
-        .proc()
-        .wait_for("fleet: the NATS server refused this node's user a publish");
-    assert_eq!(reader.metric("icp_gate_fleet_connected").await, 1.0);
-    assert_eq!(
-        converged(&[&writer, &reader], Duration::from_secs(5)).await,
-        state
-    );
-    assert_eq!(reader.status("r.cn").await, 403);
+    assert_write_forbidden(&mut reader, &writer, &state).await;
 
     // The same node, its creds file now a user signed by an account the server was not given.
     reader.kill9();
