@@ -118,21 +118,27 @@ pub(crate) trait SendLast {
 }
 
 impl SendLast for tokio::net::TcpStream {
-    #[cfg(target_os = "linux")]
     fn send_last(&self, a: &[u8], b: &[u8]) -> usize {
-        // MSG_MORE corks the tail; close(2) then sets FIN on the queued segment and sends it.
         // Bypassing tokio's readiness is harmless: a socket that is full says EAGAIN, and the
         // ordinary write after this one waits for it.
-        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
-        socket2::SockRef::from(self)
-            .send_vectored_with_flags(&bufs, libc::MSG_MORE)
-            .unwrap_or(0)
+        send_more(self, a, b)
     }
+}
 
-    #[cfg(not(target_os = "linux"))]
-    fn send_last(&self, _: &[u8], _: &[u8]) -> usize {
-        0
-    }
+/// Sends what a non-blocking socket takes at once of `a` then `b` with MSG_MORE, which corks
+/// the tail: close(2) then sets FIN on the queued segment and sends it. Returns the bytes
+/// taken (0 on EAGAIN or any error: the caller's ordinary write then sees it).
+#[cfg(target_os = "linux")]
+pub(crate) fn send_more(socket: &impl std::os::fd::AsFd, a: &[u8], b: &[u8]) -> usize {
+    let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+    socket2::SockRef::from(socket)
+        .send_vectored_with_flags(&bufs, libc::MSG_MORE)
+        .unwrap_or(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn send_more(_: &impl std::os::fd::AsFd, _: &[u8], _: &[u8]) -> usize {
+    0
 }
 
 impl<S: SendLast> SendLast for Prefixed<S> {

@@ -1,6 +1,7 @@
 //! The data path: listeners that read the destination and host of each connection or request,
 //! call the decision core, and forward, relay or answer.
 
+pub(crate) mod accepted;
 pub(crate) mod block_page;
 pub(crate) mod forward;
 pub(crate) mod http;

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::ListenerKind;
 use crate::core::decision::{Decision, Reason};
 use crate::observe::logging::{Access, RequestId};
+use crate::proxy::accepted::Accepted;
 use crate::proxy::io::Prefixed;
 use crate::proxy::state::{Endpoints, ListenerSpec, Shared};
 use crate::proxy::{http, tls};
@@ -35,7 +35,7 @@ pub(crate) enum ProxyHeaderError {
 /// (else read from the socket). TCP_NODELAY comes from the listening socket: Linux copies it to
 /// every accepted socket (tested below).
 pub(crate) async fn connection(
-    mut stream: TcpStream,
+    mut stream: Accepted,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     spec: Arc<ListenerSpec>,
@@ -103,10 +103,10 @@ pub(crate) async fn connection(
     drop(generation);
 
     let stream = Prefixed::new(prefix, stream);
-    // Boxed: the connection task stays small, so spawning it copies little.
+    // Not boxed: the accept loop boxes the whole connection once.
     match spec.config.kind {
-        ListenerKind::Http => Box::pin(http::serve(stream, ends, spec, shared)).await,
-        ListenerKind::Tls => Box::pin(tls::serve(stream, ends, spec, shared)).await,
+        ListenerKind::Http => http::serve(stream, ends, spec, shared).await,
+        ListenerKind::Tls => tls::serve(stream, ends, spec, shared).await,
         // UDP: served by `proxy::quic`, never by a TCP accept loop.
         ListenerKind::Quic => {}
     }

@@ -24,6 +24,7 @@ use crate::core::decision::{Decision, HostInput, Reason, decide};
 use crate::core::routes::Route;
 use crate::observe::logging::{Access, RequestId};
 use crate::observe::metrics::UpstreamError;
+use crate::proxy::accepted::Accepted;
 use crate::proxy::block_page::{BlockContext, wants_json};
 use crate::proxy::forward;
 use crate::proxy::io::{Prefixed, write_all_last};
@@ -50,7 +51,7 @@ enum Hello {
 
 /// Serves one TLS connection.
 pub(crate) async fn serve(
-    stream: Prefixed<TcpStream>,
+    stream: Prefixed<Accepted>,
     ends: Endpoints,
     spec: Arc<ListenerSpec>,
     shared: Arc<Shared>,
@@ -125,6 +126,14 @@ pub(crate) async fn serve(
             };
             let idle = limits.idle_timeout;
             drop(runtime);
+            // The relay splices between two registered sockets.
+            let tcp = match tcp.into_tokio() {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    debug!(client = %ends.client, error = %e, "closing: cannot register the socket");
+                    return;
+                }
+            };
             // A tunnel a registry entry allowed closes when an update blocks its host.
             let stop = shared.drain.child_token();
             let _registered = registrable.filter(|_| reason.registry_allowed()).map(|r| {
@@ -213,7 +222,7 @@ async fn open_tunnel(
 }
 
 /// Refuses a blocked connection when no block certificate is configured: a TLS alert, or a reset.
-async fn refuse(mut tcp: TcpStream, how: TlsBlock) {
+async fn refuse(mut tcp: Accepted, how: TlsBlock) {
     match how {
         TlsBlock::Alert => {
             // Closing right after sends the FIN, in the alert's segment; a shutdown(2) first
@@ -222,14 +231,16 @@ async fn refuse(mut tcp: TcpStream, how: TlsBlock) {
         }
         TlsBlock::Reset => {
             // SO_LINGER 0: close sends RST instead of FIN.
-            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            if let Some(socket) = tcp.socket() {
+                let _ = socket.set_linger(Some(Duration::ZERO));
+            }
         }
     }
 }
 
 /// Reads until the ClientHello is complete, invalid, over `max` bytes, or `timeout` passes.
 async fn read_client_hello(
-    tcp: &mut TcpStream,
+    tcp: &mut Accepted,
     buf: &mut BytesMut,
     max: usize,
     timeout: Duration,
@@ -267,7 +278,7 @@ struct BlockPageJob {
 
 /// Completes the handshake with the block certificate and answers every request on the
 /// connection with the block page for the SNI's reason.
-async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<TcpStream>, job: BlockPageJob) {
+async fn serve_block_page(acceptor: TlsAcceptor, io: Prefixed<Accepted>, job: BlockPageJob) {
     let handshake_timeout = job
         .shared
         .generation

@@ -2,14 +2,17 @@
 //! and drains on shutdown. Connection handling itself lives in the listener modules.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket as StdUdpSocket};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -17,6 +20,7 @@ use crate::admin;
 use crate::config::{Config, ListenerConfig, RegistryConfig};
 use crate::fleet::Fleet;
 use crate::observe::metrics::Metrics;
+use crate::proxy::accepted::Listener;
 use crate::proxy::sockopt::set_defer_accept;
 use crate::proxy::state::{ConnectionGuard, Generation, GenerationError, ListenerSpec, Shared};
 use crate::proxy::{preamble, quic};
@@ -667,7 +671,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     // Registered here, with the runtime this loop (and every connection it spawns) runs on.
-    let listener = match TcpListener::from_std(socket) {
+    let listener = match Listener::new(socket) {
         Ok(l) => l,
         Err(e) => {
             warn!(listener = %spec.load().config.name, addr = %local_addr, error = %e, "cannot register listening socket");
@@ -676,6 +680,11 @@ async fn accept_loop(
     };
     // A listener bound to one address needs no getsockname(2) per connection to know it.
     let bound = (!local_addr.ip().is_unspecified()).then_some(local_addr);
+    // On a current-thread runtime (one thread, or the per-thread shape) a connection's first
+    // step runs here, in this loop: a one-shot request answered from the bytes that came with
+    // the connection is done without a task of its own. With work stealing, every connection
+    // gets its task at once, so that other threads can take it.
+    let inline = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
     let mut failures = AcceptFailures::default();
     loop {
         // Checked before each accept, so a steady stream of connections cannot keep the loop
@@ -708,11 +717,24 @@ async fn accept_loop(
         }
         let guard = ConnectionGuard::new(&shared, &spec.metrics);
         let shared2 = shared.clone();
-        shared.tasks.spawn(async move {
+        // Boxed once here: the connection's state is large, and the box is what moves into a
+        // task if it has to wait.
+        let mut connection = Box::pin(async move {
             let _guard = guard;
             preamble::connection(stream, peer, bound, spec, shared2).await;
         });
+        // A connection that has to wait moves to its own task; its first poll there hands the
+        // wakers it registered to that task.
+        if inline && poll_once(connection.as_mut()).await.is_ready() {
+            continue;
+        }
+        shared.tasks.spawn(connection);
     }
+}
+
+/// Polls `f` once: its output, or `Pending`.
+async fn poll_once<F: Future + ?Sized>(mut f: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
 }
 
 /// How long an accept loop waits after a failed accept (out of descriptors, say) before trying
