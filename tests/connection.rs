@@ -362,3 +362,54 @@ async fn deferred_accept_waits_for_the_first_bytes() {
         assert_eq!(statuses(&answer), [200], "{extra:?}: {answer}");
     }
 }
+
+/// A connection is served in the accept loop until it has to wait, then in its own task
+/// (proxy/accepted.rs): one whose request head is still incomplete waits without holding up the
+/// connections after it, a one-shot request is answered from its first bytes, and a keep-alive
+/// connection answered at once is served again later.
+async fn a_connection_that_waits_holds_up_no_other() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(origin.addr, "")).await;
+    let mut slow = TcpStream::connect(gate.http).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: unfi")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    for (host, status) in [("unfiled.cn", 403), ("filed.cn", 200)] {
+        let mut once = TcpStream::connect(gate.http).await.unwrap();
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        once.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_until_closed(&mut once, Duration::from_secs(5)).await;
+        assert_eq!(statuses(&answer), [status], "{host}: {answer}");
+    }
+
+    let mut kept = TcpStream::connect(gate.http).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: filed.cn\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: unfiled.cn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut kept, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&answer), [200, 403], "{answer}");
+
+    slow.write_all(b"led.cn\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert_eq!(statuses(&answer), [403], "{answer}");
+}
+
+/// One thread: the accept loop serves each connection's first step itself.
+#[tokio::test]
+async fn a_connection_that_waits_holds_up_no_other_on_one_thread() {
+    a_connection_that_waits_holds_up_no_other().await;
+}
+
+/// Work stealing: every connection gets its own task at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_waits_holds_up_no_other_with_work_stealing() {
+    a_connection_that_waits_holds_up_no_other().await;
+}
