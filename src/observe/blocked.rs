@@ -1,23 +1,24 @@
 //! Which hosts are blocked most: a heavy-hitter sketch over the last hour, in bounded memory,
 //! for `GET /v1/blocked`.
 //!
-//! The data path only hands each block to a bounded lock-free queue (`try_send` on a
-//! `sync_channel`: a compare-and-swap, no lock while nobody waits on the receiving side, and the
-//! receiver never waits) and drops it, counted, when the queue is full. A thread of its own drains
-//! the queue every [`DRAIN_EVERY`] into twelve five-minute windows, each a space-saving summary
+//! The data path only counts each block in a small map of its own thread (one uncontended lock,
+//! no allocation for a key it has seen since the last drain), and drops it, counted, when that
+//! map already holds [`PENDING`] other keys. A thread of its own takes those maps every
+//! [`DRAIN_EVERY`] and adds them into twelve five-minute windows, each a space-saving summary
 //! (Metwally et al.) of at most [`KEEP`] keys, compacted back to [`KEEP`] whenever it reaches
 //! twice that: a key that ever held at least a 1/[`KEEP`] share of a window's blocks is never
 //! evicted from it, and every count is an upper bound that overshoots by at most the window's
 //! `error`. A flood of random unfiled names therefore costs at most 12 × 2 × [`KEEP`] keys plus
-//! the queue, each with a host of at most [`MAX_HOST`] bytes (about 13 MB in all), however many
-//! names it uses.
+//! the pending maps, each with a host of at most [`MAX_HOST`] bytes, however many names it uses.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+use hashbrown::Equivalent;
 
 use ipnet::IpNet;
 
@@ -25,8 +26,12 @@ use crate::core::decision::{Decision, Reason};
 
 /// Keys a window keeps after compaction (it holds up to twice as many between compactions).
 pub(crate) const KEEP: usize = 1024;
-/// Blocks the queue holds between drains; more are dropped and counted.
-const QUEUE: usize = 16 * 1024;
+/// Keys one thread's pending map holds between drains; blocks of other keys are dropped and
+/// counted until the next drain.
+const PENDING: usize = 4096;
+/// Pending maps: threads share them round-robin (a lock each, uncontended with up to this many
+/// threads).
+const SHARDS: usize = 64;
 /// How often the queue is drained.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// Length of one window.
@@ -36,14 +41,6 @@ const WINDOWS: usize = 12;
 /// Longest host kept (a DNS name has at most 253 characters).
 const MAX_HOST: usize = 253;
 
-/// One block, as the data path reports it.
-struct Event {
-    listener: Box<str>,
-    host: Box<str>,
-    reason: Reason,
-    dst: IpAddr,
-}
-
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     listener: Box<str>,
@@ -52,11 +49,33 @@ struct Key {
     dst: IpAddr,
 }
 
+/// A [`Key`] borrowed from the data path: it hashes as the key it equals, so a pending map is
+/// searched without allocating.
+#[derive(Hash)]
+struct KeyRef<'a> {
+    listener: &'a str,
+    host: &'a str,
+    reason: u8,
+    dst: IpAddr,
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.reason == key.reason
+            && self.dst == key.dst
+            && self.host == &*key.host
+            && self.listener == &*key.listener
+    }
+}
+
+/// The blocks one shard counted since the last drain.
+type Pending = hashbrown::HashMap<Key, u64, RandomState>;
+
 /// A space-saving summary of one window.
 #[derive(Default)]
 struct Summary {
     /// Count (an upper bound) and the overestimate it may carry.
-    counts: HashMap<Key, (u64, u64)>,
+    counts: HashMap<Key, (u64, u64), RandomState>,
     /// The largest count evicted so far: a new key may have had up to this many before.
     floor: u64,
     blocks: u64,
@@ -107,7 +126,8 @@ impl Windows {
 
 /// The sketch: the data path's side ([`Blocked::record`]) and the API's ([`Blocked::top`]).
 pub(crate) struct Blocked {
-    tx: SyncSender<Event>,
+    /// The draining thread holds them weakly: it ends once the sketch is dropped.
+    pending: Arc<[Mutex<Pending>]>,
     windows: Arc<Mutex<Windows>>,
     dropped: Arc<AtomicU64>,
     started: Instant,
@@ -123,18 +143,18 @@ pub(crate) struct Query<'a> {
 impl Blocked {
     /// Starts the draining thread; it ends when the sketch is dropped.
     pub(crate) fn new() -> Blocked {
-        let (tx, rx) = sync_channel(QUEUE);
+        let pending: Arc<[Mutex<Pending>]> = (0..SHARDS).map(|_| Mutex::default()).collect();
         let windows: Arc<Mutex<Windows>> = Arc::default();
         let started = Instant::now();
-        let drain = windows.clone();
+        let (from, into) = (Arc::downgrade(&pending), windows.clone());
         let spawned = std::thread::Builder::new()
             .name("blocked-hosts".into())
-            .spawn(move || drain_loop(&rx, &drain, started));
+            .spawn(move || drain_loop(&from, &into, started));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start the blocked-hosts thread; /v1/blocked stays empty");
         }
         Blocked {
-            tx,
+            pending,
             windows,
             dropped: Arc::default(),
             started,
@@ -142,8 +162,9 @@ impl Blocked {
     }
 
     /// Counts one decision if it blocks: every listener hands each decision here. Report mode's
-    /// would-be blocks count too: that is when an operator asks who they would be. Never waits:
-    /// when the queue is full the block is dropped and counted.
+    /// would-be blocks count too: that is when an operator asks who they would be. Never waits
+    /// on another thread but the drain, which holds a shard's lock only to swap its map out; a
+    /// block of a new key when the shard is full is dropped and counted.
     pub(crate) fn record(
         &self,
         listener: &str,
@@ -161,13 +182,26 @@ impl Blocked {
         while !host.is_char_boundary(end) {
             end -= 1;
         }
-        let event = Event {
-            listener: listener.into(),
-            host: host[..end].into(),
-            reason,
+        let key = KeyRef {
+            listener,
+            host: &host[..end],
+            reason: reason_index(reason),
             dst,
         };
-        if let Err(TrySendError::Full(_)) = self.tx.try_send(event) {
+        let mut pending = self.pending[shard()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pending.get_mut(&key) {
+            *n += 1;
+        } else if pending.len() < PENDING {
+            let key = Key {
+                listener: key.listener.into(),
+                host: key.host.into(),
+                reason: key.reason,
+                dst,
+            };
+            pending.insert(key, 1);
+        } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -265,39 +299,42 @@ fn prefix(ip: IpAddr) -> IpNet {
     IpNet::new(ip, len).map_or_else(|_| IpNet::from(ip), |n| n.trunc())
 }
 
-fn drain_loop(rx: &Receiver<Event>, windows: &Mutex<Windows>, started: Instant) {
-    let mut batch: HashMap<Key, u64> = HashMap::new();
+/// This thread's shard of the pending maps, assigned round-robin at its first block.
+fn shard() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
+}
+
+fn reason_index(reason: Reason) -> u8 {
+    Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0) as u8
+}
+
+/// Every [`DRAIN_EVERY`], swaps each shard's pending map for an empty one (keeping both maps'
+/// memory) and adds what it counted to the current window, until the sketch is dropped.
+fn drain_loop(pending: &Weak<[Mutex<Pending>]>, windows: &Mutex<Windows>, started: Instant) {
+    let mut taken = Pending::default();
     loop {
         std::thread::sleep(DRAIN_EVERY);
-        let mut gone = false;
-        loop {
-            match rx.try_recv() {
-                Ok(e) => {
-                    let key = Key {
-                        listener: e.listener,
-                        host: e.host,
-                        reason: Reason::ALL.iter().position(|r| *r == e.reason).unwrap_or(0) as u8,
-                        dst: e.dst,
-                    };
-                    *batch.entry(key).or_default() += 1;
+        let Some(shards) = pending.upgrade() else {
+            return;
+        };
+        for shard in shards.iter() {
+            {
+                let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                if shard.is_empty() {
+                    continue;
                 }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    gone = true;
-                    break;
-                }
+                std::mem::swap(&mut *shard, &mut taken);
             }
-        }
-        if !batch.is_empty() {
             let index = started.elapsed().as_secs() / WINDOW.as_secs();
             let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
             let summary = w.current(index);
-            for (key, n) in batch.drain() {
+            for (key, n) in taken.drain() {
                 summary.add(key, n);
             }
-        }
-        if gone {
-            return;
         }
     }
 }
@@ -387,6 +424,38 @@ mod tests {
             dst: Some("10.0.1.0/24".parse().unwrap()),
         });
         assert_eq!(tls["hosts"].as_array().unwrap().len(), 1);
+    }
+
+    /// Each block is counted or dropped and counted, never lost: a full pending map drops new
+    /// keys until the next drain, while keys it holds keep counting.
+    #[test]
+    fn every_block_is_counted_or_dropped_and_known_keys_keep_counting() {
+        let b = Blocked::new();
+        let dst = [10, 0, 0, 1].into();
+        let total = 3 * PENDING as u64;
+        for i in 0..total {
+            let host = if i % 10 == 0 {
+                "heavy.cn".to_string()
+            } else {
+                format!("r{i}.cn")
+            };
+            b.record("http", Decision::Block, &host, Reason::Unfiled, dst);
+        }
+        b.record("http", Decision::Allow, "filed.cn", Reason::Filed, dst);
+        std::thread::sleep(DRAIN_EVERY * 10);
+        let all = b.top(&Query {
+            top: 1,
+            listener: None,
+            dst: None,
+        });
+        let (blocks, dropped) = (
+            all["blocks"].as_u64().unwrap(),
+            all["dropped"].as_u64().unwrap(),
+        );
+        assert_eq!(blocks + dropped, total, "{all}");
+        assert_eq!(all["hosts"][0]["host"], "heavy.cn", "{all}");
+        let heavy = all["hosts"][0]["count"].as_u64().unwrap();
+        assert!(heavy >= total / 10, "{all}");
     }
 
     #[test]
