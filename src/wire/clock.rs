@@ -4,7 +4,7 @@
 
 use std::cell::Cell;
 use std::thread::LocalKey;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The last second formatted and its text, per thread.
 type Cache<const N: usize> = Cell<(u64, [u8; N])>;
@@ -31,8 +31,7 @@ fn once_a_second<const N: usize>(
     cache: &'static LocalKey<Cache<N>>,
     format: impl FnOnce(SystemTime) -> String,
 ) -> [u8; N] {
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = coarse_secs();
     cache.with(|last| {
         let (at, text) = last.get();
         if at == secs {
@@ -40,12 +39,42 @@ fn once_a_second<const N: usize>(
         }
         // Both formats have a fixed width; a shorter one would be padded with spaces.
         let mut text = [b' '; N];
-        let formatted = format(now);
+        let formatted = format(UNIX_EPOCH + Duration::from_secs(secs));
         let n = formatted.len().min(N);
         text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
         last.set((secs, text));
         text
     })
+}
+
+/// Seconds since the epoch from the kernel's coarse clock: a read of the time the kernel last
+/// ticked (some milliseconds old), without the TSC read and conversion of an exact clock, which
+/// texts to the second do not need.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn coarse_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    if r == 0 {
+        u64::try_from(ts.tv_sec).unwrap_or(0)
+    } else {
+        exact_secs()
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_secs() -> u64 {
+    exact_secs()
+}
+
+fn exact_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -60,5 +89,14 @@ mod tests {
         let date = http_date();
         assert_eq!(&date[25..], b" GMT");
         assert_eq!(date[3], b',');
+    }
+
+    #[test]
+    fn the_coarse_clock_is_within_a_second_of_the_exact_one() {
+        let (before, coarse, after) = (exact_secs(), coarse_secs(), exact_secs());
+        assert!(
+            before - 1 <= coarse && coarse <= after,
+            "{before} {coarse} {after}"
+        );
     }
 }
