@@ -48,7 +48,7 @@ where
 {
     let limits = shared.generation.load().config.limits.clone();
     let activity = Arc::new(Activity::default());
-    let drain = shared.drain.clone();
+    let drain = shared.drain.token();
     let ctx = Arc::new(ConnCtx {
         ends,
         spec,

@@ -304,7 +304,7 @@ impl ServerHandle {
                 _ => (None, None),
             };
         for (l, tls) in listeners.demo_origin {
-            tokio::spawn(demo_origin::serve(l, tls, shared.drain.clone()));
+            tokio::spawn(demo_origin::serve(l, tls, shared.drain.token()));
         }
 
         let registry_config = shared.generation.load().config.registry.clone();
