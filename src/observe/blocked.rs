@@ -2,8 +2,8 @@
 //! for `GET /v1/blocked`.
 //!
 //! The data path only counts each block in a small map of its own thread (one uncontended lock,
-//! no allocation for a key it has seen since the last drain), and drops it, counted, when that
-//! map already holds [`PENDING`] other keys. A thread of its own takes those maps every
+//! no allocation for a key it has seen since the last drain), and drops it, counted, when the
+//! maps already hold [`PENDING`] other keys in all. A thread of its own takes those maps every
 //! [`DRAIN_EVERY`] and adds them into twelve five-minute windows, each a space-saving summary
 //! (Metwally et al.) of at most [`KEEP`] keys, compacted back to [`KEEP`] whenever it reaches
 //! twice that: a key that ever held at least a 1/[`KEEP`] share of a window's blocks is never
@@ -26,9 +26,11 @@ use crate::core::decision::{Decision, Reason};
 
 /// Keys a window keeps after compaction (it holds up to twice as many between compactions).
 pub(crate) const KEEP: usize = 1024;
-/// Keys one thread's pending map holds between drains; blocks of other keys are dropped and
-/// counted until the next drain.
-const PENDING: usize = 4096;
+/// Keys the pending maps hold in all between drains (about: threads adding at once may each
+/// add one more); blocks of other keys are dropped and counted until the next drain.
+const PENDING: usize = 16 * 1024;
+/// Slots a drained map keeps for the next 20 ms; a flood's larger map gives its memory back.
+const PENDING_KEEP: usize = 1024;
 /// Pending maps: threads share them round-robin (a lock each, uncontended with up to this many
 /// threads).
 const SHARDS: usize = 64;
@@ -70,6 +72,18 @@ impl Equivalent<Key> for KeyRef<'_> {
 
 /// The blocks one shard counted since the last drain.
 type Pending = hashbrown::HashMap<Key, u64, RandomState>;
+
+/// The pending maps and the number of keys they hold.
+struct Shards {
+    maps: Box<[Shard]>,
+    keys: AtomicUsize,
+}
+
+/// One pending map, on cache lines of its own: threads that count blocks at once do not write
+/// to the same line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Pending>);
 
 /// A space-saving summary of one window.
 #[derive(Default)]
@@ -127,7 +141,7 @@ impl Windows {
 /// The sketch: the data path's side ([`Blocked::record`]) and the API's ([`Blocked::top`]).
 pub(crate) struct Blocked {
     /// The draining thread holds them weakly: it ends once the sketch is dropped.
-    pending: Arc<[Mutex<Pending>]>,
+    pending: Arc<Shards>,
     windows: Arc<Mutex<Windows>>,
     dropped: Arc<AtomicU64>,
     started: Instant,
@@ -143,7 +157,10 @@ pub(crate) struct Query<'a> {
 impl Blocked {
     /// Starts the draining thread; it ends when the sketch is dropped.
     pub(crate) fn new() -> Blocked {
-        let pending: Arc<[Mutex<Pending>]> = (0..SHARDS).map(|_| Mutex::default()).collect();
+        let pending = Arc::new(Shards {
+            maps: (0..SHARDS).map(|_| Shard::default()).collect(),
+            keys: AtomicUsize::new(0),
+        });
         let windows: Arc<Mutex<Windows>> = Arc::default();
         let started = Instant::now();
         let (from, into) = (Arc::downgrade(&pending), windows.clone());
@@ -188,12 +205,14 @@ impl Blocked {
             reason: reason_index(reason),
             dst,
         };
-        let mut pending = self.pending[shard()]
+        let mut pending = self.pending.maps[shard()]
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = pending.get_mut(&key) {
             *n += 1;
-        } else if pending.len() < PENDING {
+        } else if self.pending.keys.load(Ordering::Relaxed) < PENDING {
+            self.pending.keys.fetch_add(1, Ordering::Relaxed);
             let key = Key {
                 listener: key.listener.into(),
                 host: key.host.into(),
@@ -312,29 +331,31 @@ fn reason_index(reason: Reason) -> u8 {
     Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0) as u8
 }
 
-/// Every [`DRAIN_EVERY`], swaps each shard's pending map for an empty one (keeping both maps'
-/// memory) and adds what it counted to the current window, until the sketch is dropped.
-fn drain_loop(pending: &Weak<[Mutex<Pending>]>, windows: &Mutex<Windows>, started: Instant) {
+/// Every [`DRAIN_EVERY`], swaps each shard's pending map for an empty one and adds what it
+/// counted to the current window, until the sketch is dropped.
+fn drain_loop(pending: &Weak<Shards>, windows: &Mutex<Windows>, started: Instant) {
     let mut taken = Pending::default();
     loop {
         std::thread::sleep(DRAIN_EVERY);
         let Some(shards) = pending.upgrade() else {
             return;
         };
-        for shard in shards.iter() {
+        for shard in shards.maps.iter() {
             {
-                let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+                let mut shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
                 if shard.is_empty() {
                     continue;
                 }
                 std::mem::swap(&mut *shard, &mut taken);
             }
+            shards.keys.fetch_sub(taken.len(), Ordering::Relaxed);
             let index = started.elapsed().as_secs() / WINDOW.as_secs();
             let mut w = windows.lock().unwrap_or_else(|p| p.into_inner());
             let summary = w.current(index);
             for (key, n) in taken.drain() {
                 summary.add(key, n);
             }
+            taken.shrink_to(PENDING_KEEP);
         }
     }
 }
