@@ -104,18 +104,30 @@ impl Accepted {
             _ => Err(broken()),
         }
     }
+
+    /// One operation on `arg`: `direct` on the unregistered socket; when that would block, or
+    /// the socket is registered already, `registered` through tokio.
+    fn poll_io<A, T>(
+        &mut self,
+        mut arg: A,
+        direct: impl FnOnce(&mut &std::net::TcpStream, &mut A) -> io::Result<T>,
+        registered: impl FnOnce(Pin<&mut TcpStream>, &mut A) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Accepted::Direct(s) = self {
+            match direct(&mut &*s, &mut arg) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        match self.register() {
+            Ok(s) => registered(Pin::new(s), &mut arg),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 fn broken() -> io::Error {
     io::Error::other("the socket could not be registered with the reactor")
-}
-
-/// The result of a direct operation: done, or `None` when it would block (register and retry).
-fn direct<T>(r: io::Result<T>) -> Option<io::Result<T>> {
-    match r {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-        r => Some(r),
-    }
 }
 
 impl AsyncRead for Accepted {
@@ -124,16 +136,15 @@ impl AsyncRead for Accepted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Accepted::Direct(s) = this
-            && let Some(r) = direct((&*s).read(buf.initialize_unfilled()))
-        {
-            return Poll::Ready(r.map(|n| buf.advance(n)));
-        }
-        match this.register() {
-            Ok(s) => Pin::new(s).poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_io(
+            buf,
+            |s, buf| {
+                let n = s.read(buf.initialize_unfilled())?;
+                buf.advance(n);
+                Ok(())
+            },
+            |s, buf| s.poll_read(cx, buf),
+        )
     }
 }
 
@@ -143,16 +154,8 @@ impl AsyncWrite for Accepted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Accepted::Direct(s) = this
-            && let Some(r) = direct((&*s).write(buf))
-        {
-            return Poll::Ready(r);
-        }
-        match this.register() {
-            Ok(s) => Pin::new(s).poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut()
+            .poll_io(buf, |s, buf| s.write(buf), |s, buf| s.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -160,16 +163,11 @@ impl AsyncWrite for Accepted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if let Accepted::Direct(s) = this
-            && let Some(r) = direct((&*s).write_vectored(bufs))
-        {
-            return Poll::Ready(r);
-        }
-        match this.register() {
-            Ok(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.get_mut().poll_io(
+            bufs,
+            |s, bufs| s.write_vectored(bufs),
+            |s, bufs| s.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
