@@ -48,6 +48,7 @@ where
 {
     let limits = shared.generation.load().config.limits.clone();
     let activity = Arc::new(Activity::default());
+    let drain = shared.drain.token();
     let ctx = Arc::new(ConnCtx {
         ends,
         spec,
@@ -77,7 +78,7 @@ where
                 rest = fast.as_mut() => break rest,
                 // A request in flight finishes (with `connection: close`); an idle connection
                 // closes now.
-                _ = ctx.shared.drain.wait(), if !draining => {
+                _ = drain.cancelled(), if !draining => {
                     if !ctx.answering.load(Ordering::Relaxed) {
                         return;
                     }
@@ -94,7 +95,6 @@ where
 
     // A copy, so a long-lived connection does not pin the config it started under.
     let http = ctx.shared.generation.load().http.clone();
-    let drain = ctx.shared.drain.token();
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { handle(req, &ctx).await }

@@ -2,12 +2,10 @@
 //! the drain signal and the live tunnels. The runtime builds it; listeners and the admin API read it.
 
 use crate::observe::blocked::Blocked;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Poll, Waker};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -121,28 +119,6 @@ impl Drain {
     /// Completes once the drain has started.
     pub(crate) fn cancelled(&self) -> WaitForCancellationFuture<'_> {
         self.token.cancelled()
-    }
-
-    /// Like [`Drain::cancelled`], for a future polled at every wake-up of a busy connection: the
-    /// token's future takes two locks per poll, this one reads the flag and polls the token only
-    /// when the task's waker is not the one the token already holds.
-    pub(crate) async fn wait(&self) {
-        let token = self.token.cancelled();
-        tokio::pin!(token);
-        let mut registered: Option<Waker> = None;
-        std::future::poll_fn(|cx| {
-            if self.is_cancelled() {
-                return Poll::Ready(());
-            }
-            // The flag is set before the token is cancelled, and cancelling wakes the waker
-            // the token holds: this one.
-            if registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                return Poll::Pending;
-            }
-            registered = Some(cx.waker().clone());
-            token.as_mut().poll(cx)
-        })
-        .await
     }
 
     /// A token cancelled by the drain, and cancellable on its own (a tunnel's).
@@ -274,31 +250,4 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 pub(crate) fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let config = config::tls::server_config(cert, key, None, &[b"h2", b"http/1.1"])?;
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    /// A connection's first poll runs in the accept loop's task, the later ones in its own: the
-    /// drain must wake the task that polled it last.
-    #[tokio::test]
-    async fn drain_wait_wakes_the_task_that_polled_it_last() {
-        let drain = Arc::new(Drain::default());
-        let d = drain.clone();
-        let mut wait = Box::pin(async move { d.wait().await });
-        let first = std::future::poll_fn(|cx| Poll::Ready(wait.as_mut().poll(cx))).await;
-        assert!(first.is_pending());
-        let task = tokio::spawn(wait);
-        tokio::task::yield_now().await;
-        assert!(!task.is_finished());
-        drain.cancel();
-        tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .expect("the drain wakes the task that polled last")
-            .unwrap();
-        // Once started, a new wait completes at once.
-        drain.wait().await;
-    }
 }
