@@ -725,16 +725,32 @@ async fn accept_loop(
         });
         // A connection that has to wait moves to its own task; its first poll there hands the
         // wakers it registered to that task.
-        if inline && poll_once(connection.as_mut()).await.is_ready() {
-            continue;
+        if inline {
+            match poll_once(connection.as_mut()).await {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => {
+                    // As a task's panic ends only that task: the connection is dropped (closing
+                    // it and releasing its slot) and this loop goes on.
+                    warn!(addr = %local_addr, client = %peer, "connection handler panicked; connection closed");
+                    continue;
+                }
+            }
         }
         shared.tasks.spawn(connection);
     }
 }
 
-/// Polls `f` once: its output, or `Pending`.
-async fn poll_once<F: Future + ?Sized>(mut f: Pin<&mut F>) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
+/// Polls `f` once: its output, `Pending`, or the panic it raised.
+async fn poll_once<F: Future + ?Sized>(mut f: Pin<&mut F>) -> Poll<std::thread::Result<F::Output>> {
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Ready(Poll::Pending),
+            Ok(Poll::Ready(out)) => Poll::Ready(Poll::Ready(Ok(out))),
+            Err(panic) => Poll::Ready(Poll::Ready(Err(panic))),
+        }
+    })
+    .await
 }
 
 /// How long an accept loop waits after a failed accept (out of descriptors, say) before trying
@@ -774,6 +790,21 @@ impl AcceptFailures {
 mod tests {
     use super::*;
     use tokio::net::TcpStream;
+
+    /// A connection whose first poll runs in the accept loop: what it returns, that it waits,
+    /// or its panic, which must not end the accept loop.
+    #[tokio::test]
+    async fn a_first_poll_reports_the_output_the_wait_or_the_panic() {
+        let mut done = Box::pin(async { 7 });
+        assert!(matches!(poll_once(done.as_mut()).await, Poll::Ready(Ok(7))));
+        let mut waits = Box::pin(std::future::pending::<()>());
+        assert!(poll_once(waits.as_mut()).await.is_pending());
+        let mut panics = Box::pin(async { panic!("a handler bug") });
+        assert!(matches!(
+            poll_once(panics.as_mut()).await,
+            Poll::Ready(Err(_))
+        ));
+    }
 
     /// `preamble::connection` relies on accepted sockets inheriting TCP_NODELAY from the listener.
     #[tokio::test]
