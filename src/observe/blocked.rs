@@ -181,7 +181,7 @@ impl Blocked {
     /// Counts one decision if it blocks: every listener hands each decision here. Report mode's
     /// would-be blocks count too: that is when an operator asks who they would be. Never waits
     /// on another thread but the drain, which holds a shard's lock only to swap its map out; a
-    /// block of a new key when the shard is full is dropped and counted.
+    /// block of a new key when the pending maps are full is dropped and counted.
     pub(crate) fn record(
         &self,
         listener: &str,
