@@ -47,7 +47,7 @@ const MAX_HOST: usize = 253;
 struct Key {
     listener: Box<str>,
     host: Box<str>,
-    reason: u8,
+    reason: Reason,
     dst: IpAddr,
 }
 
@@ -57,7 +57,7 @@ struct Key {
 struct KeyRef<'a> {
     listener: &'a str,
     host: &'a str,
-    reason: u8,
+    reason: Reason,
     dst: IpAddr,
 }
 
@@ -143,7 +143,7 @@ pub(crate) struct Blocked {
     /// The draining thread holds them weakly: it ends once the sketch is dropped.
     pending: Arc<Shards>,
     windows: Arc<Mutex<Windows>>,
-    dropped: Arc<AtomicU64>,
+    dropped: AtomicU64,
     started: Instant,
 }
 
@@ -173,7 +173,7 @@ impl Blocked {
         Blocked {
             pending,
             windows,
-            dropped: Arc::default(),
+            dropped: AtomicU64::new(0),
             started,
         }
     }
@@ -202,7 +202,7 @@ impl Blocked {
         let key = KeyRef {
             listener,
             host: &host[..end],
-            reason: reason_index(reason),
+            reason,
             dst,
         };
         let mut pending = self.pending.maps[shard()]
@@ -264,10 +264,7 @@ impl Blocked {
                 });
                 h.count += count;
                 h.error += err;
-                let reason = Reason::ALL
-                    .get(usize::from(key.reason))
-                    .map_or("", |r| r.as_str());
-                *h.reasons.entry(reason).or_default() += count;
+                *h.reasons.entry(key.reason.as_str()).or_default() += count;
                 *h.dst.entry(prefix(key.dst)).or_default() += count;
                 *h.listeners.entry(key.listener.to_string()).or_default() += count;
             }
@@ -327,10 +324,6 @@ fn shard() -> usize {
     SHARD.with(|s| *s)
 }
 
-fn reason_index(reason: Reason) -> u8 {
-    Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0) as u8
-}
-
 /// Every [`DRAIN_EVERY`], swaps each shard's pending map for an empty one and adds what it
 /// counted to the current window, until the sketch is dropped.
 fn drain_loop(pending: &Weak<Shards>, windows: &Mutex<Windows>, started: Instant) {
@@ -368,7 +361,7 @@ mod tests {
         Key {
             listener: "http".into(),
             host: host.into(),
-            reason: 9,
+            reason: Reason::Unfiled,
             dst: [10, 0, 0, 1].into(),
         }
     }
