@@ -151,15 +151,13 @@ struct Listener {
     next_id: u64,
 }
 
-/// What a flow is keyed by: the client's address and the local address its datagrams were sent
-/// to (always the bound one, but on a wildcard bind, where IP_PKTINFO tells it per datagram).
+/// What a flow is keyed by: the client's address and, on a wildcard bind, the address its
+/// datagrams were sent to (IP_PKTINFO), which is the flow's destination ([`Listener::dst`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 struct Peer {
     addr: SocketAddr,
-    /// Canonical (an IPv4 address received on a dual-stack socket is IPv4), as the access log
-    /// and the tunnel index show it.
-    local: SocketAddr,
-    /// The address to answer from on a wildcard bind, as the socket reported it.
+    /// On a wildcard bind, the address the client sent to, as the socket reported it: answers
+    /// leave from it.
     reply_from: Option<IpAddr>,
 }
 
@@ -347,20 +345,24 @@ impl Listener {
         }
     }
 
-    /// The flow key of a datagram from `addr` sent to `dst_ip`.
+    /// The flow key of a datagram from `addr` sent to `dst_ip` (which only a wildcard socket
+    /// reports, and must).
     fn peer(&self, addr: SocketAddr, dst_ip: Option<IpAddr>) -> Option<Peer> {
-        if !self.wildcard() {
-            return Some(Peer {
-                addr,
-                local: self.local,
-                reply_from: None,
-            });
+        if self.wildcard() && dst_ip.is_none() {
+            return None;
         }
-        let ip = dst_ip?;
         Some(Peer {
             addr,
-            local: SocketAddr::new(ip.to_canonical(), self.local.port()),
-            reply_from: Some(ip),
+            reply_from: dst_ip,
+        })
+    }
+
+    /// The destination of `peer`'s flow: the bound address, or on a wildcard bind the one the
+    /// client sent to, canonical (an IPv4 address received on a dual-stack socket is IPv4) as
+    /// the decision, the access log and the tunnel index take it.
+    fn dst(&self, peer: Peer) -> SocketAddr {
+        peer.reply_from.map_or(self.local, |ip| {
+            SocketAddr::new(ip.to_canonical(), self.local.port())
         })
     }
 
@@ -697,7 +699,7 @@ impl Listener {
             }
             (Settle::Read(Read::Incomplete) | Settle::TimedOut, None) => HostInput::InvalidSni,
         };
-        let dst = client.local;
+        let dst = self.dst(client);
         let snapshot = self.shared.registry.load();
         let v = decide(dst.ip(), input, &snapshot, &generation.policy);
         let sni = match (&parsed, &raw) {
@@ -753,7 +755,7 @@ impl Listener {
         let guard = d.registrable.as_deref().map(|r| {
             self.shared
                 .tunnels
-                .register(&d.sni, r, client.local.ip(), stop.clone())
+                .register(&d.sni, r, self.dst(client).ip(), stop.clone())
         });
         let task = FlowTask {
             client,
@@ -844,6 +846,7 @@ impl Listener {
         let sni_before = allowed.sni.clone();
         let generation = self.shared.generation.load_full();
         let d = self.decide(client, &pending, Settle::Read(fed.read), &generation, spec);
+        let dst = self.dst(client);
         let Some(Flow::Allowed(allowed)) = self.flows.get_mut(&client) else {
             return;
         };
@@ -853,12 +856,10 @@ impl Listener {
             // the same origin socket (a Retry token is bound to its address). Another name is
             // registered too, so that its revocation stops the flow.
             if let Some(r) = d.registrable.as_deref().filter(|_| d.sni != sni_before) {
-                let guard = self.shared.tunnels.register(
-                    &d.sni,
-                    r,
-                    client.local.ip(),
-                    allowed.stop.clone(),
-                );
+                let guard = self
+                    .shared
+                    .tunnels
+                    .register(&d.sni, r, dst.ip(), allowed.stop.clone());
                 allowed.more_names.push(guard);
             }
             for held in &pending.held {
