@@ -93,10 +93,9 @@ impl Accepted {
 
     /// Registers the socket with the current runtime's reactor (once).
     fn register(&mut self) -> io::Result<&mut TcpStream> {
-        if let Accepted::Direct(_) = self {
-            let Accepted::Direct(s) = std::mem::replace(self, Accepted::Broken) else {
-                unreachable!("matched above");
-            };
+        if let Accepted::Direct(_) = self
+            && let Accepted::Direct(s) = std::mem::replace(self, Accepted::Broken)
+        {
             *self = Accepted::Registered(TcpStream::from_std(s)?);
         }
         match self {
