@@ -83,10 +83,11 @@ INFLIGHT = 16
 # --page: the block page all three render; "large" is icp-gate's built-in (~2 KB), "small" a
 # ~200-byte page (conf/block-small.html), where per-request overhead weighs most.
 PAGE = "large"
-# The floor (floor.c): a bare epoll loop that answers without deciding anything, so what the
-# kernel costs per operation is measured in the same run. It has no origin side: only these.
+# The floor (floor.c): a bare epoll loop that answers or relays without a registry, timers or
+# logs (a filed name is one with a '-'), so what the kernel costs per operation is measured in
+# the same run. Not the bulk transfer: it copies, where icp-gate splices.
 FLOOR = "floor"
-FLOOR_SCENARIOS = ("blocked", "newconn", "tls-refuse")
+FLOOR_SCENARIOS = ("blocked", "forwarded", "newconn", "mix", "tls-handshake", "tls-refuse")
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -480,21 +481,18 @@ def tls_probe(port: int, sni: str) -> str:
         return f"refused ({type(e).__name__})"
 
 
-def probe(kind: str, port: int, reg: Registry, floor: bool = False) -> str | None:
-    """None when the contender behaves as every contender must; otherwise what is wrong.
-    The floor has no origin side: only its refusals are probed."""
+def probe(kind: str, port: int, reg: Registry) -> str | None:
+    """None when the contender behaves as every contender must; otherwise what is wrong."""
     if kind == "http":
         st, body = http_get(port, reg.unfiled_host)
         size_ok = 1500 < len(body) < 3000 if PAGE == "large" else 150 < len(body) < 400
         if st != 403 or not size_ok or reg.unfiled_host.encode() not in body:
             return f"unfiled host: {st}, {len(body)} bytes"
-        if floor:
-            return None
         st, body = http_get(port, reg.filed_host)
         if st != 200 or body != b"origin ok\n":
             return f"filed host: {st} {body[:40]!r}"
         return None
-    if not floor and (r := tls_probe(port, reg.filed_host)) != "ok":
+    if (r := tls_probe(port, reg.filed_host)) != "ok":
         return f"filed SNI: {r}"
     if (r := tls_probe(port, reg.unfiled_host)) == "ok" or r.startswith("answer"):
         return f"unfiled SNI not refused: {r}"
@@ -585,9 +583,10 @@ def start_contender(env: Env, who: str, kind: str, reg: Registry, tag: str) -> t
                     f"{'0' * 16}\r\ncontent-length: {len(body)}\r\n"
                     "date: Sat, 05 Dec 2026 12:00:00 GMT\r\n\r\n")
             (w / "floor-page").write_bytes(head.encode() + body)
-            argv = [str(w / "floor"), "http", str(http_port), str(w / "floor-page")]
+            argv = [str(w / "floor"), "http", str(http_port), str(w / "floor-page"),
+                    str(PORTS["ORIGIN_HTTP"])]
         else:
-            argv = [str(w / "floor"), "tls", str(tls_port)]
+            argv = [str(w / "floor"), "tls", str(tls_port), str(PORTS["ORIGIN_TLS"])]
         proc = Proc(who, ["taskset", "-c", CORE_SERVER, *argv], logfile)
     elif who.startswith("nginx"):
         values.update(NGINX_MAP=reg.nginx_map, MAP_HASH_MAX=max(4096, 2 * reg.n),
@@ -915,7 +914,7 @@ def measure(env: Env, scen: Scenario, reg: Registry, rnd: int, who: str, args) -
         why, deadline = "no answer", time.monotonic() + 300
         while time.monotonic() < deadline and proc.alive():
             try:
-                if (why := probe(scen.kind, port, reg, who == FLOOR)) is None:
+                if (why := probe(scen.kind, port, reg)) is None:
                     res.ready_s = time.monotonic() - proc.started
                     break
             except OSError as e:
