@@ -110,6 +110,11 @@ pub(crate) async fn serve(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(SWEEP);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Made once, not at every wake-up: each one made and dropped takes the token's lock twice.
+    let stopped = stop.cancelled();
+    let drain = listener.shared.drain.token();
+    let drained = drain.cancelled();
+    tokio::pin!(stopped, drained);
     loop {
         let closing = stop.is_cancelled() || listener.shared.drain.is_cancelled();
         if closing && !listener.relaying() {
@@ -123,8 +128,9 @@ pub(crate) async fn serve(
                 Err(e) => debug!(error = %e, "udp receive failed"),
             },
             _ = sweep.tick() => listener.sweep(closing),
-            _ = stop.cancelled(), if !closing => {}
-            _ = listener.shared.drain.cancelled(), if !closing => {}
+            // Not polled again once it has fired: `closing` stays true from then on.
+            _ = &mut stopped, if !closing => {}
+            _ = &mut drained, if !closing => {}
         }
     }
 }
@@ -1129,7 +1135,9 @@ impl FlowTask {
         });
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let idle = tokio::time::sleep(self.idle);
-        tokio::pin!(idle);
+        // Made once (see `serve`).
+        let stopped = self.stop.cancelled();
+        tokio::pin!(idle, stopped);
         loop {
             tokio::select! {
                 r = recv_run(&self.io, &origin, &mut buf) => match r {
@@ -1145,7 +1153,7 @@ impl FlowTask {
                     // An ICMP error from the origin (port unreachable): the client retries.
                     Err(_) => self.metrics.upstream_error(UpstreamError::Reset),
                 },
-                _ = self.stop.cancelled() => return,
+                _ = &mut stopped => return,
                 _ = &mut idle => {
                     let last = Duration::from_millis(self.activity.load(Ordering::Relaxed));
                     let since = self.epoch.elapsed().saturating_sub(last);
