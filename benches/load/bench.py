@@ -89,9 +89,6 @@ PAGE = "large"
 FLOOR = "floor"
 FLOOR_SCENARIOS = ("blocked", "forwarded", "newconn", "mix", "tls-handshake", "tls-refuse")
 
-# Quiet seconds between writing the registries and the first measurement (see main()).
-SETTLE_S = 20
-
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 # ---------------------------------------------------------------------------------------------
@@ -1308,12 +1305,6 @@ def main() -> None:
         subprocess.run(["cc", "-O2", "-o", str(work / "floor"), str(HERE / "floor.c")],
                        check=True)
     regs = {n: generate_registry(n, work) for n in args.sizes}
-    # Written a moment ago (~200 MiB at N = 1 M): flushed, then a pause before the first
-    # measurement. Without it the first measurement of a run (always icp-gate's, as it goes
-    # first) cost 1.19-1.25x its round 2 on the blocked path while the other contenders' rounds
-    # agreed within 5 %; the flush alone did not remove that, 20 s of quiet did.
-    os.sync()
-    time.sleep(SETTLE_S)
     origin = start_origin(env, args.bulk_bytes)
     results: list[Result] = []
     out_lines: list[str] = []
