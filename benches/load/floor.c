@@ -40,8 +40,8 @@ static size_t page_len, page_close_len;
 static int tls_mode, origin_port, ep, one = 1;
 static const char alert[] = {0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31};
 
-/* Per descriptor: its peer (0: none), whether it is an origin side, whether its reading side
- * has seen EOF (a relayed FIN) and whether its peer's has. */
+/* Per descriptor: its peer (0: none), whether it is an origin side, and whether its reading
+ * side has seen EOF (then passed on to the peer as a FIN). */
 static int peer[MAXFD];
 static unsigned char is_origin[MAXFD], eof_in[MAXFD];
 
@@ -99,12 +99,11 @@ static int relay(int fd, const char *buf, size_t n) {
 }
 
 /* fd's reading side saw EOF: pass it on; both sides done closes both. */
-static int end_of(int fd) {
+static void end_of(int fd) {
     int p = peer[fd];
-    if (!p || eof_in[p]) { drop(fd); return -1; }
+    if (!p || eof_in[p]) { drop(fd); return; }
     eof_in[fd] = 1;
     shutdown(p, SHUT_WR);
-    return 0;
 }
 
 /* Whether the server_name of the ClientHello in this record (whole, n bytes) has a '-'. */
