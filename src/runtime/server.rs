@@ -686,18 +686,23 @@ async fn accept_loop(
     // gets its task at once, so that other threads can take it.
     let inline = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
     let mut failures = AcceptFailures::default();
+    // Made once, not at every wait for a connection: each one made and dropped takes its token's
+    // lock twice.
+    let stopped = stop.cancelled();
+    let drained = shared.drain.cancelled();
+    tokio::pin!(stopped, drained);
     loop {
         // Checked before each accept, so a steady stream of connections cannot keep the loop
         // from seeing a stop; the select below is biased so that an accept that is ready at
-        // once never registers the two cancellation waiters.
+        // once never polls the two cancellation waiters.
         if stop.is_cancelled() || shared.drain.is_cancelled() {
             return;
         }
         let accepted = tokio::select! {
             biased;
             r = listener.accept() => r,
-            _ = stop.cancelled() => return,
-            _ = shared.drain.cancelled() => return,
+            _ = &mut stopped => return,
+            _ = &mut drained => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
