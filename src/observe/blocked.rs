@@ -34,7 +34,7 @@ const PENDING_KEEP: usize = 1024;
 /// Pending maps: threads share them round-robin (a lock each, uncontended with up to this many
 /// threads).
 const SHARDS: usize = 64;
-/// How often the queue is drained.
+/// How often the pending maps are drained.
 const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// Length of one window.
 const WINDOW: Duration = Duration::from_secs(300);
