@@ -269,9 +269,8 @@ pub fn decide<'p, 'h, 's>(
     let Some(registrable) = host::registrable_domain(name) else {
         return reported(verdict(Decision::Block, Reason::InvalidHost, route), mode);
     };
-    let matched = parents(name)
-        .take_while(|candidate| candidate.len() >= registrable.len())
-        .find_map(|candidate| snapshot.get(candidate));
+    let matched = snapshot
+        .find_first(parents(name).take_while(|candidate| candidate.len() >= registrable.len()));
     let (decision, reason) = match matched {
         None => (Decision::Block, Reason::Unfiled),
         Some(e) if e.status == Status::Revoked => (Decision::Block, Reason::Revoked),

@@ -3,6 +3,7 @@
 
 pub(crate) mod damage;
 mod entry;
+mod frozen;
 mod published;
 mod service;
 mod snapshot;
