@@ -3,13 +3,13 @@
 //! Sized for China's whole filing base (10 million domains): entries are packed into one string
 //! arena per shard with a table of cache-line buckets ([`super::frozen`]; about 51 bytes an
 //! entry instead of ~150 for a `HashMap<String, Entry>`), and the snapshot is split into
-//! [`SHARDS`] shards so that an update
-//! copies only what it touches. Each shard is a frozen base plus a small delta of recent changes;
-//! when the delta grows past a fraction of its base, the shard is re-frozen. Shards are held in
-//! groups of [`GROUP`], each group shared by `Arc`: publishing a single upsert copies one group
-//! and the list of groups, and touches ~200 reference counts rather than two per shard, which
-//! is what kept lookups on the other core slow under a stream of updates. A batch produces a new
-//! snapshot that shares every untouched group with the old one.
+//! [`SHARDS`] shards so that an update copies only what it touches. Each shard is a frozen base
+//! plus a small delta of recent changes; when the delta grows past a fraction of its base, the
+//! shard is re-frozen. Shards are held in groups of [`GROUP`], each group shared by `Arc`:
+//! publishing a single upsert copies one group and the list of groups, and touches ~200
+//! reference counts rather than two per shard, which is what kept lookups on the other core slow
+//! under a stream of updates. A batch produces a new snapshot that shares every untouched group
+//! with the old one.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -260,8 +260,8 @@ impl Snapshot {
 
     /// The first of `names` that the registry holds: given a name and then its parents, the
     /// longest match. The buckets of up to four names are fetched before any is compared, so
-    /// their cache misses overlap: a sub-domain's lookup (a miss, then its parent) costs little
-    /// more than one.
+    /// their cache misses overlap instead of following one another (a sub-domain's lookup is a
+    /// miss, then its parent).
     pub fn find_first<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<EntryRef<'_>> {
         const AHEAD: usize = 4;
         let mut names = names.into_iter();
