@@ -89,7 +89,36 @@ pub(crate) fn json_problem(e: &serde_json::Error) -> String {
     }
 }
 
+/// A borrowed view of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub domain: &'a str,
+    pub icp: &'a str,
+    pub status: Status,
+    pub access_here: bool,
+}
+
+impl EntryRef<'_> {
+    pub fn to_entry(&self) -> Entry {
+        Entry {
+            domain: self.domain.to_string(),
+            icp: self.icp.to_string(),
+            status: self.status,
+            access_here: self.access_here,
+        }
+    }
+}
+
 impl Entry {
+    pub fn as_ref(&self) -> EntryRef<'_> {
+        EntryRef {
+            domain: &self.domain,
+            icp: &self.icp,
+            status: self.status,
+            access_here: self.access_here,
+        }
+    }
+
     /// Parses one NDJSON line into a validated entry.
     pub fn from_json(line: &str) -> Result<Entry, EntryError> {
         serde_json::from_str::<RawEntry>(line)

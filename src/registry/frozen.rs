@@ -13,10 +13,18 @@
 //! several names to look up (a name and its parents) can fetch all their buckets before it
 //! compares any: the misses then overlap instead of following one another.
 
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, LazyLock};
 
-use super::entry::{BuildError, Status};
-use super::snapshot::{EntryRef, hash};
+use super::entry::{BuildError, EntryRef, Status};
+
+/// One hasher for the life of the process, randomly seeded: lookups hash client-supplied names.
+static HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
+/// The hash the tables place and find a name by.
+pub(super) fn hash(domain: &str) -> u64 {
+    HASHER.hash_one(domain.as_bytes())
+}
 
 /// Slots per bucket: 8 × (2 + 4 + 1 + 1) bytes fill one 64-byte line.
 const SLOTS: usize = 8;
@@ -41,6 +49,20 @@ struct Bucket {
     offset: [u32; SLOTS],
     domain_len: [u8; SLOTS],
     icp_len: [u8; SLOTS],
+}
+
+impl Bucket {
+    fn put(&mut self, slot: usize, meta: u16, offset: u32, domain_len: u8, icp_len: u8) {
+        self.meta[slot] = meta;
+        self.offset[slot] = offset;
+        self.domain_len[slot] = domain_len;
+        self.icp_len[slot] = icp_len;
+    }
+}
+
+/// The bits of a name's hash its slot keeps.
+fn tag(hash: u64) -> u16 {
+    hash as u16 & TAG
 }
 
 /// Packed, read-only entries of one shard; a clone shares them.
@@ -129,7 +151,7 @@ fn find_slot(
     hash: u64,
     is_it: impl Fn(usize, usize) -> bool,
 ) -> Result<(usize, usize), (usize, usize)> {
-    let want = USED | (hash as u16 & TAG);
+    let want = USED | tag(hash);
     loop {
         for (slot, &m) in meta.iter().enumerate() {
             if m & (USED | TAG) == want && is_it(b, slot) {
@@ -238,11 +260,13 @@ impl FrozenBuilder {
         } else {
             0
         } | if e.access_here { ACCESS_HERE } else { 0 };
-        let bucket = &mut Arc::make_mut(&mut self.buckets)[b];
-        bucket.meta[slot] = USED | flags | (hash as u16 & TAG);
-        bucket.offset[slot] = offset;
-        bucket.domain_len[slot] = domain_len;
-        bucket.icp_len[slot] = icp_len;
+        Arc::make_mut(&mut self.buckets)[b].put(
+            slot,
+            USED | flags | tag(hash),
+            offset,
+            domain_len,
+            icp_len,
+        );
         self.len += 1;
         Ok(())
     }
@@ -260,18 +284,16 @@ impl FrozenBuilder {
                 let Some(home) = bucket_of(h, size) else {
                     return;
                 };
-                // The new table is larger than the entries, so a free slot is found.
-                let mut b = home;
-                while let Some(to) = new.get_mut(b) {
-                    if let Some(free) = to.meta.iter().position(|&m| m == 0) {
-                        to.meta[free] = bucket.meta[slot] & !TAG | (h as u16 & TAG);
-                        to.offset[free] = bucket.offset[slot];
-                        to.domain_len[free] = bucket.domain_len[slot];
-                        to.icp_len[free] = bucket.icp_len[slot];
-                        break;
-                    }
-                    b = (b + 1) % size;
-                }
+                // Names in a built table are distinct: only the first free slot is wanted.
+                let (Ok((b, free)) | Err((b, free))) =
+                    find_slot(new, home, new[home].meta, h, |_, _| false);
+                new[b].put(
+                    free,
+                    bucket.meta[slot] & !TAG | tag(h),
+                    bucket.offset[slot],
+                    bucket.domain_len[slot],
+                    bucket.icp_len[slot],
+                );
             }
         }
     }

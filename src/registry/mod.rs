@@ -12,8 +12,8 @@ mod store;
 use std::path::Path;
 
 pub use entry::{
-    BuildError, Entry, EntryError, FileError, LineError, MAX_ICP_BYTES, Status, normalize_domain,
-    read_ndjson_file,
+    BuildError, Entry, EntryError, EntryRef, FileError, LineError, MAX_ICP_BYTES, Status,
+    normalize_domain, read_ndjson_file,
 };
 pub(crate) use entry::{RawEntry, json_problem};
 pub use published::Registry;
@@ -21,7 +21,7 @@ pub(crate) use service::{
     Applied, FleetChange, Guard, OnPublish, RegistryWriter, WriteError, WriteKind,
     check_ops_shrink, check_replace_shrink,
 };
-pub use snapshot::{EntryRef, Op, SHARDS, Snapshot, SnapshotBuilder};
+pub use snapshot::{Op, SHARDS, Snapshot, SnapshotBuilder};
 pub(crate) use store::{
     MAX_RECORD as MAX_JOURNAL_RECORD, Store, decode_snapshot, encode_snapshot, read_fleet_marker,
     record_len as journal_record_len, write_fleet_marker,

@@ -13,26 +13,19 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use hashbrown::HashTable;
 use sha2::{Digest, Sha256};
 
-use super::entry::{BuildError, Entry, Status};
-use super::frozen::{Frozen, FrozenBuilder, Home};
+use super::entry::{BuildError, Entry, EntryRef, Status};
+use super::frozen::{Frozen, FrozenBuilder, Home, hash};
 
 /// Number of shards (a power of two). 4096 keeps a shard at ~2,500 entries at 10 M.
 pub const SHARDS: usize = 1 << SHARD_BITS;
 const SHARD_BITS: u32 = 12;
 /// Shards per shared group.
 const GROUP: usize = 64;
-
-/// One hasher for the life of the process, randomly seeded: lookups hash client-supplied names.
-static HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
-
-pub(super) fn hash(domain: &str) -> u64 {
-    HASHER.hash_one(domain.as_bytes())
-}
 
 /// Which shard holds a name: a hash with a fixed seed, unlike the tables' randomly seeded one,
 /// so that a snapshot file (written shard by shard) is read back shard by shard after a restart,
@@ -43,26 +36,6 @@ fn shard_of(domain: &str) -> usize {
     const SHARD_HASHER: foldhash::fast::FixedState =
         foldhash::fast::FixedState::with_seed(0x1c9_9a7e_5eed);
     (SHARD_HASHER.hash_one(domain.as_bytes()) >> (64 - SHARD_BITS)) as usize
-}
-
-/// A borrowed view of one entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EntryRef<'a> {
-    pub domain: &'a str,
-    pub icp: &'a str,
-    pub status: Status,
-    pub access_here: bool,
-}
-
-impl EntryRef<'_> {
-    pub fn to_entry(&self) -> Entry {
-        Entry {
-            domain: self.domain.to_string(),
-            icp: self.icp.to_string(),
-            status: self.status,
-            access_here: self.access_here,
-        }
-    }
 }
 
 /// One write to the registry.
@@ -220,17 +193,6 @@ impl SnapshotBuilder {
             len: self.len,
             revision,
             digest: OnceLock::new(),
-        }
-    }
-}
-
-impl Entry {
-    pub fn as_ref(&self) -> EntryRef<'_> {
-        EntryRef {
-            domain: &self.domain,
-            icp: &self.icp,
-            status: self.status,
-            access_here: self.access_here,
         }
     }
 }

@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use super::entry::{Entry, Status};
-use super::snapshot::{EntryRef, Op, Snapshot, SnapshotBuilder};
+use super::entry::{Entry, EntryRef, Status};
+use super::snapshot::{Op, Snapshot, SnapshotBuilder};
 
 const SNAPSHOT: &str = "snapshot.bin";
 const SNAPSHOT_TMP: &str = "snapshot.bin.tmp";
