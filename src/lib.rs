@@ -36,7 +36,8 @@ pub mod internals {
     pub use crate::registry::damage::{check_damaged_state, check_state_bytes};
     pub use crate::wire::http1::{
         BadResponse, ChunkedEnd, Final, Framing, MAX_HEADERS, RequestHead, ResponseHead, Simple,
-        finish_client_head, is_hop_by_hop, parse_request, parse_response, write_origin_request,
+        finish_client_head, header_slots, is_hop_by_hop, parse_request, parse_response,
+        write_origin_request,
     };
     pub use crate::wire::proxy_protocol::{Addresses, Parsed, parse as parse_proxy_header};
 }

@@ -233,6 +233,51 @@ async fn slowloris_client_is_cut_off() {
     assert!(closed_within(&mut kept, Duration::from_secs(3)).await);
 }
 
+/// The time a kept-alive connection has for its next request head counts from the last answer,
+/// not from when the connection opened: requests 300 ms apart under a 500 ms limit are all
+/// answered, and the connection closes once it goes quiet.
+#[tokio::test]
+async fn head_timeout_counts_from_the_last_answer() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(
+        origin.addr,
+        "[limits]\nheader_read_timeout = \"500ms\"",
+    ))
+    .await;
+    let mut kept = TcpStream::connect(gate.http).await.unwrap();
+    for i in 0..5 {
+        kept.write_all(b"GET / HTTP/1.1\r\nHost: unfiled.example\r\n\r\n")
+            .await
+            .unwrap();
+        // One answer: the head, then the body its content-length announces.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let complete = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            let Some(end) = text.find("\r\n\r\n") else {
+                return false;
+            };
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            got.len() >= end + 4 + len
+        };
+        while !complete(&got) {
+            let n = tokio::time::timeout(Duration::from_secs(3), kept.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no answer to request {i}"))
+                .unwrap();
+            assert_ne!(n, 0, "closed before answering request {i}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(statuses(&String::from_utf8_lossy(&got)), [403]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(closed_within(&mut kept, Duration::from_secs(3)).await);
+}
+
 #[tokio::test]
 async fn oversized_request_head_is_431() {
     let origin = Origin::start().await;

@@ -8,7 +8,8 @@
 #![no_main]
 
 use icp_gate::internals::{
-    MAX_HEADERS, RequestHead, Simple, is_hop_by_hop, parse_request, write_origin_request,
+    MAX_HEADERS, RequestHead, Simple, header_slots, is_hop_by_hop, parse_request,
+    write_origin_request,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -33,11 +34,11 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let split = usize::from(u16::from_be_bytes(*split)) % (data.len() + 1);
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = header_slots();
     let RequestHead::Simple(req) = parse_request(data, &mut headers) else {
         // Not simple: hyper serves it. A prefix must not be taken for a simple request either
         // (it would be a shorter request than the one the client sent).
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = header_slots();
         if let RequestHead::Simple(s) = parse_request(&data[..split], &mut headers) {
             panic!("a prefix of {split} bytes is simple ({} bytes)", s.len);
         }
@@ -71,12 +72,12 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(hosts, 1);
 
     // The head alone, and the head split in two reads, give the same request.
-    let mut alone = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut alone = header_slots();
     let RequestHead::Simple(again) = parse_request(&data[..req.len], &mut alone) else {
         panic!("the head alone is not simple");
     };
     assert_eq!(key(&again), key(&req));
-    let mut part = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut part = header_slots();
     match parse_request(&data[..split], &mut part) {
         RequestHead::Partial if split < req.len => {}
         RequestHead::Simple(s) if split >= req.len => assert_eq!(key(&s), key(&req)),

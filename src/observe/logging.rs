@@ -92,7 +92,8 @@ pub(crate) struct Access<'a> {
     pub reason: Reason,
     /// HTTP status sent to the client (`None` on TLS listeners).
     pub status: Option<u16>,
-    pub request_id: &'a str,
+    /// Turned into text only when the access log is on.
+    pub request_id: &'a RequestId,
     pub duration: Duration,
 }
 
@@ -107,7 +108,7 @@ impl Access<'_> {
             decision = self.decision.as_str(),
             reason = self.reason.as_str(),
             status = self.status,
-            request_id = self.request_id,
+            request_id = self.request_id.as_str(),
             duration_us = self.duration.as_micros() as u64,
         );
     }

@@ -94,7 +94,7 @@ pub(crate) async fn connection(
             decision: Decision::Refuse,
             reason: Reason::NoRoute,
             status: None,
-            request_id: RequestId::next().as_str(),
+            request_id: &RequestId::next(),
             duration: Duration::ZERO,
         }
         .log();

@@ -725,7 +725,7 @@ impl Listener {
             decision: v.decision,
             reason: v.reason,
             status: None,
-            request_id: RequestId::next().as_str(),
+            request_id: &RequestId::next(),
             duration: pending.started.elapsed(),
         }
         .log();

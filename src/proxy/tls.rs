@@ -108,7 +108,7 @@ pub(crate) async fn serve(
         decision,
         reason,
         status: None,
-        request_id: id.as_str(),
+        request_id: &id,
         duration: started.elapsed(),
     }
     .log();

@@ -53,7 +53,7 @@ pub(super) fn log(
         decision,
         reason,
         status,
-        request_id: id.as_str(),
+        request_id: id,
         duration,
     }
     .log();

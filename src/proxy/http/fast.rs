@@ -21,7 +21,7 @@ use crate::proxy::forward::{self, ExchangeError, Outgoing};
 use crate::proxy::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
 use crate::proxy::state::Generation;
 use crate::wire::host::{self};
-use crate::wire::http1::{self, MAX_HEADERS, RequestHead};
+use crate::wire::http1::{self, RequestHead};
 
 /// First read buffer of a connection; it grows up to `limits.max_header_bytes` for a long head.
 const INITIAL_BUFFER: usize = 4096;
@@ -41,11 +41,13 @@ where
     // reused from one request to the next.
     let mut out = Vec::with_capacity(1024);
     let mut body = Vec::new();
-    // The next request head must be complete by then: armed when the connection opens and after
-    // each answer (an idle keep-alive connection closes after `header_read_timeout`, as with
-    // hyper). One timer per connection, moved rather than re-created.
+    // The next request head must be complete by `head_deadline`: set when the connection opens
+    // and after each answer (an idle keep-alive connection closes after `header_read_timeout`,
+    // as with hyper). One timer per connection; it is moved to the deadline only when it fires
+    // before it, not at every answer (re-arming a timer per request cost as much as parsing it).
     let head_timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(head_timer);
+    let mut head_deadline = head_timer.deadline();
     loop {
         let step = if buf.is_empty() {
             Step::Partial
@@ -68,7 +70,13 @@ where
                         Ok(0) | Err(_) => return None,
                         Ok(_) => continue,
                     },
-                    _ = &mut head_timer => return None,
+                    _ = &mut head_timer => {
+                        if head_timer.deadline() < head_deadline {
+                            head_timer.as_mut().reset(head_deadline);
+                            continue;
+                        }
+                        return None;
+                    }
                 }
             }
             Step::Handoff => return Some(buf),
@@ -112,9 +120,7 @@ where
         };
         ctx.answering.store(false, Ordering::Relaxed);
         buf.advance(done.len);
-        head_timer
-            .as_mut()
-            .reset(tokio::time::Instant::from_std(done.at) + limits.header_read_timeout);
+        head_deadline = tokio::time::Instant::from_std(done.at) + limits.header_read_timeout;
         if done.close || ctx.shared.drain.is_cancelled() {
             return None;
         }
@@ -125,7 +131,7 @@ where
 async fn answer_upstream_error<S>(
     io: &mut Watched<S>,
     ctx: &ConnCtx,
-    mut request: Request,
+    mut request: Request<'_>,
     kind: UpstreamError,
     out: &mut Vec<u8>,
 ) -> Finished
@@ -163,19 +169,19 @@ where
     }
 }
 
-enum Step {
+enum Step<'c> {
     /// No complete request head yet.
     Partial,
     /// hyper serves this request and the rest of the connection.
     Handoff,
     /// The answer, with this status, is in `out` (head) and `body`.
-    Answer(Request, u16),
+    Answer(Request<'c>, u16),
     /// The request for the origin is in `out`.
-    Forward(Request, Forward),
+    Forward(Request<'c>, Forward),
 }
 
 /// A request being served, for its log line.
-struct Request {
+struct Request<'c> {
     /// Its length in the buffer.
     len: usize,
     head_request: bool,
@@ -189,10 +195,10 @@ struct Request {
     /// Held while the request is being decided and, when forwarded, until the origin's head
     /// arrives; dropped before anything is written, as on hyper's path, so a client that stops
     /// reading is closed by the idle watchdog.
-    in_flight: Option<InFlight>,
+    in_flight: Option<InFlight<'c>>,
 }
 
-impl Request {
+impl Request<'_> {
     /// Records the request (metrics, access log).
     fn finish(self, ctx: &ConnCtx, status: u16) -> Finished {
         let now = Instant::now();
@@ -234,14 +240,14 @@ struct Forward {
 /// Decides the request at the start of `buf` and writes what to send into `out` (the answer's
 /// head, its body into `body`, or the origin request). Nothing is counted or logged for a
 /// request handed to hyper, which decides it again.
-fn prepare(
+fn prepare<'c>(
     buf: &[u8],
-    ctx: &ConnCtx,
+    ctx: &'c ConnCtx,
     limits: &Limits,
     out: &mut Vec<u8>,
     body: &mut Vec<u8>,
-) -> Step {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+) -> Step<'c> {
+    let mut headers = http1::header_slots();
     let req = match http1::parse_request(buf, &mut headers) {
         RequestHead::Partial => return Step::Partial,
         RequestHead::Other => return Step::Handoff,
