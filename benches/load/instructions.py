@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""User-space instructions per request of icp-gate builds, side by side in one run.
+
+The load harness measures CPU time, which on this shared 2-vCPU VM moves by ±10 % between rounds
+of the same binary: a change worth 3 % of a request cannot be seen there, and the VM exposes no
+hardware counters for `perf stat -e instructions`. Valgrind's callgrind counts every instruction
+a process executes, whatever else the machine is doing, so the same build gives the same count
+to within a fraction of a percent.
+
+For each build and each host, icp-gate runs under callgrind on the shipped demo config
+(`config/icp-gate.toml`, access log off as in the harness: `RUST_LOG=warn`) and is sent `--small`
+and then `--large` keep-alive requests, one at a time over 4 connections, in two runs; the
+difference of the two runs' totals divided by the difference of the request counts is the cost
+of one request, start-up and shutdown cancelled out. `--top N` also lists the N functions that
+cost the most per request (for the first build).
+
+Hosts: `unfiled.example` (blocked: the built-in ~2 KB page) and `www.filed-example.com.cn`
+(forwarded to the demo origin, which runs in the same process: its hyper server is counted too).
+
+    benches/load/instructions.py --binary target/release/icp-gate --before-binary OLD
+
+Needs valgrind (Debian: `apt-get install valgrind`); a build with symbols (`CARGO_PROFILE_RELEASE_DEBUG=line-tables-only`) for `--top`.
+"""
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTS = ["unfiled.example", "www.filed-example.com.cn"]
+CONNS = 4
+WARMUP = 300
+
+
+def answer(sock: socket.socket, request: bytes) -> int:
+    """Sends one request and reads its whole answer; returns the status."""
+    sock.sendall(request)
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("icp-gate closed the connection")
+        buf += chunk
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            continue
+        m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buf[:end])
+        if m is None:
+            raise SystemExit(f"answer without content-length: {buf[:end]!r}")
+        if len(buf) >= end + 4 + int(m.group(1)):
+            return int(buf.split(b" ", 2)[1])
+
+
+def connect(port: int, proc: subprocess.Popen) -> socket.socket:
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise SystemExit(f"icp-gate exited with {proc.returncode} before listening")
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
+
+
+def run(binary: str, host: str, requests: int, out: Path) -> int:
+    """Total instructions of one icp-gate process that answers `requests` requests (+ warm-up)."""
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary,
+         "run", "--config", "config/icp-gate.toml"],
+        cwd=REPO, env=dict(os.environ, RUST_LOG="warn"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        socks = [connect(8080, proc) for _ in range(CONNS)]
+        request = (f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: instructions.py\r\n"
+                   "Accept: */*\r\n\r\n").encode()
+        statuses = {answer(socks[i % CONNS], request) for i in range(WARMUP + requests)}
+        for s in socks:
+            s.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise SystemExit("icp-gate did not stop within 120 s of SIGTERM")
+    if len(statuses) != 1:
+        raise SystemExit(f"{host}: mixed statuses {statuses}")
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise SystemExit(f"{out}: no totals (did icp-gate run under valgrind?)")
+
+
+def per_function(path: Path) -> dict[str, int]:
+    text = subprocess.run(["callgrind_annotate", "--auto=no", "--threshold=100", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*?)(?: \[.*\])?$", line)
+        if m and "PROGRAM TOTALS" not in line:
+            name = m.group(2).split(":", 1)[-1]
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--before-binary")
+    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--large", type=int, default=4000)
+    ap.add_argument("--top", type=int, default=0)
+    args = ap.parse_args()
+    builds = [("icp-gate", args.binary)]
+    if args.before_binary:
+        builds.append(("before", args.before_binary))
+    print(f"instructions per request (valgrind Ir; {args.large} - {args.small} requests, "
+          f"{CONNS} keep-alive connections, access log off)\n")
+    print("| host | " + " | ".join(name for name, _ in builds)
+          + (" | icp-gate ÷ before |" if len(builds) == 2 else " |"))
+    print("|---|" + "---:|" * (len(builds) + (len(builds) == 2)))
+    with tempfile.TemporaryDirectory() as tmp:
+        tops = {}
+        for host in HOSTS:
+            row = []
+            for name, binary in builds:
+                small = Path(tmp, f"{name}-{host}-small.out")
+                large = Path(tmp, f"{name}-{host}-large.out")
+                cost = (run(binary, host, args.large, large) - run(binary, host, args.small, small)) \
+                    / (args.large - args.small)
+                row.append(cost)
+                if args.top and name == "icp-gate":
+                    a, b = per_function(small), per_function(large)
+                    tops[host] = sorted(((b.get(k, 0) - a.get(k, 0)) / (args.large - args.small), k)
+                                        for k in set(a) | set(b))[::-1][:args.top]
+            cells = " | ".join(f"{c:,.0f}" for c in row)
+            ratio = f" | {row[0] / row[1]:.3f}×" if len(row) == 2 else ""
+            print(f"| {host} | {cells}{ratio} |", flush=True)
+        for host, top in tops.items():
+            print(f"\nicp-gate, {host}: the {args.top} costliest functions, instructions per request")
+            for cost, name in top:
+                print(f"{cost:8.0f}  {name[:140]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
