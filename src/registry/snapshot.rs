@@ -117,6 +117,17 @@ struct Value {
     access_here: bool,
 }
 
+impl Value {
+    fn entry<'a>(&'a self, domain: &'a str) -> EntryRef<'a> {
+        EntryRef {
+            domain,
+            icp: &self.icp,
+            status: self.status,
+            access_here: self.access_here,
+        }
+    }
+}
+
 /// Builds a snapshot from entries arriving one by one (a seed file, a full replace, a snapshot
 /// file), without holding them all as separate strings first.
 pub struct SnapshotBuilder {
@@ -256,12 +267,7 @@ impl Snapshot {
         if let Some(delta) = &p.shard.delta
             && let Some((name, value)) = delta.table.find(p.hash, |(d, _)| &**d == p.name)
         {
-            return value.as_ref().map(|v| EntryRef {
-                domain: name,
-                icp: &v.icp,
-                status: v.status,
-                access_here: v.access_here,
-            });
+            return value.as_ref().map(|v| v.entry(name));
         }
         p.shard.base.find(p.home?, p.hash, p.name)
     }
@@ -313,14 +319,9 @@ impl Snapshot {
                 })
             });
             let changed = delta.into_iter().flat_map(|d| {
-                d.table.iter().filter_map(|(name, value)| {
-                    value.as_ref().map(|v| EntryRef {
-                        domain: name,
-                        icp: &v.icp,
-                        status: v.status,
-                        access_here: v.access_here,
-                    })
-                })
+                d.table
+                    .iter()
+                    .filter_map(|(name, value)| value.as_ref().map(|v| v.entry(name)))
             });
             base.chain(changed)
         })
@@ -340,21 +341,16 @@ impl Snapshot {
             let delta = touched
                 .entry(s)
                 .or_insert_with(|| self.shard(s).delta.as_deref().cloned().unwrap_or_default());
-            let base = &self.shard(s).base;
-            let in_base = base.get(h, op.domain()).is_some();
-            let existed = match delta.table.find(h, |(d, _)| &**d == op.domain()) {
-                Some((_, v)) => v.is_some(),
+            let in_base = self.shard(s).base.get(h, op.domain());
+            // The entry as it stands before this op: the delta's word, else the base's.
+            let current = match delta.table.find(h, |(d, _)| &**d == op.domain()) {
+                Some((name, v)) => v.as_ref().map(|v| v.entry(name)),
                 None => in_base,
             };
+            let existed = current.is_some();
+            let in_base = in_base.is_some();
             if let Some(d) = &mut digest {
-                let old = match delta.table.find(h, |(d, _)| &**d == op.domain()) {
-                    Some((name, v)) => v
-                        .as_ref()
-                        .map(|v| entry_digest(name, &v.icp, v.status, v.access_here)),
-                    None => base
-                        .get(h, op.domain())
-                        .map(|e| entry_digest(e.domain, e.icp, e.status, e.access_here)),
-                };
+                let old = current.map(|e| entry_digest(e.domain, e.icp, e.status, e.access_here));
                 let new = match op {
                     Op::Put(e) => entry_digest(&e.domain, &e.icp, e.status, e.access_here),
                     Op::Delete(_) => 0,
@@ -451,13 +447,7 @@ fn refreeze(base: &Frozen, delta: &Delta) -> Frozen {
     }
     for (domain, value) in delta.table.iter() {
         if let Some(v) = value {
-            let e = EntryRef {
-                domain,
-                icp: &v.icp,
-                status: v.status,
-                access_here: v.access_here,
-            };
-            let _ = b.push(hash(domain), e);
+            let _ = b.push(hash(domain), v.entry(domain));
         }
     }
     b.finish()
