@@ -21,6 +21,7 @@ const BUILT_IN_TEMPLATE: &str = include_str!("../../config/block.html");
 
 const HTML: &str = "text/html; charset=utf-8";
 const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// Header carrying the reason code on every answer icp-gate makes itself.
 pub(crate) const REASON_HEADER: HeaderName = HeaderName::from_static("icp-gate-reason");
@@ -269,8 +270,8 @@ pub(crate) struct BlockPage {
     redirects: Option<Vec<Template>>,
     /// Per reason, the HTML and the JSON answer's head up to its request id, written once here
     /// rather than header by header for every request (that was ~8 % of a blocked request's
-    /// instructions). Empty with a redirect, whose `location` differs per request.
-    heads: Vec<[Vec<u8>; 2]>,
+    /// instructions). `None` with a redirect, whose `location` differs per request.
+    heads: Option<Vec<[Vec<u8>; 2]>>,
 }
 
 fn per_reason(template: &Template, escape: fn(&mut Vec<u8>, &str)) -> Vec<Template> {
@@ -299,12 +300,11 @@ impl BlockPage {
             .redirect
             .as_deref()
             .map(|r| per_reason(&Template::compile(r), escape_url));
-        let heads = Reason::ALL
-            .iter()
-            .map(|&reason| {
-                [HTML, JSON].map(|content_type| {
-                    let mut head = Vec::new();
-                    if redirects.is_none() {
+        let heads = redirects.is_none().then(|| {
+            Reason::ALL
+                .iter()
+                .map(|&reason| {
+                    [HTML, JSON].map(|content_type| {
                         let answer = Answer {
                             status,
                             content_type,
@@ -314,12 +314,13 @@ impl BlockPage {
                             head_start: None,
                             body: (),
                         };
+                        let mut head = Vec::new();
                         http1::write_head_start(&mut head, status, answer.leading_headers());
-                    }
-                    head
+                        head
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        });
         Ok(BlockPage {
             status,
             pages: per_reason(&Template::compile(&text), escape_html),
@@ -348,7 +349,7 @@ impl BlockPage {
         let (status, content_type, location) = if let Some(redirects) = &self.redirects {
             body.extend_from_slice(b"blocked: see Location\n");
             let url = redirects[i].render(ctx, escape_url);
-            (StatusCode::FOUND, "text/plain; charset=utf-8", Some(url))
+            (StatusCode::FOUND, TEXT, Some(url))
         } else if json {
             json_body(body, ctx);
             (self.status, JSON, None)
@@ -356,14 +357,13 @@ impl BlockPage {
             self.pages[i].render_into(body, ctx, escape_html);
             (self.status, HTML, None)
         };
-        let head_start = &self.heads[i][usize::from(json)];
         Answer {
             status,
             content_type,
             location,
             reason: Some(ctx.reason),
             request_id: ctx.request_id,
-            head_start: (!head_start.is_empty()).then_some(&head_start[..]),
+            head_start: self.heads.as_ref().map(|h| &h[i][usize::from(json)][..]),
             body: &body[..],
         }
     }
@@ -480,7 +480,7 @@ pub(crate) fn error_answer(
     );
     Answer {
         status,
-        content_type: "text/plain; charset=utf-8",
+        content_type: TEXT,
         location: None,
         reason,
         request_id,
