@@ -16,6 +16,12 @@ cost the most per request (for the first build).
 
 Hosts: `unfiled.example` (blocked: the built-in ~2 KB page) and `www.filed-example.com.cn`
 (forwarded to the demo origin, which runs in the same process: its hyper server is counted too).
+A third row counts one TLS passthrough tunnel, per connection: a ClientHello naming
+`www.filed-example.com.cn` is sent to the TLS listener, which connects to a byte origin outside
+the process (this script: it answers the hello with 3 KiB, as a server's first flight, and
+closes once the client has), the client closes on the answer, and both sides' FINs end the
+tunnel. No TLS is computed anywhere, so the count is the proxy's own work per tunnel: accept,
+ClientHello, decision, origin connect, relay, teardown.
 
     benches/load/instructions.py --binary target/release/icp-gate --before-binary OLD
 
@@ -29,7 +35,10 @@ import signal
 import socket
 import subprocess
 import sys
+import shutil
+import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +46,53 @@ REPO = Path(__file__).resolve().parents[2]
 HOSTS = ["unfiled.example", "www.filed-example.com.cn"]
 CONNS = 4
 WARMUP = 300
+TUNNEL = "tls tunnel"
+FIRST_FLIGHT = 3 * 1024
+
+
+def client_hello(sni: str) -> bytes:
+    """A TLS 1.2 ClientHello record with one cipher suite and a server_name extension."""
+    name = sni.encode()
+    server_name = struct.pack("!HBH", len(name) + 3, 0, len(name)) + name
+    ext = struct.pack("!HH", 0, len(server_name)) + server_name
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + struct.pack("!HH", 2, 0x1301) + b"\x01\x00"
+            + struct.pack("!H", len(ext)) + ext)
+    handshake = b"\x01" + struct.pack("!I", len(body))[1:] + body
+    return b"\x16\x03\x01" + struct.pack("!H", len(handshake)) + handshake
+
+
+def recv_exactly(sock: socket.socket, n: int) -> None:
+    got = 0
+    while got < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit(f"closed after {got} of {n} bytes")
+        got += len(chunk)
+
+
+def byte_origin(listener: socket.socket, hello_len: int) -> None:
+    """Answers each tunnelled ClientHello with a first flight, then waits for the close."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            recv_exactly(conn, hello_len)
+            conn.sendall(b"\x16" * FIRST_FLIGHT)
+            while conn.recv(65536):
+                pass
+
+
+def tunnels(port: int, proc: subprocess.Popen, count: int) -> None:
+    hello = client_hello(HOSTS[1])
+    for _ in range(count):
+        with connect(port, proc) as sock:
+            sock.sendall(hello)
+            recv_exactly(sock, FIRST_FLIGHT)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
 
 
 def answer(sock: socket.socket, request: bytes) -> int:
@@ -69,20 +125,24 @@ def connect(port: int, proc: subprocess.Popen) -> socket.socket:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
 
 
-def run(binary: str, host: str, requests: int, out: Path) -> int:
+def run(binary: str, host: str, requests: int, out: Path, config: Path) -> int:
     """Total instructions of one icp-gate process that answers `requests` requests (+ warm-up)."""
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary,
-         "run", "--config", "config/icp-gate.toml"],
+         "run", "--config", str(config)],
         cwd=REPO, env=dict(os.environ, RUST_LOG="warn"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        socks = [connect(8080, proc) for _ in range(CONNS)]
-        request = (f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: instructions.py\r\n"
-                   "Accept: */*\r\n\r\n").encode()
-        statuses = {answer(socks[i % CONNS], request) for i in range(WARMUP + requests)}
-        for s in socks:
-            s.close()
+        if host == TUNNEL:
+            tunnels(8443, proc, WARMUP // 10 + requests)
+            statuses = {200}
+        else:
+            socks = [connect(8080, proc) for _ in range(CONNS)]
+            request = (f"GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: instructions.py\r\n"
+                       "Accept: */*\r\n\r\n").encode()
+            statuses = {answer(socks[i % CONNS], request) for i in range(WARMUP + requests)}
+            for s in socks:
+                s.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -110,6 +170,19 @@ def per_function(path: Path) -> dict[str, int]:
     return costs
 
 
+def tunnel_config(tmp: str, origin_port: int) -> Path:
+    """The shipped config, copied, with the TLS route's origin at the byte origin."""
+    config = Path(tmp, "config")
+    shutil.copytree(REPO / "config", config)
+    toml = config / "icp-gate.toml"
+    text = toml.read_text()
+    if 'tls_origin = "127.0.0.1:9443"' not in text:
+        raise SystemExit(f"{toml}: no tls_origin = \"127.0.0.1:9443\" to point at the byte origin")
+    toml.write_text(text.replace('tls_origin = "127.0.0.1:9443"',
+                                 f'tls_origin = "127.0.0.1:{origin_port}"'))
+    return toml
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", required=True)
@@ -117,32 +190,49 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--large", type=int, default=4000)
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--rows", default="blocked,forwarded,tunnel",
+                    help="which rows to count (default all: blocked,forwarded,tunnel)")
     args = ap.parse_args()
+    rows = {"blocked": HOSTS[0], "forwarded": HOSTS[1], "tunnel": TUNNEL}
+    try:
+        hosts = [rows[r] for r in args.rows.split(",")]
+    except KeyError as e:
+        raise SystemExit(f"--rows: unknown row {e}; known: {', '.join(rows)}")
     builds = [("icp-gate", args.binary)]
     if args.before_binary:
         builds.append(("before", args.before_binary))
     print(f"instructions per request (valgrind Ir; {args.large} - {args.small} requests, "
-          f"{CONNS} keep-alive connections, access log off)\n")
+          f"{CONNS} keep-alive connections, access log off; the tunnel row: per connection, "
+          f"{args.large // 5} - {args.small // 5} connections)\n")
     print("| host | " + " | ".join(name for name, _ in builds)
           + (" | icp-gate ÷ before |" if len(builds) == 2 else " |"))
     print("|---|" + "---:|" * (len(builds) + (len(builds) == 2)))
     with tempfile.TemporaryDirectory() as tmp:
+        origin = socket.create_server(("127.0.0.1", 0))
+        hello_len = len(client_hello(HOSTS[1]))
+        threading.Thread(target=byte_origin, args=(origin, hello_len), daemon=True).start()
+        tunnel = tunnel_config(tmp, origin.getsockname()[1])
+        shipped = REPO / "config" / "icp-gate.toml"
         tops = {}
-        for host in HOSTS:
+        for host in hosts:
             row = []
+            small_n, large_n = (args.small, args.large) if host != TUNNEL \
+                else (args.small // 5, args.large // 5)
+            config = tunnel if host == TUNNEL else shipped
             for name, binary in builds:
                 small = Path(tmp, f"{name}-{host}-small.out")
                 large = Path(tmp, f"{name}-{host}-large.out")
-                cost = (run(binary, host, args.large, large) - run(binary, host, args.small, small)) \
-                    / (args.large - args.small)
+                cost = (run(binary, host, large_n, large, config)
+                        - run(binary, host, small_n, small, config)) / (large_n - small_n)
                 row.append(cost)
                 if args.top and name == "icp-gate":
                     a, b = per_function(small), per_function(large)
-                    tops[host] = sorted(((b.get(k, 0) - a.get(k, 0)) / (args.large - args.small), k)
+                    tops[host] = sorted(((b.get(k, 0) - a.get(k, 0)) / (large_n - small_n), k)
                                         for k in set(a) | set(b))[::-1][:args.top]
             cells = " | ".join(f"{c:,.0f}" for c in row)
             ratio = f" | {row[0] / row[1]:.3f}×" if len(row) == 2 else ""
             print(f"| {host} | {cells}{ratio} |", flush=True)
+        origin.close()
         for host, top in tops.items():
             print(f"\nicp-gate, {host}: the {args.top} costliest functions, instructions per request")
             for cost, name in top:

@@ -159,29 +159,44 @@ pub struct RouteConfig {
 /// An origin address as written (`10.0.0.5:80` or `origin.internal:80`). Names are resolved at
 /// connect time, as nginx does with a variable `proxy_pass`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Origin(Authority);
+pub struct Origin {
+    authority: Authority,
+    /// The address, when the origin is written as one (parsed here, not per connection).
+    addr: Option<SocketAddr>,
+}
 
 impl Origin {
     /// Accepts `ip:port`, `[v6]:port` or `name:port`.
     pub fn parse(text: &str) -> Option<Origin> {
         let authority: Authority = text.parse().ok()?;
         authority.port_u16()?;
-        if text.parse::<SocketAddr>().is_ok() {
-            return Some(Origin(authority));
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Some(Origin {
+                authority,
+                addr: Some(addr),
+            });
         }
         match host::parse_host(authority.host().as_bytes()) {
-            Ok(Host::Name(_)) => Some(Origin(authority)),
+            Ok(Host::Name(_)) => Some(Origin {
+                authority,
+                addr: None,
+            }),
             _ => None,
         }
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        self.authority.as_str()
     }
 
     /// The origin as a URI authority (cheap to clone), for building upstream request URIs.
     pub fn authority(&self) -> &Authority {
-        &self.0
+        &self.authority
+    }
+
+    /// The socket address when the origin is an `ip:port`; `None` for a name, resolved at connect.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.addr
     }
 }
 

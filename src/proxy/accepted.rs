@@ -7,7 +7,7 @@
 //! socket directly until an operation would block; only then does it register the socket, and
 //! that operation and every one after it go through tokio as usual.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -137,14 +137,24 @@ impl AsyncRead for Accepted {
     ) -> Poll<io::Result<()>> {
         self.get_mut().poll_io(
             buf,
-            |s, buf| {
-                let n = s.read(buf.initialize_unfilled())?;
-                buf.advance(n);
-                Ok(())
-            },
+            |s, buf| recv_uninit(s, buf),
             |s, buf| s.poll_read(cx, buf),
         )
     }
+}
+
+/// One recv(2) into `buf`'s unfilled part, which may be uninitialised: a read buffer is spare
+/// capacity (4 KiB for a ClientHello), and zeroing it first, as `initialize_unfilled` does,
+/// was an eighth of a TLS tunnel's instructions. tokio's own `poll_read` reads the same way.
+#[allow(unsafe_code)]
+fn recv_uninit(s: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: recv(2) only writes into the slice, never de-initialises it.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let n = SockRef::from(s).recv(unfilled)?;
+    // SAFETY: recv(2) returned n, so it wrote the first n bytes of `unfilled`.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
 }
 
 impl AsyncWrite for Accepted {

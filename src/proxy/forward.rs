@@ -21,7 +21,7 @@ use crate::observe::metrics::UpstreamError;
 use crate::wire::http1;
 use crate::wire::proxy_protocol;
 
-pub(crate) use origin::{ForwardError, connect};
+pub(crate) use origin::{ForwardError, connect_origin};
 pub(crate) use pool::{OriginBody, OriginClient};
 pub(crate) use raw::{ExchangeError, Outgoing, RawOrigins};
 

@@ -195,8 +195,7 @@ async fn open_tunnel(
     limits: &Limits,
     spec: &ListenerSpec,
 ) -> Option<TcpStream> {
-    let mut upstream = match forward::connect(origin.as_str(), limits.origin_connect_timeout).await
-    {
+    let mut upstream = match forward::connect_origin(origin, limits.origin_connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
             let kind = if e.kind() == std::io::ErrorKind::TimedOut {
