@@ -50,6 +50,7 @@ async fn first_of(
     }))
 }
 
+/// `attempt`, failed with `TimedOut` (naming the origin) when it takes longer than `timeout`.
 async fn within(
     authority: &str,
     timeout: Duration,
