@@ -125,6 +125,8 @@ pub(crate) async fn serve(
                 return;
             };
             let idle = limits.idle_timeout;
+            // The ClientHello is with the origin now: its buffer is not held for the tunnel's life.
+            drop(buf);
             drop(runtime);
             // The relay splices between two registered sockets.
             let tcp = match tcp.into_tokio() {
