@@ -341,14 +341,14 @@ impl Snapshot {
             let delta = touched
                 .entry(s)
                 .or_insert_with(|| self.shard(s).delta.as_deref().cloned().unwrap_or_default());
-            let in_base = self.shard(s).base.get(h, op.domain());
+            let base_entry = self.shard(s).base.get(h, op.domain());
+            let in_base = base_entry.is_some();
             // The entry as it stands before this op: the delta's word, else the base's.
             let current = match delta.table.find(h, |(d, _)| &**d == op.domain()) {
                 Some((name, v)) => v.as_ref().map(|v| v.entry(name)),
-                None => in_base,
+                None => base_entry,
             };
             let existed = current.is_some();
-            let in_base = in_base.is_some();
             if let Some(d) = &mut digest {
                 let old = current.map(|e| entry_digest(e.domain, e.icp, e.status, e.access_here));
                 let new = match op {
