@@ -249,33 +249,66 @@ async fn head_timeout_counts_from_the_last_answer() {
         kept.write_all(b"GET / HTTP/1.1\r\nHost: unfiled.example\r\n\r\n")
             .await
             .unwrap();
-        // One answer: the head, then the body its content-length announces.
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        let complete = |got: &[u8]| {
-            let text = String::from_utf8_lossy(got);
-            let Some(end) = text.find("\r\n\r\n") else {
-                return false;
-            };
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            got.len() >= end + 4 + len
-        };
-        while !complete(&got) {
-            let n = tokio::time::timeout(Duration::from_secs(3), kept.read(&mut buf))
-                .await
-                .unwrap_or_else(|_| panic!("no answer to request {i}"))
-                .unwrap();
-            assert_ne!(n, 0, "closed before answering request {i}");
-            got.extend_from_slice(&buf[..n]);
-        }
-        assert_eq!(statuses(&String::from_utf8_lossy(&got)), [403]);
+        let answer = read_answer(&mut kept, Duration::from_secs(3), &format!("request {i}")).await;
+        assert_eq!(statuses(&answer), [403]);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(closed_within(&mut kept, Duration::from_secs(3)).await);
+}
+
+/// One timer serves both deadlines of a kept-alive connection: a forwarded request whose answer
+/// takes longer than `header_read_timeout` is answered (its wait is bounded by
+/// `origin_response_timeout`, 60 s), the connection goes on serving, and once it goes quiet it
+/// closes after `header_read_timeout` again, not after the longer origin deadline.
+#[tokio::test]
+async fn a_slow_answer_outlasts_the_head_timeout_and_the_head_timeout_returns() {
+    let origin = Origin::start().await;
+    let gate = Gate::start(&config(
+        origin.addr,
+        "[limits]\nheader_read_timeout = \"1s\"",
+    ))
+    .await;
+    let mut kept = TcpStream::connect(gate.http).await.unwrap();
+    // `/slow` answers after 3 s.
+    for path in ["/", "/slow", "/"] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: filed.cn\r\n\r\n");
+        kept.write_all(req.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut kept, Duration::from_secs(6), path).await;
+        assert_eq!(statuses(&answer), [200], "{path}: {answer}");
+    }
+    assert!(closed_within(&mut kept, Duration::from_secs(4)).await);
+    assert_eq!(origin.count(), 3);
+}
+
+/// Reads one answer from a kept-alive connection: the head, then the body its content-length
+/// announces. Panics naming `what` when none comes within `wait`.
+async fn read_answer(conn: &mut TcpStream, wait: Duration, what: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some(end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let len: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length").then_some(value)
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        got.len() >= end + 4 + len
+    };
+    while !complete(&got) {
+        let n = tokio::time::timeout(wait, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to {what}"))
+            .unwrap();
+        assert_ne!(n, 0, "closed before answering {what}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test]

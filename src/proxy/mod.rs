@@ -3,6 +3,7 @@
 
 pub(crate) mod accepted;
 pub(crate) mod block_page;
+pub(crate) mod deadline;
 pub(crate) mod forward;
 pub(crate) mod http;
 pub(crate) mod io;

@@ -55,7 +55,10 @@ impl<C> Clone for Pool<C> {
     }
 }
 
-type IdleMap<C> = HashMap<Authority, Vec<Idle<C>>, foldhash::fast::RandomState>;
+/// Keyed by the origin as configured (`host:port`): hashing and comparing its bytes is several
+/// times cheaper than `Authority`'s case-insensitive `Hash` and `Eq`, and each checkout and checkin
+/// pays it. Two spellings of one origin in the config only get two pools.
+type IdleMap<C> = HashMap<Box<str>, Vec<Idle<C>>, foldhash::fast::RandomState>;
 
 struct PoolInner<C> {
     /// One map per worker thread ([`crate::runtime::workers`]): a connection is only reused on the thread
@@ -95,7 +98,7 @@ impl<C: Parked> Pool<C> {
     }
 
     /// The most recently parked connection to `origin` that is still usable.
-    pub(super) fn checkout(&self, origin: &Authority) -> Option<C> {
+    pub(super) fn checkout(&self, origin: &str) -> Option<C> {
         let mut idle = self.idle();
         let parked = idle.get_mut(origin)?;
         while let Some(mut idle) = parked.pop() {
@@ -107,7 +110,7 @@ impl<C: Parked> Pool<C> {
     }
 
     /// Parks `conn` as idle. The first connection parked starts the sweeper.
-    pub(super) fn checkin(&self, origin: Authority, mut conn: C) {
+    pub(super) fn checkin(&self, origin: &str, mut conn: C) {
         if !conn.usable() {
             return;
         }
@@ -115,7 +118,14 @@ impl<C: Parked> Pool<C> {
             conn,
             parked_at: self.inner.tick.load(Ordering::Relaxed),
         };
-        self.idle().entry(origin).or_default().push(conn);
+        let mut idle = self.idle();
+        match idle.get_mut(origin) {
+            Some(parked) => parked.push(conn),
+            None => {
+                idle.insert(origin.into(), vec![conn]);
+            }
+        }
+        drop(idle);
         self.start_sweeper();
     }
 
@@ -198,7 +208,7 @@ impl OriginClient {
         mut req: Request<Incoming>,
     ) -> Result<Response<OriginBody>, ForwardError> {
         loop {
-            let (mut sender, pooled) = match self.pool.checkout(origin) {
+            let (mut sender, pooled) = match self.pool.checkout(origin.as_str()) {
                 Some(sender) => (sender, true),
                 None => (self.connect(origin).await?, false),
             };
@@ -274,7 +284,7 @@ pub(crate) struct OriginBody {
 impl OriginBody {
     fn give_back(&mut self) {
         if let Some((sender, pool, origin)) = self.back.take() {
-            pool.checkin(origin, sender);
+            pool.checkin(origin.as_str(), sender);
         }
     }
 }
@@ -349,14 +359,17 @@ pub(super) mod tests {
         let pool = Pool::<Fake>::new(Duration::from_secs(60));
         let origin: Authority = "127.0.0.1:80".parse().unwrap();
         let (p, o) = (pool.clone(), origin.clone());
-        run_on(w0, move || p.checkin(o, Fake(7)));
+        run_on(w0, move || p.checkin(o.as_str(), Fake(7)));
         let (p, o) = (pool.clone(), origin.clone());
         assert!(
-            run_on(w1, move || p.checkout(&o).is_none()),
+            run_on(w1, move || p.checkout(o.as_str()).is_none()),
             "taken by worker 1"
         );
         let (p, o) = (pool.clone(), origin.clone());
-        assert_eq!(run_on(w0, move || p.checkout(&o).map(|c| c.0)), Some(7));
+        assert_eq!(
+            run_on(w0, move || p.checkout(o.as_str()).map(|c| c.0)),
+            Some(7)
+        );
         workers.stop();
     }
 

@@ -16,6 +16,7 @@ use tracing::debug;
 use super::origin::connect;
 use super::pool::{Parked, Pool};
 use crate::observe::metrics::UpstreamError;
+use crate::proxy::deadline::Deadline;
 use crate::proxy::io::write_all_two;
 use crate::wire::http1::{self, BadResponse, ChunkedEnd, Framing, ResponseHead};
 
@@ -98,19 +99,20 @@ impl RawOrigins {
         }
     }
 
-    /// Sends `req` and relays the response to `client`. `timeout` bounds the wait for the
+    /// Sends `req` and relays the response to `client`. `deadline` bounds the wait for the
     /// response head, connecting included; `on_head` runs once the head has arrived, before
     /// anything is written to the client.
     pub(crate) async fn exchange<W: AsyncWrite + Unpin>(
         &self,
         req: &Outgoing<'_>,
-        timeout: Duration,
+        deadline: &mut Deadline<'_>,
         client: &mut W,
         on_head: impl FnOnce(),
     ) -> Result<Exchanged, ExchangeError> {
-        let (mut conn, head) = tokio::time::timeout(timeout, self.head(req))
+        let (mut conn, head) = deadline
+            .within(self.head(req))
             .await
-            .map_err(|_| ExchangeError::Upstream(UpstreamError::Timeout))??;
+            .ok_or(ExchangeError::Upstream(UpstreamError::Timeout))??;
         on_head();
         let status = head.status;
         let framing = head.framing;
@@ -147,7 +149,7 @@ impl RawOrigins {
         }
         // Bytes past the end of the response mean the origin and we disagree on framing.
         if head.reusable && conn.buf.is_empty() {
-            self.pool.checkin(req.origin.clone(), conn);
+            self.pool.checkin(req.origin.as_str(), conn);
         }
         Ok(Exchanged { status, close })
     }
@@ -158,7 +160,7 @@ impl RawOrigins {
     async fn head(&self, req: &Outgoing<'_>) -> Result<(RawConn, http1::Final), ExchangeError> {
         let mut retried = false;
         loop {
-            let (mut conn, pooled) = match self.pool.checkout(req.origin) {
+            let (mut conn, pooled) = match self.pool.checkout(req.origin.as_str()) {
                 Some(conn) if !retried => (conn, true),
                 _ => (self.connect(req.origin).await?, false),
             };
@@ -366,7 +368,10 @@ mod tests {
             close: false,
         };
         let mut client = Vec::new();
-        let res = raw.exchange(&req, timeout, &mut client, || {}).await;
+        let timer = tokio::time::sleep(timeout);
+        tokio::pin!(timer);
+        let mut deadline = Deadline::new(timer);
+        let res = raw.exchange(&req, &mut deadline, &mut client, || {}).await;
         (res, String::from_utf8(client).unwrap())
     }
 

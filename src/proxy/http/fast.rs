@@ -17,6 +17,7 @@ use crate::core::decision::{Decision, Reason, decide};
 use crate::observe::logging::RequestId;
 use crate::observe::metrics::UpstreamError;
 use crate::proxy::block_page::{BlockContext, upstream_error_answer};
+use crate::proxy::deadline::Deadline;
 use crate::proxy::forward::{self, ExchangeError, Outgoing};
 use crate::proxy::io::{InFlight, SendLast, Watched, write_all_last, write_all_two};
 use crate::proxy::state::Generation;
@@ -41,13 +42,13 @@ where
     // reused from one request to the next.
     let mut out = Vec::with_capacity(1024);
     let mut body = Vec::new();
-    // The next request head must be complete by `head_deadline`: set when the connection opens
-    // and after each answer (an idle keep-alive connection closes after `header_read_timeout`,
-    // as with hyper). One timer per connection; it is moved to the deadline only when it fires
-    // before it, not at every answer (re-arming a timer per request cost as much as parsing it).
-    let head_timer = tokio::time::sleep(limits.header_read_timeout);
-    tokio::pin!(head_timer);
-    let mut head_deadline = head_timer.deadline();
+    // One timer per connection ([`Deadline`]) for, in turn: the next request head, complete by
+    // `header_read_timeout` after the connection opened or the last answer (an idle keep-alive
+    // connection closes then, as with hyper), and a forwarded request's response head, by
+    // `origin_response_timeout` after the request.
+    let timer = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(timer);
+    let mut deadline = Deadline::new(timer);
     loop {
         let step = if buf.is_empty() {
             Step::Partial
@@ -70,13 +71,7 @@ where
                         Ok(0) | Err(_) => return None,
                         Ok(_) => continue,
                     },
-                    _ = &mut head_timer => {
-                        if head_timer.deadline() < head_deadline {
-                            head_timer.as_mut().reset(head_deadline);
-                            continue;
-                        }
-                        return None;
-                    }
+                    () = deadline.passed() => return None,
                 }
             }
             Step::Handoff => return Some(buf),
@@ -94,10 +89,11 @@ where
                     close: request.close,
                 };
                 let timeout = forward.runtime.config.limits.origin_response_timeout;
+                deadline.set(tokio::time::Instant::from_std(request.started) + timeout);
                 let raw = &forward.runtime.raw_origins;
                 let in_flight = request.in_flight.take();
                 match raw
-                    .exchange(&outgoing, timeout, io, || drop(in_flight))
+                    .exchange(&outgoing, &mut deadline, io, || drop(in_flight))
                     .await
                 {
                     Ok(relayed) => {
@@ -120,7 +116,7 @@ where
         };
         ctx.answering.store(false, Ordering::Relaxed);
         buf.advance(done.len);
-        head_deadline = tokio::time::Instant::from_std(done.at) + limits.header_read_timeout;
+        deadline.set(tokio::time::Instant::from_std(done.at) + limits.header_read_timeout);
         if done.close || ctx.shared.drain.is_cancelled() {
             return None;
         }
