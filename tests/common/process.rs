@@ -47,6 +47,8 @@ pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<serde_json::Value>,
     seen: Vec<serde_json::Value>,
+    /// Indexes into `seen` of the lines [`Proc::wait_for`] has returned.
+    claimed: Vec<usize>,
 }
 
 impl Proc {
@@ -81,11 +83,20 @@ impl Proc {
             child,
             lines,
             seen: Vec::new(),
+            claimed: Vec::new(),
         }
     }
 
-    /// Waits for a log line whose `msg` is `msg`.
+    /// The next log line whose `msg` is `msg`, waiting for it if need be: each call returns a
+    /// further one. Lines read while waiting for another message count (the order in which
+    /// the listeners, the admin listener and "ready" log is not fixed).
     pub fn wait_for(&mut self, msg: &str) -> serde_json::Value {
+        let unclaimed =
+            (0..self.seen.len()).find(|i| self.seen[*i]["msg"] == msg && !self.claimed.contains(i));
+        if let Some(i) = unclaimed {
+            self.claimed.push(i);
+            return self.seen[i].clone();
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -95,6 +106,7 @@ impl Proc {
                 .unwrap_or_else(|_| panic!("no {msg:?} log line; saw {:#?}", self.seen));
             self.seen.push(line.clone());
             if line["msg"] == msg {
+                self.claimed.push(self.seen.len() - 1);
                 return line;
             }
         }
