@@ -29,10 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from instructions import REPO, client_hello, connect, recv_exactly, tunnel_config
+from instructions import (FIRST_FLIGHT, HOSTS, REPO, client_hello, connect, recv_exactly,
+                          tunnel_config)
 
-HOST = "www.filed-example.com.cn"
-FIRST_FLIGHT = 3 * 1024
+HOST = HOSTS[1]  # the filed name of the shipped config
 CLIENT_MORE = 1024
 ORIGIN_MORE = 1024
 WARMUP = 200

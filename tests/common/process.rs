@@ -128,7 +128,8 @@ impl Proc {
         }
     }
 
-    /// Like [`Proc::wait_for`], but an already-received line counts too.
+    /// The first line whose `msg` is `msg`, whether or not [`Proc::wait_for`] returned it
+    /// (asking again gives the same line); waits for one if none has arrived.
     pub fn logged(&mut self, msg: &str) -> serde_json::Value {
         match self.seen(msg) {
             Some(line) => line.clone(),
