@@ -7,8 +7,9 @@ hardware counters for `perf stat -e instructions`. Valgrind's callgrind counts e
 a process executes, whatever else the machine is doing, so the same build gives the same count
 to within a fraction of a percent.
 
-For each build and each host, icp-gate runs under callgrind on the shipped demo config
-(`config/icp-gate.toml`, access log off as in the harness: `RUST_LOG=warn`) and is sent `--small`
+For each build and each host, icp-gate runs under callgrind on a copy of the shipped demo config
+(`config/icp-gate.toml`, access log off as in the harness: `RUST_LOG=warn`; every run with a
+registry state directory of its own, so every start-up is the same) and is sent `--small`
 and then `--large` keep-alive requests, one at a time over 4 connections, in two runs; the
 difference of the two runs' totals divided by the difference of the request counts is the cost
 of one request, start-up and shutdown cancelled out. `--top N` also lists the N functions that
@@ -170,9 +171,13 @@ def per_function(path: Path) -> dict[str, int]:
     return costs
 
 
-def tunnel_config(tmp: str, origin_port: int) -> Path:
-    """The shipped config, copied, with the TLS route's origin at the byte origin."""
-    config = Path(tmp, "config")
+def fresh_config(tmp: str, origin_port: int) -> Path:
+    """The shipped config, copied into a directory of its own, with the TLS route's origin at the
+    byte origin. Every run gets one: its registry state starts empty, so each start-up imports
+    the seed the same way. With one state directory for all runs, the first start imported the
+    seed and the later ones recovered it instead, a different start-up cost that the small and
+    large runs did not cancel (the tunnel row moved by up to 10 % with the order of the builds)."""
+    config = Path(tempfile.mkdtemp(dir=tmp), "config")
     shutil.copytree(REPO / "config", config)
     toml = config / "icp-gate.toml"
     text = toml.read_text()
@@ -211,19 +216,18 @@ def main() -> None:
         origin = socket.create_server(("127.0.0.1", 0))
         hello_len = len(client_hello(HOSTS[1]))
         threading.Thread(target=byte_origin, args=(origin, hello_len), daemon=True).start()
-        tunnel = tunnel_config(tmp, origin.getsockname()[1])
-        shipped = REPO / "config" / "icp-gate.toml"
+        port = origin.getsockname()[1]
         tops = {}
         for host in hosts:
             row = []
             small_n, large_n = (args.small, args.large) if host != TUNNEL \
                 else (args.small // 5, args.large // 5)
-            config = tunnel if host == TUNNEL else shipped
             for name, binary in builds:
                 small = Path(tmp, f"{name}-{host}-small.out")
                 large = Path(tmp, f"{name}-{host}-large.out")
-                cost = (run(binary, host, large_n, large, config)
-                        - run(binary, host, small_n, small, config)) / (large_n - small_n)
+                cost = (run(binary, host, large_n, large, fresh_config(tmp, port))
+                        - run(binary, host, small_n, small, fresh_config(tmp, port))) \
+                    / (large_n - small_n)
                 row.append(cost)
                 if args.top and name == "icp-gate":
                     a, b = per_function(small), per_function(large)

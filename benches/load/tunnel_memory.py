@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from instructions import (FIRST_FLIGHT, HOSTS, REPO, client_hello, connect, recv_exactly,
-                          tunnel_config)
+                          fresh_config)
 
 HOST = HOSTS[1]  # the filed name of the shipped config
 CLIENT_MORE = 1024
@@ -129,9 +129,10 @@ def main() -> None:
         held: list = []
         threading.Thread(target=holding_origin, args=(origin, len(hello), held),
                          daemon=True).start()
-        config = tunnel_config(tmp, origin.getsockname()[1])
+        port = origin.getsockname()[1]
         for r in range(1, args.rounds + 1):
             for name, binary in builds:
+                config = fresh_config(tmp, port)
                 before, after = measure(binary, config, args.tunnels, hello, held)
                 print(f"| {name} | {r} | {before:,} | {after:,} | "
                       f"{(after - before) / args.tunnels:.2f} |", flush=True)
