@@ -1,6 +1,7 @@
-//! The byte relay between real loopback TCP sockets: the copy relay (`relay::relay`, tokio's
-//! `copy_bidirectional`, used for upgraded WebSocket connections) side by side with the TCP relay
-//! (`relay::relay_tcp`, splice(2) for bulk on Linux, used for TLS passthrough tunnels):
+//! The byte relay between real loopback TCP sockets: the copy relay (`relay::relay`, used for
+//! upgraded WebSocket connections) side by side with the TCP relay (`relay::relay_tcp`, splice(2)
+//! for bulk on Linux, used for TLS passthrough tunnels) and with tokio's `copy_bidirectional`
+//! (what the copy relay used until 2026-12-06, with two 8 KiB buffers per connection for its life):
 //!
 //! - `relay_bulk`: one tunnel, 64 MiB one way (throughput);
 //! - `relay_ping_pong`: 1 KiB request, 1 KiB response over one open tunnel (time per round trip);
@@ -12,8 +13,8 @@
 //! per workload the median time per iteration, the relay thread's CPU time (getrusage
 //! RUSAGE_THREAD, user + system: splice's work is in the kernel) per iteration and per byte, the
 //! whole process's (RUSAGE_SELF: the relay, its clients and origins — a relay's choices can move
-//! work to its peers), and the splice / copy ratios with their range over the rounds: on a shared
-//! machine, drift weighs on both alike there.
+//! work to its peers), and the splice / copy and copy / tokio ratios with their range over the
+//! rounds: on a shared machine, drift weighs on all alike there.
 //!
 //! `cargo bench --bench relay`; `-- nothing` skips criterion and runs only the paired
 //! comparison; `ICP_GATE_RELAY_ORDER=tcp-first` puts the TCP relay first.
@@ -38,17 +39,22 @@ const IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Variant {
-    /// `relay::relay`: tokio's copy_bidirectional through user-space buffers.
+    /// `relay::relay`: copies through the thread's scratch buffer.
     Copy,
     /// `relay::relay_tcp`: splice(2) through a pipe per direction for bulk, copy for small reads.
     Tcp,
+    /// tokio's `copy_bidirectional`, alone (no idle watchdog, no byte counts).
+    Tokio,
 }
 
 impl Variant {
+    const ALL: [Variant; 3] = [Variant::Copy, Variant::Tcp, Variant::Tokio];
+
     fn name(self) -> &'static str {
         match self {
-            Variant::Copy => "copy_bidirectional",
+            Variant::Copy => "copy",
             Variant::Tcp => "splice",
+            Variant::Tokio => "tokio copy_bidir.",
         }
     }
 }
@@ -115,10 +121,18 @@ impl RelayThread {
                     };
                     let _ = upstream.set_nodelay(true);
                     let stop = CancellationToken::new();
-                    let _ = match variant {
-                        Variant::Copy => relay::relay(client, upstream, IDLE, stop).await,
-                        Variant::Tcp => relay::relay_tcp(client, upstream, IDLE, stop).await,
-                    };
+                    match variant {
+                        Variant::Copy => {
+                            relay::relay(client, upstream, IDLE, stop).await;
+                        }
+                        Variant::Tcp => {
+                            relay::relay_tcp(client, upstream, IDLE, stop).await;
+                        }
+                        Variant::Tokio => {
+                            let (mut client, mut upstream) = (client, upstream);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                        }
+                    }
                 });
             }
         });
@@ -299,7 +313,7 @@ impl Bench {
         let relay = RelayThread::start();
         let mut addrs = BTreeMap::new();
         for w in Workload::ALL {
-            for v in [Variant::Copy, Variant::Tcp] {
+            for v in Variant::ALL {
                 let listener = rt
                     .block_on(TcpListener::bind("127.0.0.1:0"))
                     .expect("bind origin");
@@ -314,8 +328,8 @@ impl Bench {
             }
         }
         let order = match std::env::var("ICP_GATE_RELAY_ORDER").as_deref() {
-            Ok("tcp-first") => vec![Variant::Tcp, Variant::Copy],
-            _ => vec![Variant::Copy, Variant::Tcp],
+            Ok("tcp-first") => vec![Variant::Tcp, Variant::Copy, Variant::Tokio],
+            _ => Variant::ALL.to_vec(),
         };
         Bench {
             rt,
@@ -370,8 +384,8 @@ impl Bench {
         }
     }
 
-    /// Both relays in alternating blocks (the first of each pair alternating too), so that a
-    /// machine whose load drifts weighs on both alike; ratios are taken per pair.
+    /// The relays in alternating blocks (the order reversed every other round), so that a machine
+    /// whose load drifts weighs on all alike; ratios are taken per round.
     fn paired(&self, rounds: usize) {
         println!();
         println!(
@@ -408,22 +422,27 @@ impl Bench {
                     all * 1e6
                 );
             }
-            let (copy, tcp) = (&per[&Variant::Copy], &per[&Variant::Tcp]);
-            let ratios = |i: usize| {
-                let r: Vec<f64> = tcp.iter().zip(copy).map(|(t, c)| t[i] / c[i]).collect();
-                let (lo, hi) = r
-                    .iter()
-                    .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                format!("{:.2}x ({lo:.2}-{hi:.2})", median(r))
-            };
-            println!(
-                "{:<16} {:<19} time {}, CPU {}, all CPU {}",
-                "",
-                "splice / copy",
-                ratios(WALL),
-                ratios(RELAY),
-                ratios(ALL)
-            );
+            for (label, a, b) in [
+                ("splice / copy", Variant::Tcp, Variant::Copy),
+                ("copy / tokio", Variant::Copy, Variant::Tokio),
+            ] {
+                let (a, b) = (&per[&a], &per[&b]);
+                let ratios = |i: usize| {
+                    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x[i] / y[i]).collect();
+                    let (lo, hi) = r
+                        .iter()
+                        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                    format!("{:.2}x ({lo:.2}-{hi:.2})", median(r))
+                };
+                println!(
+                    "{:<16} {:<19} time {}, CPU {}, all CPU {}",
+                    "",
+                    label,
+                    ratios(WALL),
+                    ratios(RELAY),
+                    ratios(ALL)
+                );
+            }
         }
     }
 }

@@ -171,9 +171,9 @@ def per_function(path: Path) -> dict[str, int]:
     return costs
 
 
-def fresh_config(tmp: str, origin_port: int) -> Path:
+def fresh_config(tmp: str, origin_port: int, http_origin_port: int | None = None) -> Path:
     """The shipped config, copied into a directory of its own, with the TLS route's origin at the
-    byte origin. Every run gets one: its registry state starts empty, so each start-up imports
+    byte origin (and the HTTP route's at `http_origin_port`, when given). Every run gets one: its registry state starts empty, so each start-up imports
     the seed the same way. With one state directory for all runs, the first start imported the
     seed and the later ones recovered it instead, a different start-up cost that the small and
     large runs did not cancel (the tunnel row moved by up to 10 % with the order of the builds)."""
@@ -183,8 +183,13 @@ def fresh_config(tmp: str, origin_port: int) -> Path:
     text = toml.read_text()
     if 'tls_origin = "127.0.0.1:9443"' not in text:
         raise SystemExit(f"{toml}: no tls_origin = \"127.0.0.1:9443\" to point at the byte origin")
-    toml.write_text(text.replace('tls_origin = "127.0.0.1:9443"',
-                                 f'tls_origin = "127.0.0.1:{origin_port}"'))
+    text = text.replace('tls_origin = "127.0.0.1:9443"', f'tls_origin = "127.0.0.1:{origin_port}"')
+    if http_origin_port is not None:
+        if 'http_origin = "127.0.0.1:9080"' not in text:
+            raise SystemExit(f"{toml}: no http_origin = \"127.0.0.1:9080\" to point elsewhere")
+        text = text.replace('http_origin = "127.0.0.1:9080"',
+                            f'http_origin = "127.0.0.1:{http_origin_port}"')
+    toml.write_text(text)
     return toml
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Resident memory per open TLS passthrough tunnel, of icp-gate builds side by side.
+"""Resident memory per open TLS passthrough tunnel or WebSocket, of icp-gate builds side by side.
 
 An edge node may hold tens of thousands of long-lived tunnels (HTTP/2, WebSocket over TLS), most
 of them idle at any moment, so what one costs while nothing moves is what bounds a node. For each
@@ -10,6 +10,10 @@ tunnels are opened one after another and held: the client sends a ClientHello na
 1 KiB and the origin answers 1 KiB (its Finished, a request and an answer); then nothing moves.
 The growth of icp-gate's resident set (VmRSS) over those N tunnels, divided by N, is the memory
 one idle tunnel holds in the process (the kernel's socket buffers are not in it).
+
+`--kind websocket` does the same with upgraded HTTP connections: the HTTP route's origin is this
+script, the client sends a WebSocket upgrade request for `www.filed-example.com.cn` to the HTTP
+listener, the origin answers `101 Switching Protocols`, then 1 KiB goes on and 1 KiB comes back.
 
     benches/load/tunnel_memory.py --binary target/release/icp-gate --before-binary OLD
 
@@ -52,6 +56,49 @@ def holding_origin(listener: socket.socket, hello_len: int, held: list) -> None:
         held.append(conn)
 
 
+UPGRADE = (f"GET /chat HTTP/1.1\r\nHost: {HOSTS[1]}\r\nConnection: Upgrade\r\n"
+           "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+SWITCHED = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+
+
+def recv_head(sock: socket.socket) -> bytes:
+    """Reads an HTTP head, up to its blank line (nothing follows it until the peer is answered)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise SystemExit(f"connection closed inside a head: {head!r}")
+        head += chunk
+    return head
+
+
+def holding_ws_origin(listener: socket.socket, held: list) -> None:
+    """Plays each WebSocket's origin side, in accept order, then keeps the connection open."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        recv_head(conn)
+        conn.sendall(SWITCHED)
+        recv_exactly(conn, CLIENT_MORE)
+        conn.sendall(b"\x82" * ORIGIN_MORE)
+        held.append(conn)
+
+
+def open_websocket(port: int, proc: subprocess.Popen) -> socket.socket:
+    sock = connect(port, proc)
+    sock.sendall(UPGRADE)
+    head = recv_head(sock)
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise SystemExit(f"upgrade refused: {head!r}")
+    sock.sendall(b"\x82" * CLIENT_MORE)
+    recv_exactly(sock, ORIGIN_MORE)
+    return sock
+
+
 def open_tunnel(port: int, proc: subprocess.Popen, hello: bytes) -> socket.socket:
     sock = connect(port, proc)
     sock.sendall(hello)
@@ -68,22 +115,28 @@ def rss_kib(pid: int) -> int:
     raise SystemExit(f"/proc/{pid}/status: no VmRSS")
 
 
-def measure(binary: str, config: Path, tunnels: int, hello: bytes, held: list) -> tuple:
-    """(RSS KiB after the warm-up, RSS KiB with `tunnels` open) of one fresh icp-gate."""
+def measure(binary: str, config: Path, tunnels: int, hello: bytes | None, held: list) -> tuple:
+    """(RSS KiB after the warm-up, RSS KiB with `tunnels` open) of one fresh icp-gate; WebSockets
+    when `hello` is None."""
+    def open_one():
+        if hello is None:
+            return open_websocket(8080, proc)
+        return open_tunnel(8443, proc, hello)
+
     proc = subprocess.Popen([binary, "run", "--config", str(config)], cwd=REPO,
                             env=dict(os.environ, RUST_LOG="warn"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clients = []
     try:
         for _ in range(WARMUP):
-            open_tunnel(8443, proc, hello).close()
+            open_one().close()
         time.sleep(0.5)
         for conn in held:
             conn.close()
         held.clear()
         time.sleep(0.5)
         before = rss_kib(proc.pid)
-        clients = [open_tunnel(8443, proc, hello) for _ in range(tunnels)]
+        clients = [open_one() for _ in range(tunnels)]
         time.sleep(1.0)
         if proc.poll() is not None:
             raise SystemExit(f"{binary} exited with {proc.returncode}")
@@ -108,6 +161,8 @@ def main() -> None:
     ap.add_argument("--before-binary")
     ap.add_argument("--tunnels", type=int, default=3000, help="tunnels held open (default 3000)")
     ap.add_argument("--rounds", type=int, default=1, help="fresh starts per build, in turn")
+    ap.add_argument("--kind", choices=["tls", "websocket"], default="tls",
+                    help="TLS passthrough tunnels (default) or upgraded HTTP connections")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = 2 * args.tunnels + 100
@@ -118,21 +173,29 @@ def main() -> None:
     builds = [("icp-gate", args.binary)]
     if args.before_binary:
         builds.append(("before", args.before_binary))
-    hello = client_hello(HOST)
-    print(f"resident memory per open, idle TLS tunnel ({args.tunnels} tunnels held; each moved "
-          f"a {len(hello)}-byte ClientHello, {FIRST_FLIGHT} B back, {CLIENT_MORE} B on, "
-          f"{ORIGIN_MORE} B back)\n")
+    ws = args.kind == "websocket"
+    hello = None if ws else client_hello(HOST)
+    if ws:
+        print(f"resident memory per open, idle WebSocket ({args.tunnels} held; each moved an "
+              f"upgrade request, the 101 answer, {CLIENT_MORE} B on, {ORIGIN_MORE} B back)\n")
+    else:
+        print(f"resident memory per open, idle TLS tunnel ({args.tunnels} tunnels held; each "
+              f"moved a {len(hello)}-byte ClientHello, {FIRST_FLIGHT} B back, {CLIENT_MORE} B "
+              f"on, {ORIGIN_MORE} B back)\n")
     print("| build | round | RSS before, KiB | RSS with the tunnels, KiB | per tunnel, KiB |")
     print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         origin = socket.create_server(("127.0.0.1", 0), backlog=1024)
         held: list = []
-        threading.Thread(target=holding_origin, args=(origin, len(hello), held),
-                         daemon=True).start()
+        if ws:
+            threading.Thread(target=holding_ws_origin, args=(origin, held), daemon=True).start()
+        else:
+            threading.Thread(target=holding_origin, args=(origin, len(hello), held),
+                             daemon=True).start()
         port = origin.getsockname()[1]
         for r in range(1, args.rounds + 1):
             for name, binary in builds:
-                config = fresh_config(tmp, port)
+                config = fresh_config(tmp, port, port if ws else None)
                 before, after = measure(binary, config, args.tunnels, hello, held)
                 print(f"| {name} | {r} | {before:,} | {after:,} | "
                       f"{(after - before) / args.tunnels:.2f} |", flush=True)

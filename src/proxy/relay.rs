@@ -5,6 +5,7 @@
 //! the other direction keeps flowing); the tunnel ends when both directions are done, when no
 //! byte moves for `idle`, or when `stop` is cancelled (drain, revocation).
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -39,7 +40,9 @@ pub async fn relay_tcp(
     return relay(client, origin, idle, stop).await;
 }
 
-/// Relays until both directions finish, `idle` passes without traffic, or `stop` fires.
+/// Relays until both directions finish, `idle` passes without traffic, or `stop` fires. Each
+/// direction reads into its thread's scratch buffer and holds bytes of its own only while its
+/// destination cannot take them (see [`Direction`]).
 pub async fn relay<C, O>(client: C, origin: O, idle: Duration, stop: CancellationToken) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -52,7 +55,7 @@ where
     let mut client = Watched::new(Counted::new(client, from_client.clone()), activity.clone());
     let mut origin = Watched::new(Counted::new(origin, from_origin.clone()), activity.clone());
     let end = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut origin) => {
+        r = copy_both(&mut client, &mut origin) => {
             if r.is_ok() { End::Closed } else { End::Error }
         }
         _ = watchdog(activity, Duration::ZERO, idle) => End::Idle,
@@ -62,6 +65,151 @@ where
         client_to_origin: from_client.load(Ordering::Relaxed),
         origin_to_client: from_origin.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// Copies both ways until both directions have ended (each shuts its destination's write side
+/// down when its source ends), or one fails.
+async fn copy_both<A, B>(a: &mut A, b: &mut B) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Direction::default();
+    let mut down = Direction::default();
+    std::future::poll_fn(|cx| {
+        let up_done = up.poll(cx, a, b)?.is_ready();
+        let down_done = down.poll(cx, b, a)?.is_ready();
+        if up_done && down_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// The size of a relay read (tokio's `copy_bidirectional` uses the same).
+const READ_SIZE: usize = 8 * 1024;
+
+thread_local! {
+    /// The buffer every relay direction on this thread reads into. tokio's `copy_bidirectional`
+    /// keeps an 8 KiB buffer per direction for the connection's life; an upgraded connection
+    /// (WebSocket) is idle most of the time, and those two buffers were most of what it held.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_SIZE));
+}
+
+/// One direction of [`copy_both`].
+#[derive(Default)]
+struct Direction {
+    /// Bytes read that the destination has not taken yet, from `sent` on: allocated only when a
+    /// write could not take a whole read at once, freed when the source has nothing to read.
+    unsent: Vec<u8>,
+    sent: usize,
+    /// Written since the last flush.
+    unflushed: bool,
+    ended: Ended,
+}
+
+#[derive(Default, PartialEq)]
+enum Ended {
+    #[default]
+    No,
+    /// The source ended: the destination's write side is being shut down.
+    Source,
+    /// The destination's write side is shut down.
+    Done,
+}
+
+impl Direction {
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            match self.ended {
+                Ended::Done => return Poll::Ready(Ok(())),
+                Ended::Source => {
+                    std::task::ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+                    self.ended = Ended::Done;
+                    return Poll::Ready(Ok(()));
+                }
+                Ended::No => {}
+            }
+            while self.sent < self.unsent.len() {
+                let n = std::task::ready!(
+                    Pin::new(&mut *dst).poll_write(cx, &self.unsent[self.sent..])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.sent += n;
+                self.unflushed = true;
+            }
+            self.unsent.clear();
+            self.sent = 0;
+            match self.read_and_write(cx, src, dst) {
+                Poll::Ready(Ok(0)) => self.ended = Ended::Source,
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Kept while bytes move, so a busy direction allocates once per burst.
+                    self.unsent = Vec::new();
+                    if self.unflushed {
+                        std::task::ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Reads what `src` has into the thread's scratch buffer and writes as much of it to `dst`
+    /// as it takes now; keeps the rest in `unsent`. The number of bytes read (0: `src` ended).
+    fn read_and_write<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Poll<io::Result<usize>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        SCRATCH.with(|scratch| {
+            // A relay polled from inside another one's write on this thread (no stream here
+            // does that) would find the buffer taken: it reads into one of its own then.
+            let mut own;
+            let mut taken = scratch.try_borrow_mut();
+            let buf: &mut Vec<u8> = match &mut taken {
+                Ok(buf) => buf,
+                Err(_) => {
+                    own = Vec::with_capacity(READ_SIZE);
+                    &mut own
+                }
+            };
+            buf.clear();
+            let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..READ_SIZE]);
+            std::task::ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
+            let data = read.filled();
+            let n = data.len();
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            let written = match Pin::new(&mut *dst).poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => 0,
+            };
+            self.unflushed |= written > 0;
+            if written < n {
+                self.unsent.extend_from_slice(&data[written..]);
+            }
+            Poll::Ready(Ok(n))
+        })
     }
 }
 
@@ -141,6 +289,54 @@ mod tests {
         assert_eq!(
             (r.client_to_origin, r.origin_to_client, r.end),
             (5, 6, End::Closed)
+        );
+    }
+
+    /// A direction holds bytes of its own only while its destination cannot take them: none
+    /// while it waits to read, the unwritten rest of a read while the destination is full, none
+    /// again once that is written.
+    #[tokio::test]
+    async fn a_direction_holds_bytes_only_while_its_destination_is_full() {
+        use std::task::Waker;
+        let mut cx = Context::from_waker(Waker::noop());
+        let (mut src, mut src_peer) = tokio::io::duplex(4096);
+        let (mut dst, mut dst_peer) = tokio::io::duplex(16);
+        let mut dir = Direction::default();
+
+        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_pending());
+        assert_eq!(
+            dir.unsent.capacity(),
+            0,
+            "holds a buffer while waiting to read"
+        );
+
+        src_peer.write_all(&[7u8; 100]).await.unwrap();
+        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_pending());
+        assert_eq!(
+            dir.unsent.len() - dir.sent,
+            84,
+            "the 16 the destination took are gone"
+        );
+
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let mut chunk = [0u8; 16];
+            let n = dst_peer.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+            let _ = dir.poll(&mut cx, &mut src, &mut dst);
+        }
+        assert_eq!(got, [7u8; 100]);
+        assert_eq!(dir.unsent.capacity(), 0, "kept the written bytes' buffer");
+
+        drop(src_peer);
+        assert!(
+            dir.poll(&mut cx, &mut src, &mut dst).is_ready(),
+            "source ended"
+        );
+        assert_eq!(
+            dst_peer.read(&mut [0u8; 1]).await.unwrap(),
+            0,
+            "no shutdown passed on"
         );
     }
 
