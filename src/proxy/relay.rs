@@ -154,7 +154,8 @@ impl Direction {
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Kept while bytes move, so a busy direction allocates once per burst.
+                    // Freed while the source has nothing; kept while bytes move, so a busy
+                    // direction allocates at most once per burst.
                     self.unsent = Vec::new();
                     if self.unflushed {
                         std::task::ready!(Pin::new(&mut *dst).poll_flush(cx))?;
@@ -178,38 +179,49 @@ impl Direction {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        SCRATCH.with(|scratch| {
-            // A relay polled from inside another one's write on this thread (no stream here
-            // does that) would find the buffer taken: it reads into one of its own then.
-            let mut own;
-            let mut taken = scratch.try_borrow_mut();
-            let buf: &mut Vec<u8> = match &mut taken {
-                Ok(buf) => buf,
-                Err(_) => {
-                    own = Vec::with_capacity(READ_SIZE);
-                    &mut own
-                }
-            };
-            buf.clear();
-            let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..READ_SIZE]);
-            std::task::ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
-            let data = read.filled();
-            let n = data.len();
-            if n == 0 {
-                return Poll::Ready(Ok(0));
-            }
-            let written = match Pin::new(&mut *dst).poll_write(cx, data) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(w)) => w,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => 0,
-            };
-            self.unflushed |= written > 0;
-            if written < n {
-                self.unsent.extend_from_slice(&data[written..]);
-            }
-            Poll::Ready(Ok(n))
-        })
+        // Another relay polled from inside this one's write (no stream here does that), or a
+        // relay polled while its thread exits, finds the scratch buffer taken or gone: it reads
+        // into one of its own then.
+        let scratch = SCRATCH.try_with(|scratch| {
+            let mut buf = scratch.try_borrow_mut().ok()?;
+            Some(self.read_into(&mut buf, cx, src, dst))
+        });
+        match scratch {
+            Ok(Some(read)) => read,
+            _ => self.read_into(&mut Vec::with_capacity(READ_SIZE), cx, src, dst),
+        }
+    }
+
+    fn read_into<R, W>(
+        &mut self,
+        buf: &mut Vec<u8>,
+        cx: &mut Context<'_>,
+        src: &mut R,
+        dst: &mut W,
+    ) -> Poll<io::Result<usize>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        buf.clear();
+        let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..READ_SIZE]);
+        std::task::ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
+        let data = read.filled();
+        let n = data.len();
+        if n == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let written = match Pin::new(&mut *dst).poll_write(cx, data) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(w)) => w,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => 0,
+        };
+        self.unflushed |= written > 0;
+        if written < n {
+            self.unsent.extend_from_slice(&data[written..]);
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
