@@ -173,10 +173,11 @@ def per_function(path: Path) -> dict[str, int]:
 
 def fresh_config(tmp: str, origin_port: int, http_origin_port: int | None = None) -> Path:
     """The shipped config, copied into a directory of its own, with the TLS route's origin at the
-    byte origin (and the HTTP route's at `http_origin_port`, when given). Every run gets one: its registry state starts empty, so each start-up imports
-    the seed the same way. With one state directory for all runs, the first start imported the
-    seed and the later ones recovered it instead, a different start-up cost that the small and
-    large runs did not cancel (the tunnel row moved by up to 10 % with the order of the builds)."""
+    byte origin (and the HTTP route's at `http_origin_port`, when given). Every run gets one: its
+    registry state starts empty, so each start-up imports the seed the same way. With one state
+    directory for all runs, the first start imported the seed and the later ones recovered it
+    instead, a different start-up cost that the small and large runs did not cancel (the tunnel
+    row moved by up to 10 % with the order of the builds)."""
     config = Path(tempfile.mkdtemp(dir=tmp), "config")
     shutil.copytree(REPO / "config", config)
     toml = config / "icp-gate.toml"

@@ -99,6 +99,19 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_SIZE));
 }
 
+/// Runs `f` on the thread's scratch buffer; on a buffer of its own when that one is in use (a
+/// relay polled from inside another one's write: no stream here does that) or gone (a relay
+/// polled while its thread exits).
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    if SCRATCH.try_with(|_| ()).is_err() {
+        return f(&mut Vec::with_capacity(READ_SIZE));
+    }
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::with_capacity(READ_SIZE)),
+    })
+}
+
 /// One direction of [`copy_both`].
 #[derive(Default)]
 struct Direction {
@@ -149,7 +162,7 @@ impl Direction {
             }
             self.unsent.clear();
             self.sent = 0;
-            match self.read_and_write(cx, src, dst) {
+            match with_scratch(|buf| self.read_into(buf, cx, src, dst)) {
                 Poll::Ready(Ok(0)) => self.ended = Ended::Source,
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -167,31 +180,8 @@ impl Direction {
         }
     }
 
-    /// Reads what `src` has into the thread's scratch buffer and writes as much of it to `dst`
-    /// as it takes now; keeps the rest in `unsent`. The number of bytes read (0: `src` ended).
-    fn read_and_write<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        src: &mut R,
-        dst: &mut W,
-    ) -> Poll<io::Result<usize>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        // Another relay polled from inside this one's write (no stream here does that), or a
-        // relay polled while its thread exits, finds the scratch buffer taken or gone: it reads
-        // into one of its own then.
-        let scratch = SCRATCH.try_with(|scratch| {
-            let mut buf = scratch.try_borrow_mut().ok()?;
-            Some(self.read_into(&mut buf, cx, src, dst))
-        });
-        match scratch {
-            Ok(Some(read)) => read,
-            _ => self.read_into(&mut Vec::with_capacity(READ_SIZE), cx, src, dst),
-        }
-    }
-
+    /// Reads what `src` has into `buf` and writes as much of it to `dst` as it takes now; keeps
+    /// the rest in `unsent`. The number of bytes read (0: `src` ended).
     fn read_into<R, W>(
         &mut self,
         buf: &mut Vec<u8>,
