@@ -42,20 +42,6 @@ ORIGIN_MORE = 1024
 WARMUP = 200
 
 
-def holding_origin(listener: socket.socket, hello_len: int, held: list) -> None:
-    """Plays each tunnel's origin side, in accept order, then keeps the connection open."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        recv_exactly(conn, hello_len)
-        conn.sendall(b"\x16" * FIRST_FLIGHT)
-        recv_exactly(conn, CLIENT_MORE)
-        conn.sendall(b"\x17" * ORIGIN_MORE)
-        held.append(conn)
-
-
 UPGRADE = (f"GET /chat HTTP/1.1\r\nHost: {HOSTS[1]}\r\nConnection: Upgrade\r\n"
            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
@@ -74,35 +60,50 @@ def recv_head(sock: socket.socket) -> bytes:
     return head
 
 
-def holding_ws_origin(listener: socket.socket, held: list) -> None:
-    """Plays each WebSocket's origin side, in accept order, then keeps the connection open."""
+class Kind:
+    """How one kind of connection opens: the client's side (`start`) on icp-gate's `port`, and
+    the origin's (`greet`). Then both kinds move the same bytes and stay open."""
+
+    def __init__(self, websocket: bool):
+        self.websocket = websocket
+        self.port = 8080 if websocket else 8443
+        self.hello = b"" if websocket else client_hello(HOST)
+
+    def start(self, sock: socket.socket) -> None:
+        if self.websocket:
+            sock.sendall(UPGRADE)
+            head = recv_head(sock)
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise SystemExit(f"upgrade refused: {head!r}")
+        else:
+            sock.sendall(self.hello)
+            recv_exactly(sock, FIRST_FLIGHT)
+
+    def greet(self, conn: socket.socket) -> None:
+        if self.websocket:
+            recv_head(conn)
+            conn.sendall(SWITCHED)
+        else:
+            recv_exactly(conn, len(self.hello))
+            conn.sendall(b"\x16" * FIRST_FLIGHT)
+
+
+def holding_origin(listener: socket.socket, kind: Kind, held: list) -> None:
+    """Plays each connection's origin side, in accept order, then keeps the connection open."""
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return
-        recv_head(conn)
-        conn.sendall(SWITCHED)
+        kind.greet(conn)
         recv_exactly(conn, CLIENT_MORE)
-        conn.sendall(b"\x82" * ORIGIN_MORE)
+        conn.sendall(b"\x17" * ORIGIN_MORE)
         held.append(conn)
 
 
-def open_websocket(port: int, proc: subprocess.Popen) -> socket.socket:
-    sock = connect(port, proc)
-    sock.sendall(UPGRADE)
-    head = recv_head(sock)
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise SystemExit(f"upgrade refused: {head!r}")
-    sock.sendall(b"\x82" * CLIENT_MORE)
-    recv_exactly(sock, ORIGIN_MORE)
-    return sock
-
-
-def open_tunnel(port: int, proc: subprocess.Popen, hello: bytes) -> socket.socket:
-    sock = connect(port, proc)
-    sock.sendall(hello)
-    recv_exactly(sock, FIRST_FLIGHT)
+def open_one(kind: Kind, proc: subprocess.Popen) -> socket.socket:
+    sock = connect(kind.port, proc)
+    kind.start(sock)
     sock.sendall(b"\x17" * CLIENT_MORE)
     recv_exactly(sock, ORIGIN_MORE)
     return sock
@@ -115,28 +116,22 @@ def rss_kib(pid: int) -> int:
     raise SystemExit(f"/proc/{pid}/status: no VmRSS")
 
 
-def measure(binary: str, config: Path, tunnels: int, hello: bytes | None, held: list) -> tuple:
-    """(RSS KiB after the warm-up, RSS KiB with `tunnels` open) of one fresh icp-gate; WebSockets
-    when `hello` is None."""
-    def open_one():
-        if hello is None:
-            return open_websocket(8080, proc)
-        return open_tunnel(8443, proc, hello)
-
+def measure(binary: str, config: Path, tunnels: int, kind: Kind, held: list) -> tuple:
+    """(RSS KiB after the warm-up, RSS KiB with `tunnels` open) of one fresh icp-gate."""
     proc = subprocess.Popen([binary, "run", "--config", str(config)], cwd=REPO,
                             env=dict(os.environ, RUST_LOG="warn"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clients = []
     try:
         for _ in range(WARMUP):
-            open_one().close()
+            open_one(kind, proc).close()
         time.sleep(0.5)
         for conn in held:
             conn.close()
         held.clear()
         time.sleep(0.5)
         before = rss_kib(proc.pid)
-        clients = [open_one() for _ in range(tunnels)]
+        clients = [open_one(kind, proc) for _ in range(tunnels)]
         time.sleep(1.0)
         if proc.poll() is not None:
             raise SystemExit(f"{binary} exited with {proc.returncode}")
@@ -173,30 +168,25 @@ def main() -> None:
     builds = [("icp-gate", args.binary)]
     if args.before_binary:
         builds.append(("before", args.before_binary))
-    ws = args.kind == "websocket"
-    hello = None if ws else client_hello(HOST)
-    if ws:
+    kind = Kind(websocket=args.kind == "websocket")
+    if kind.websocket:
         print(f"resident memory per open, idle WebSocket ({args.tunnels} held; each moved an "
               f"upgrade request, the 101 answer, {CLIENT_MORE} B on, {ORIGIN_MORE} B back)\n")
     else:
         print(f"resident memory per open, idle TLS tunnel ({args.tunnels} tunnels held; each "
-              f"moved a {len(hello)}-byte ClientHello, {FIRST_FLIGHT} B back, {CLIENT_MORE} B "
-              f"on, {ORIGIN_MORE} B back)\n")
+              f"moved a {len(kind.hello)}-byte ClientHello, {FIRST_FLIGHT} B back, {CLIENT_MORE} "
+              f"B on, {ORIGIN_MORE} B back)\n")
     print("| build | round | RSS before, KiB | RSS with the tunnels, KiB | per tunnel, KiB |")
     print("|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         origin = socket.create_server(("127.0.0.1", 0), backlog=1024)
         held: list = []
-        if ws:
-            threading.Thread(target=holding_ws_origin, args=(origin, held), daemon=True).start()
-        else:
-            threading.Thread(target=holding_origin, args=(origin, len(hello), held),
-                             daemon=True).start()
+        threading.Thread(target=holding_origin, args=(origin, kind, held), daemon=True).start()
         port = origin.getsockname()[1]
         for r in range(1, args.rounds + 1):
             for name, binary in builds:
-                config = fresh_config(tmp, port, port if ws else None)
-                before, after = measure(binary, config, args.tunnels, hello, held)
+                config = fresh_config(tmp, port, port if kind.websocket else None)
+                before, after = measure(binary, config, args.tunnels, kind, held)
                 print(f"| {name} | {r} | {before:,} | {after:,} | "
                       f"{(after - before) / args.tunnels:.2f} |", flush=True)
         origin.close()
