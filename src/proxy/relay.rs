@@ -5,12 +5,11 @@
 //! the other direction keeps flowing); the tunnel ends when both directions are done, when no
 //! byte moves for `idle`, or when `stop` is cancelled (drain, revocation).
 
-use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -19,10 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proxy::io::{Activity, Watched, watchdog};
 
+mod copy;
 mod outcome;
 #[cfg(target_os = "linux")]
 mod splice;
 
+use copy::Unsent;
 pub use outcome::{End, Relayed};
 
 /// [`relay`] between two TCP sockets (TLS passthrough tunnels). On Linux, bulk moves with
@@ -42,7 +43,7 @@ pub async fn relay_tcp(
 
 /// Relays until both directions finish, `idle` passes without traffic, or `stop` fires. Each
 /// direction reads into its thread's scratch buffer and holds bytes of its own only while its
-/// destination cannot take them (see [`Direction`]).
+/// destination cannot take them (see `relay/copy.rs`).
 pub async fn relay<C, O>(client: C, origin: O, idle: Duration, stop: CancellationToken) -> Relayed
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -89,36 +90,10 @@ where
     .await
 }
 
-/// The size of a relay read (tokio's `copy_bidirectional` uses the same).
-const READ_SIZE: usize = 8 * 1024;
-
-thread_local! {
-    /// The buffer every relay direction on this thread reads into. tokio's `copy_bidirectional`
-    /// keeps an 8 KiB buffer per direction for the connection's life; an upgraded connection
-    /// (WebSocket) is idle most of the time, and those two buffers were most of what it held.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(READ_SIZE));
-}
-
-/// Runs `f` on the thread's scratch buffer; on a buffer of its own when that one is in use (a
-/// relay polled from inside another one's write: no stream here does that) or gone (a relay
-/// polled while its thread exits).
-fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    if SCRATCH.try_with(|_| ()).is_err() {
-        return f(&mut Vec::with_capacity(READ_SIZE));
-    }
-    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
-        Ok(mut buf) => f(&mut buf),
-        Err(_) => f(&mut Vec::with_capacity(READ_SIZE)),
-    })
-}
-
 /// One direction of [`copy_both`].
 #[derive(Default)]
 struct Direction {
-    /// Bytes read that the destination has not taken yet, from `sent` on: allocated only when a
-    /// write could not take a whole read at once, freed when the source has nothing to read.
-    unsent: Vec<u8>,
-    sent: usize,
+    unsent: Unsent,
     /// Written since the last flush.
     unflushed: bool,
     ended: Ended,
@@ -144,74 +119,26 @@ impl Direction {
             match self.ended {
                 Ended::Done => return Poll::Ready(Ok(())),
                 Ended::Source => {
-                    std::task::ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
+                    ready!(Pin::new(&mut *dst).poll_shutdown(cx))?;
                     self.ended = Ended::Done;
                     return Poll::Ready(Ok(()));
                 }
                 Ended::No => {}
             }
-            while self.sent < self.unsent.len() {
-                let n = std::task::ready!(
-                    Pin::new(&mut *dst).poll_write(cx, &self.unsent[self.sent..])
-                )?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.sent += n;
-                self.unflushed = true;
-            }
-            self.unsent.clear();
-            self.sent = 0;
-            match with_scratch(|buf| self.read_into(buf, cx, src, dst)) {
+            ready!(self.unsent.poll_send(cx, dst))?;
+            match self.unsent.poll_read(cx, src, dst) {
                 Poll::Ready(Ok(0)) => self.ended = Ended::Source,
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(_)) => self.unflushed = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // Freed while the source has nothing; kept while bytes move, so a busy
-                    // direction allocates at most once per burst.
-                    self.unsent = Vec::new();
                     if self.unflushed {
-                        std::task::ready!(Pin::new(&mut *dst).poll_flush(cx))?;
+                        ready!(Pin::new(&mut *dst).poll_flush(cx))?;
                         self.unflushed = false;
                     }
                     return Poll::Pending;
                 }
             }
         }
-    }
-
-    /// Reads what `src` has into `buf` and writes as much of it to `dst` as it takes now; keeps
-    /// the rest in `unsent`. The number of bytes read (0: `src` ended).
-    fn read_into<R, W>(
-        &mut self,
-        buf: &mut Vec<u8>,
-        cx: &mut Context<'_>,
-        src: &mut R,
-        dst: &mut W,
-    ) -> Poll<io::Result<usize>>
-    where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
-    {
-        buf.clear();
-        let mut read = ReadBuf::uninit(&mut buf.spare_capacity_mut()[..READ_SIZE]);
-        std::task::ready!(Pin::new(&mut *src).poll_read(cx, &mut read))?;
-        let data = read.filled();
-        let n = data.len();
-        if n == 0 {
-            return Poll::Ready(Ok(0));
-        }
-        let written = match Pin::new(&mut *dst).poll_write(cx, data) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(w)) => w,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => 0,
-        };
-        self.unflushed |= written > 0;
-        if written < n {
-            self.unsent.extend_from_slice(&data[written..]);
-        }
-        Poll::Ready(Ok(n))
     }
 }
 
@@ -294,52 +221,21 @@ mod tests {
         );
     }
 
-    /// A direction holds bytes of its own only while its destination cannot take them: none
-    /// while it waits to read, the unwritten rest of a read while the destination is full, none
-    /// again once that is written.
+    /// A direction passes its source's end on as a shutdown of its destination once, and is done.
     #[tokio::test]
-    async fn a_direction_holds_bytes_only_while_its_destination_is_full() {
+    async fn a_direction_shuts_its_destination_down_when_its_source_ends() {
         use std::task::Waker;
         let mut cx = Context::from_waker(Waker::noop());
-        let (mut src, mut src_peer) = tokio::io::duplex(4096);
-        let (mut dst, mut dst_peer) = tokio::io::duplex(16);
+        let (mut src, mut src_peer) = tokio::io::duplex(64);
+        let (mut dst, mut dst_peer) = tokio::io::duplex(64);
         let mut dir = Direction::default();
-
-        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_pending());
-        assert_eq!(
-            dir.unsent.capacity(),
-            0,
-            "holds a buffer while waiting to read"
-        );
-
-        src_peer.write_all(&[7u8; 100]).await.unwrap();
-        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_pending());
-        assert_eq!(
-            dir.unsent.len() - dir.sent,
-            84,
-            "the 16 the destination took are gone"
-        );
-
-        let mut got = Vec::new();
-        while got.len() < 100 {
-            let mut chunk = [0u8; 16];
-            let n = dst_peer.read(&mut chunk).await.unwrap();
-            got.extend_from_slice(&chunk[..n]);
-            let _ = dir.poll(&mut cx, &mut src, &mut dst);
-        }
-        assert_eq!(got, [7u8; 100]);
-        assert_eq!(dir.unsent.capacity(), 0, "kept the written bytes' buffer");
-
+        src_peer.write_all(b"last").await.unwrap();
         drop(src_peer);
-        assert!(
-            dir.poll(&mut cx, &mut src, &mut dst).is_ready(),
-            "source ended"
-        );
-        assert_eq!(
-            dst_peer.read(&mut [0u8; 1]).await.unwrap(),
-            0,
-            "no shutdown passed on"
-        );
+        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_ready());
+        assert!(dir.poll(&mut cx, &mut src, &mut dst).is_ready());
+        let mut got = Vec::new();
+        dst_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,8 @@
 //! The TCP↔TCP relay on Linux: bulk goes through splice(2), from one socket's receive queue into
 //! a pipe and from the pipe into the other socket's send queue as page references, never through
 //! user space; small reads are copied through a buffer as `copy_bidirectional` does, because for
-//! them splice costs more than it saves (measured by `benches/relay.rs`).
+//! them splice costs more than it saves (measured by `benches/relay.rs`). Copies take the same
+//! step as the copy relay (`relay/copy.rs`): through the thread's scratch buffer.
 //!
 //! Each direction picks per read: a read that filled the 8 KiB buffer (or a splice that moved at
 //! least as much) means more is queued, so the next one is spliced; a shorter one means the burst
@@ -15,7 +16,6 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::pin::Pin;
 use std::ptr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -26,68 +26,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio_util::sync::CancellationToken;
 
+use super::copy::{READ_SIZE, Unsent};
 use super::outcome::{End, Relayed};
 use crate::proxy::io::{Activity, watchdog};
-
-/// The copy buffer, per direction (tokio's `copy_bidirectional` uses the same); a read that fills
-/// it switches the direction to splice.
-const COPY_BUF: usize = 8 * 1024;
-
-/// Copy buffers a thread keeps for its directions' next bursts (at most 256 KiB per thread).
-const SPARES: usize = 32;
-
-thread_local! {
-    /// Buffers given back by directions whose reads had to wait. Taking a fresh 8 KiB buffer from
-    /// glibc at every burst and freeing it at its end cost ~1 400 instructions (4 %) per TLS
-    /// tunnel (an allocation of that size first consolidates the allocator's small-chunk bins).
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// A direction's copy buffer: none while its reads wait, one from this thread's spares (or a new
-/// one) while bytes move, given back when a read has to wait and when the direction ends.
-#[derive(Default)]
-struct CopyBuf(Vec<u8>);
-
-impl CopyBuf {
-    fn take(&mut self) {
-        if self.0.capacity() == 0 {
-            // `try_with`: a relay dropped while its thread exits finds the list gone.
-            self.0 = SPARE
-                .try_with(|spare| spare.borrow_mut().pop())
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| Vec::with_capacity(COPY_BUF));
-        }
-        self.0.clear();
-    }
-
-    fn give_back(&mut self) {
-        let buf = std::mem::take(&mut self.0);
-        if buf.capacity() == COPY_BUF {
-            // A full list (or one gone with its exiting thread) drops the buffer, after the
-            // borrow: dropping never re-enters it.
-            let _dropped = SPARE.try_with(|spare| {
-                let mut spare = spare.borrow_mut();
-                if spare.len() < SPARES {
-                    spare.push(buf);
-                    None
-                } else {
-                    Some(buf)
-                }
-            });
-        }
-    }
-
-    fn held(&self) -> usize {
-        self.0.capacity()
-    }
-}
-
-impl Drop for CopyBuf {
-    fn drop(&mut self) {
-        self.give_back();
-    }
-}
 
 /// The most one splice asks to move; the pipe's capacity (64 KiB by default) caps it anyway.
 const CHUNK: usize = 1 << 20;
@@ -166,9 +107,7 @@ async fn pump(
     ended: &AtomicU8,
     activity: &Activity,
 ) -> io::Result<()> {
-    // Read into spare capacity: never zeroed, as the relay only writes out what was read. Held
-    // only while bytes move (see `read_some`).
-    let mut buf = CopyBuf::default();
+    let mut unsent = Unsent::default();
     let mut pipe = Lazy::NotYet;
     let mut splicing = false;
     loop {
@@ -185,7 +124,7 @@ async fn pump(
                     Err(e) => return Err(e),
                 }
             }
-            _ => read_some(&mut src, &mut buf).await?,
+            _ => std::future::poll_fn(|cx| unsent.poll_read(cx, &mut src, &mut dst)).await?,
         };
         if n == 0 {
             break;
@@ -194,9 +133,9 @@ async fn pump(
         activity.mark_moved();
         match &pipe {
             Lazy::Ready(p) if splicing => drain(p, dst.as_ref(), n, activity).await?,
-            _ => write_all(&mut dst, &buf.0[..n], activity).await?,
+            _ => send(&mut unsent, &mut dst, activity).await?,
         }
-        splicing = n >= COPY_BUF;
+        splicing = n >= READ_SIZE;
         if splicing && matches!(pipe, Lazy::NotYet) {
             pipe = Pipe::new().map_or(Lazy::Unavailable, Lazy::Ready);
         }
@@ -210,25 +149,6 @@ async fn pump(
         return Ok(());
     }
     dst.shutdown().await
-}
-
-/// Reads what `src` has into `buf` (cleared first), through tokio's `poll_read` like
-/// `read_buf`. The buffer is given back while the read waits and taken again once `src` is
-/// readable, so an idle direction holds none: most tunnels are idle most of the time, and two
-/// 8 KiB buffers were most of what an open tunnel kept.
-async fn read_some(src: &mut ReadHalf<'_>, buf: &mut CopyBuf) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        if buf.held() == 0 {
-            std::task::ready!(src.as_ref().poll_read_ready(cx))?;
-        }
-        buf.take();
-        let read = tokio_util::io::poll_read_buf(Pin::new(&mut *src), cx, &mut buf.0);
-        if read.is_pending() {
-            buf.give_back();
-        }
-        read
-    })
-    .await
 }
 
 /// Splices the `pending` bytes in `pipe` into `dst`.
@@ -256,21 +176,17 @@ async fn drain(
     Ok(())
 }
 
-async fn write_all(
-    dst: &mut WriteHalf<'_>,
-    mut bytes: &[u8],
-    activity: &Activity,
-) -> io::Result<()> {
-    while !bytes.is_empty() {
-        match dst.write(bytes).await? {
-            0 => return Err(io::ErrorKind::WriteZero.into()),
-            n => {
-                bytes = &bytes[n..];
-                activity.mark_moved();
-            }
+/// Writes what the copy step's write did not take.
+async fn send(unsent: &mut Unsent, dst: &mut WriteHalf<'_>, activity: &Activity) -> io::Result<()> {
+    std::future::poll_fn(|cx| {
+        let before = unsent.remaining();
+        let sent = unsent.poll_send(cx, dst);
+        if unsent.remaining() < before {
+            activity.mark_moved();
         }
-    }
-    Ok(())
+        sent
+    })
+    .await
 }
 
 /// The relay; the sockets, buffers and pipes are released when it returns, on every path (the
@@ -304,69 +220,5 @@ pub(super) async fn relay(
         client_to_origin: from_client.load(Ordering::Relaxed),
         origin_to_client: from_origin.load(Ordering::Relaxed),
         end,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::task::{Context, Waker};
-    use tokio::net::TcpListener;
-
-    /// A direction holds its buffer only while bytes move: a read that has to wait gives it
-    /// back to the thread's spares, and the next read takes it again and gets the bytes, in
-    /// order, to the end.
-    #[tokio::test]
-    async fn a_waiting_read_holds_no_buffer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (mut far, _) = listener.accept().await.unwrap();
-        let (mut src, _) = near.split();
-        let spares = || SPARE.with_borrow(Vec::len);
-        let mut buf = CopyBuf::default();
-        buf.take();
-        let first = buf.0.as_ptr();
-        assert_eq!((buf.held(), spares()), (COPY_BUF, 0));
-
-        {
-            let mut cx = Context::from_waker(Waker::noop());
-            let waiting = std::pin::pin!(read_some(&mut src, &mut buf));
-            assert!(waiting.poll(&mut cx).is_pending());
-        }
-        assert_eq!(buf.held(), 0, "kept its buffer while waiting");
-        assert_eq!(spares(), 1, "did not give it back");
-
-        far.write_all(b"first").await.unwrap();
-        assert_eq!(read_some(&mut src, &mut buf).await.unwrap(), 5);
-        assert_eq!(buf.0, b"first");
-        assert_eq!((buf.held(), spares()), (COPY_BUF, 0));
-        assert_eq!(buf.0.as_ptr(), first, "took a new buffer, not the spare");
-
-        far.write_all(b"second").await.unwrap();
-        far.shutdown().await.unwrap();
-        assert_eq!(read_some(&mut src, &mut buf).await.unwrap(), 6);
-        assert_eq!(buf.0, b"second");
-        assert_eq!(read_some(&mut src, &mut buf).await.unwrap(), 0);
-        drop(buf);
-        assert_eq!(spares(), 1, "an ended direction keeps its buffer");
-    }
-
-    /// A thread keeps at most `SPARES` buffers; the rest are freed.
-    #[test]
-    fn spares_are_bounded() {
-        let mut bufs: Vec<CopyBuf> = (0..SPARES + 5)
-            .map(|_| {
-                let mut b = CopyBuf::default();
-                b.take();
-                b
-            })
-            .collect();
-        assert_eq!(SPARE.with_borrow(Vec::len), 0);
-        for b in &mut bufs {
-            b.give_back();
-        }
-        assert_eq!(SPARE.with_borrow(Vec::len), SPARES);
     }
 }
