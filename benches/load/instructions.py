@@ -16,7 +16,10 @@ of one request, start-up and shutdown cancelled out. `--top N` also lists the N 
 cost the most per request (for the first build).
 
 Hosts: `unfiled.example` (blocked: the built-in ~2 KB page) and `www.filed-example.com.cn`
-(forwarded to the demo origin, which runs in the same process: its hyper server is counted too).
+(forwarded to an HTTP origin outside the process: this script, which answers every request on a
+keep-alive connection with the same small response the demo origin gives; until 2026-12-06 the
+row used the shipped config's demo origin, which runs in icp-gate's process, and so also
+counted a hyper server's work per request, about 9 000 instructions).
 A third row counts one TLS passthrough tunnel, per connection: a ClientHello naming
 `www.filed-example.com.cn` is sent to the TLS listener, which connects to a byte origin outside
 the process (this script: it answers the hello with 3 KiB, as a server's first flight, and
@@ -83,6 +86,34 @@ def byte_origin(listener: socket.socket, hello_len: int) -> None:
             conn.sendall(b"\x16" * FIRST_FLIGHT)
             while conn.recv(65536):
                 pass
+
+
+ORIGIN_BODY = (b"Hello from the icp-gate demo origin.\nhost: www.filed-example.com.cn\npath: /\n"
+               b"x-forwarded-for: 127.0.0.1\n")
+ORIGIN_ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                 b"content-length: %d\r\ndate: Sun, 06 Dec 2026 10:00:00 GMT\r\n\r\n"
+                 % len(ORIGIN_BODY)) + ORIGIN_BODY
+
+
+def http_origin(listener: socket.socket) -> None:
+    """Answers every request head on each keep-alive connection (a thread per connection)."""
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            buf = b""
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                while (end := buf.find(b"\r\n\r\n")) >= 0:
+                    buf = buf[end + 4:]
+                    conn.sendall(ORIGIN_ANSWER)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
 def tunnels(port: int, proc: subprocess.Popen, count: int) -> None:
@@ -223,6 +254,9 @@ def main() -> None:
         hello_len = len(client_hello(HOSTS[1]))
         threading.Thread(target=byte_origin, args=(origin, hello_len), daemon=True).start()
         port = origin.getsockname()[1]
+        web = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=http_origin, args=(web,), daemon=True).start()
+        web_port = web.getsockname()[1]
         tops = {}
         for host in hosts:
             row = []
@@ -231,8 +265,8 @@ def main() -> None:
             for name, binary in builds:
                 small = Path(tmp, f"{name}-{host}-small.out")
                 large = Path(tmp, f"{name}-{host}-large.out")
-                cost = (run(binary, host, large_n, large, fresh_config(tmp, port))
-                        - run(binary, host, small_n, small, fresh_config(tmp, port))) \
+                cost = (run(binary, host, large_n, large, fresh_config(tmp, port, web_port))
+                        - run(binary, host, small_n, small, fresh_config(tmp, port, web_port))) \
                     / (large_n - small_n)
                 row.append(cost)
                 if args.top and name == "icp-gate":
@@ -243,6 +277,7 @@ def main() -> None:
             ratio = f" | {row[0] / row[1]:.3f}×" if len(row) == 2 else ""
             print(f"| {host} | {cells}{ratio} |", flush=True)
         origin.close()
+        web.close()
         for host, top in tops.items():
             print(f"\nicp-gate, {host}: the {args.top} costliest functions, instructions per request")
             for cost, name in top:
