@@ -94,7 +94,7 @@ where
 #[derive(Default)]
 struct Direction {
     unsent: Unsent,
-    /// Written since the last flush.
+    /// Bytes read (so written, or queued in `unsent`) since the last flush.
     unflushed: bool,
     ended: Ended,
 }

@@ -1,8 +1,8 @@
 //! The TCP↔TCP relay on Linux: bulk goes through splice(2), from one socket's receive queue into
 //! a pipe and from the pipe into the other socket's send queue as page references, never through
-//! user space; small reads are copied through a buffer as `copy_bidirectional` does, because for
-//! them splice costs more than it saves (measured by `benches/relay.rs`). Copies take the same
-//! step as the copy relay (`relay/copy.rs`): through the thread's scratch buffer.
+//! user space; small reads are copied, because for them splice costs more than it saves (measured
+//! by `benches/relay.rs`), with the copy relay's step (`relay/copy.rs`: through the thread's
+//! scratch buffer).
 //!
 //! Each direction picks per read: a read that filled the 8 KiB buffer (or a splice that moved at
 //! least as much) means more is queued, so the next one is spliced; a shorter one means the burst
