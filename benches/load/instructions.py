@@ -19,7 +19,7 @@ Hosts: `unfiled.example` (blocked: the built-in ~2 KB page) and `www.filed-examp
 (forwarded to an HTTP origin outside the process: this script, which answers every request on a
 keep-alive connection with the same small response the demo origin gives; until 2026-12-06 the
 row used the shipped config's demo origin, which runs in icp-gate's process, and so also
-counted a hyper server's work per request, about 9 000 instructions).
+counted a hyper server's work per request, about 12 600 instructions).
 A third row counts one TLS passthrough tunnel, per connection: a ClientHello naming
 `www.filed-example.com.cn` is sent to the TLS listener, which connects to a byte origin outside
 the process (this script: it answers the hello with 3 KiB, as a server's first flight, and
